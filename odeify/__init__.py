@@ -1,0 +1,35 @@
+"""odeify: continuous-depth (neural-ODE) transformers from GPT-2 and Llama models.
+
+    from odeify import odeify
+    model = odeify(model)                    # L blocks -> one ODE block, exact at L steps
+    with odeify.steps(model, 6): model(ids)  # retarget depth
+    plain = odeify.materialize(model, 18)    # back to a stock model with 18 layers
+"""
+
+from .api import get_block, materialize, odeify, set_steps, steps
+from .config import ODEConfig
+from .io import from_pretrained, save_pretrained
+
+__version__ = "0.1.0"
+
+# `from odeify import odeify` gives the function; the other verbs hang off it too.
+for _name, _fn in {
+    "steps": steps,
+    "set_steps": set_steps,
+    "materialize": materialize,
+    "get_block": get_block,
+    "from_pretrained": from_pretrained,
+    "save_pretrained": save_pretrained,
+}.items():
+    setattr(odeify, _name, _fn)
+
+__all__ = [
+    "ODEConfig",
+    "from_pretrained",
+    "get_block",
+    "materialize",
+    "odeify",
+    "save_pretrained",
+    "set_steps",
+    "steps",
+]

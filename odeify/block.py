@@ -1,0 +1,332 @@
+"""The ODE block: one module that replaces a stack of L blocks with the flow of
+dx/dt = L * (A(x; W(t)) + M(x; W(t))) on t in [0, 1], with W(t) = sum_k c_k(t) P_k.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchdiffeq import odeint, odeint_adjoint
+from tqdm.auto import tqdm
+
+from .bases import make_basis
+from .config import ODEConfig
+from .family import Family, Step
+from .schemes import Solver, check_solver, check_steps, stage_times
+from .weights import Weights
+
+# Keyword arguments of the parent's layer call that the block consumes itself.
+_CONSUMED = ("use_cache", "encoder_attention_mask")
+
+
+class _ParamTree(nn.Module):
+    """Nested modules mirroring the original block's parameter names (``attn.c_attn.weight``)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: {list(p.shape)}" for name, p in self._parameters.items())
+
+
+def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    *path, leaf = name.split(".")
+    module = root
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, _ParamTree())
+        module = getattr(module, part)
+    module.register_parameter(leaf, value)
+
+
+def _get(root: nn.Module, name: str) -> Tensor:
+    # Looked up on every call: peft's parametrisations replace the attribute, not the Parameter.
+    return functools.reduce(getattr, name.split("."), root)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(scheme, steps: int):
+    return stage_times(scheme, steps)
+
+
+class ODEBlock(nn.Module):
+    """A continuous-depth replacement of a model's whole block stack.
+
+    It sits where the stack was (a ModuleList of length one), is called by the parent model the
+    way its layers were, and integrates from t = 0 to 1 with the configured scheme and steps.
+    Build it with :func:`odeify.odeify`; this class is not public API.
+
+    Basis tensors live under ``block.basis`` with the original names and shape [K, *shape] (linear
+    weights always [K, out, in]); time bases under ``block.time_basis`` (one per weight group when
+    learned, one shared otherwise).
+    """
+
+    def __init__(self, family: Family, config, ode: ODEConfig, shapes: dict[str, torch.Size], dtype, device):
+        super().__init__()
+        self.family, self.config, self.ode = family, config, ode
+        for key, value in family.attention_attrs(config).items():
+            setattr(self, key, value)
+        self.layer_idx = 0
+        self.gradient_checkpointing = False  # transformers' gradient_checkpointing_enable() sets it
+        self.names = tuple(shapes)
+        probe = make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
+        groups = sorted({family.group_of(n) for n in self.names}) if probe.learned else ["shared"]
+        self.time_basis = nn.ModuleDict(
+            {g: make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs) for g in groups}
+        ).to(device)
+        self.group = {n: family.group_of(n) if probe.learned else "shared" for n in self.names}
+        self.basis = _ParamTree()
+        for name, shape in shapes.items():
+            _set_param(self.basis, name, nn.Parameter(torch.empty(ode.num_basis, *shape, dtype=dtype, device=device)))
+        self.fit_residuals: dict[str, float] = {}
+        self._weight_cache = None
+
+    # ----------------------------------------------------------------------------------- weights
+    def basis_tensor(self, name: str) -> Tensor:
+        return _get(self.basis, name)
+
+    def coefficients(self, times) -> dict[str, Tensor]:
+        """c(t) of every time basis for times given as a list of floats or a tensor: {group: [n, K]}."""
+        t64 = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
+        out = {}
+        for group, basis in self.time_basis.items():
+            device = next(iter(self.basis.parameters())).device
+            t = t64.to(device, torch.float32) if basis.learned else t64
+            out[group] = basis(t).to(device)
+        return out
+
+    def weights_at(self, times) -> dict[str, Tensor]:
+        """W(t) for every parameter at every time: {name: [n, *shape]}, one matmul per parameter.
+
+        Example:
+            >>> block = odeify.get_block(model)                    # doctest: +SKIP
+            >>> block.weights_at([0.0, 0.5])["attn.c_attn.weight"].shape   # doctest: +SKIP
+            torch.Size([2, 2304, 768])
+        """
+        coeffs = self.coefficients(times)
+        out = {}
+        for name in self.names:
+            basis = self.basis_tensor(name)
+            c = coeffs[self.group[name]].to(basis.dtype)
+            out[name] = (c @ basis.reshape(basis.shape[0], -1)).view(c.shape[0], *basis.shape[1:])
+        return out
+
+    def _reusable(self) -> bool:
+        if not self.ode.cache_weights or torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _param_state(self) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+
+    def grid_weights(self, key, times: list[float]) -> list[Weights]:
+        """Weights of each grid time. Outside training they are kept until a parameter changes
+        (in-place updates bump a parameter's version) or the grid changes."""
+        if not self._reusable():
+            return self._split(self.weights_at(times))
+        state = (key, self._param_state())
+        if self._weight_cache is None or self._weight_cache[0] != state:
+            with torch.no_grad():
+                self._weight_cache = (state, self._split(self.weights_at(times)))
+        return self._weight_cache[1]
+
+    def _split(self, grid: dict[str, Tensor]) -> list[Weights]:
+        n = next(iter(grid.values())).shape[0]
+        return [Weights({name: w[j] for name, w in grid.items()}) for j in range(n)]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._weight_cache = None  # .to(), .half(), .cuda() replace parameter storage
+        return super()._apply(fn, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------- fitting
+    @torch.no_grad()
+    def fit(self, samples: dict[str, Tensor], progress: bool = True) -> dict[str, float]:
+        """Least-squares fit of the basis tensors to layer samples {name: [L, *shape]} at t = l / L.
+
+        Returns (and stores in ``fit_residuals``) each parameter's relative residual
+        ||W(t_l) - p_l|| / ||p_l|| over the layers, measured through the model's own weight path.
+        """
+        num_layers = self.ode.num_layers
+        layer_times = [layer / num_layers for layer in range(num_layers)]
+        coeffs = self.coefficients(layer_times)
+        for name in tqdm(self.names, desc="fitting W(t)", disable=not progress, leave=False):
+            target = samples[name]
+            basis = self.basis_tensor(name)
+            c = coeffs[self.group[name]].double().cpu()
+            flat = target.reshape(num_layers, -1)
+            if c.shape[0] == c.shape[1] and torch.equal(c, torch.eye(c.shape[0], dtype=c.dtype)):
+                solution = flat  # the hat basis at its own nodes: a copy, bit-exact
+            else:
+                solution = torch.linalg.lstsq(c, flat.double().cpu()).solution
+            basis.copy_(solution.reshape(basis.shape).to(basis.dtype))
+        fitted = self.weights_at(layer_times)
+        self.fit_residuals = {
+            name: _relative_error(fitted[name].float(), samples[name].float()) for name in self.names
+        }
+        self._weight_cache = None
+        return self.fit_residuals
+
+    # ---------------------------------------------------------------------------------- forward
+    def solver(self, scheme: str | None = None, steps: int | None = None) -> tuple[Solver, int]:
+        solver = check_solver(self.ode.scheme if scheme is None else scheme)
+        return solver, check_steps(self.ode.resolved_steps if steps is None else steps)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        bound = dict(zip(self.family.call_signature, args))
+        bound.update(kwargs)
+        x = bound.pop("hidden_states")
+        if bound.pop("encoder_hidden_states", None) is not None:
+            raise ValueError("odeified models have no cross-attention; do not pass encoder_hidden_states")
+        solver, steps = self.solver(bound.pop("ode_scheme", None), bound.pop("ode_steps", None))
+        cache = bound.pop("past_key_values", None)
+        mask = bound.pop("attention_mask", None)
+        position_embeddings = bound.pop("position_embeddings", None)
+        for key in _CONSUMED:
+            bound.pop(key, None)
+        run = _Run(self, cache, mask, position_embeddings, bound)
+        if solver.native is None:
+            return self._integrate_torchdiffeq(x, run, solver, steps)
+        return self._integrate_native(x, run, solver, steps)
+
+    def _integrate_native(self, x: Tensor, run: _Run, solver: Solver, steps: int) -> Tensor:
+        scheme = solver.native
+        times, index = _grid(scheme, steps)
+        run.times, run.index, run.stages = times, index, scheme.stages
+        run.weights = self.grid_weights((scheme.name, steps), times)
+        if run.cache is not None:
+            _claim_cache(run.cache, (scheme.name, steps), steps * scheme.stages, x.shape[1])
+        h = 1.0 / steps
+        remat = (self.gradient_checkpointing or self.ode.checkpoint_steps) and self.training
+        remat = remat and torch.is_grad_enabled()
+        for i in range(steps):
+            field = _StepField(run, i)
+            if remat:
+                x = checkpoint(scheme.step, field, x, h, use_reentrant=False)
+            else:
+                x = scheme.step(field, x, h)
+        return x
+
+    def _integrate_torchdiffeq(self, x: Tensor, run: _Run, solver: Solver, steps: int) -> Tensor:
+        if run.cache is not None:
+            # torchdiffeq evaluates at times it picks; there is no per-step KV slot to fill.
+            _claim_cache(run.cache, (solver.name, None), 0, x.shape[1])
+            run.cache = None
+        field = _TorchdiffeqField(self, run)
+        t = torch.tensor([0.0, 1.0], dtype=torch.float32, device=x.device)
+        kwargs = {"method": solver.method}
+        if solver.fixed_grid:
+            kwargs["options"] = {"step_size": 1.0 / steps}
+        else:
+            kwargs.update(rtol=self.ode.rtol, atol=self.ode.atol)
+        if self.ode.adjoint:
+            params = tuple(p for p in self.parameters() if p.requires_grad)
+            return odeint_adjoint(field, x, t, adjoint_params=params, **kwargs)[-1]
+        return odeint(field, x, t, **kwargs)[-1]
+
+    def extra_repr(self) -> str:
+        return (
+            f"family={self.family.name}, L={self.ode.num_layers}, basis={self.ode.basis}, "
+            f"K={self.ode.num_basis}, scheme={self.ode.scheme}, steps={self.ode.resolved_steps}"
+        )
+
+
+class _Run:
+    """What one forward call shares across its steps."""
+
+    def __init__(self, block: ODEBlock, cache, mask, position_embeddings, extra):
+        self.block, self.cache, self.mask = block, cache, mask
+        self.position_embeddings, self.extra = position_embeddings, extra
+        self.num_layers = block.ode.num_layers
+        self.times: list[float] = []
+        self.index: list[int] = []
+        self.weights: list[Weights] = []
+        self.stages = 1
+
+    def step(self, t: float, slot: int) -> Step:
+        return Step(t, slot, self.cache, self.mask, self.position_embeddings, self.extra, self.block, self.num_layers)
+
+
+class _StepField:
+    """The field and its two sub-updates at the stages of one native step."""
+
+    __slots__ = ("run", "i", "num_layers")
+
+    def __init__(self, run: _Run, i: int):
+        self.run, self.i, self.num_layers = run, i, run.num_layers
+
+    def _at(self, stage: int) -> tuple[Weights, Step]:
+        run = self.run
+        slot = self.i * run.stages + stage
+        j = run.index[slot]
+        return run.weights[j], run.step(run.times[j], slot)
+
+    def attention(self, x: Tensor, stage: int) -> Tensor:
+        w, step = self._at(stage)
+        return self.run.block.family.attention(x, w, step)
+
+    def mlp(self, x: Tensor, stage: int) -> Tensor:
+        w, step = self._at(stage)
+        return self.run.block.family.mlp(x, w, step)
+
+    def __call__(self, x: Tensor, stage: int) -> Tensor:
+        w, step = self._at(stage)
+        family = self.run.block.family
+        return (family.attention(x, w, step) + family.mlp(x, w, step)) * self.num_layers
+
+
+class _TorchdiffeqField(nn.Module):
+    """f(t, x) = L * (A + M) at any time, for torchdiffeq. A module so the adjoint finds parameters."""
+
+    def __init__(self, block: ODEBlock, run: _Run):
+        super().__init__()
+        self.block, self.run = block, run
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        block = self.block
+        w = Weights({name: value[0] for name, value in block.weights_at(t).items()})
+        step = self.run.step(float(t), 0)
+        return (block.family.attention(x, w, step) + block.family.mlp(x, w, step)) * self.run.num_layers
+
+
+def _relative_error(approx: Tensor, exact: Tensor) -> float:
+    norm = exact.norm()
+    diff = (approx - exact).norm()
+    return float(diff / norm) if norm > 0 else float(diff)
+
+
+def _claim_cache(cache, grid: tuple, slots: int, new_tokens: int) -> None:
+    """Check that a KV cache belongs to this grid, give it one slot per (step, stage), count tokens.
+
+    A cache filled at N steps holds N slots of keys computed at those steps' times: it is
+    meaningless at any other N or scheme, so reusing it is an error, never a silent mismatch.
+    """
+    state = getattr(cache, "_odeify", None)
+    if state is None:
+        if cache.get_seq_length() > 0:
+            raise ValueError(
+                "past_key_values already holds keys that odeify did not write (e.g. from the original "
+                "model); pass past_key_values=None to start a new cache"
+            )
+        seen = 0
+    else:
+        (scheme, steps), seen = state
+        if seen and steps is None:
+            raise ValueError(
+                f"scheme {scheme!r} is integrated by torchdiffeq, which keeps no KV cache: call "
+                "generate(..., use_cache=False) or use a native fixed-grid scheme"
+            )
+        if seen and (scheme, steps) != grid:
+            raise ValueError(
+                f"this KV cache was filled at {steps} steps of {scheme!r} but the model now runs "
+                f"{grid[1] or 'adaptive'} steps of {grid[0]!r}; a cache holds one slot per step and "
+                "stage, so it is valid for one grid only. Start a new cache (past_key_values=None) or "
+                "restore the steps."
+            )
+    layers = getattr(cache, "layers", None)
+    if layers is not None and getattr(cache, "layer_class_to_replicate", None) is None and len(layers) < slots:
+        if not layers:
+            raise ValueError("past_key_values has no layers to replicate; pass a DynamicCache()")
+        template = layers[0]
+        layers.extend(copy.deepcopy(template) for _ in range(slots - len(layers)))
+    cache._odeify = (grid, seen + new_tokens)

@@ -1,0 +1,79 @@
+"""The ODE settings of an odeified model: one dataclass, saved in the model's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Bumped whenever the saved layout changes; `from_pretrained` refuses other versions.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ODEConfig:
+    """How the continuous-depth block is parametrised and integrated.
+
+    Stored under the key ``"odeify"`` of the Hugging Face config, so ``model.save_pretrained``
+    records it and :func:`odeify.from_pretrained` rebuilds the block from it.
+
+    Example:
+        >>> cfg = ODEConfig(family="gpt2", num_layers=12, steps=6)
+        >>> cfg.resolved_steps
+        6
+    """
+
+    family: str = field(metadata={"help": "Adapter name of the model family ('gpt2', 'llama')."})
+    num_layers: int = field(
+        metadata={"help": "L, the depth of the original stack. The field is L * F(x; W(t)) on [0, 1]."}
+    )
+    basis: str = field(
+        default="hat",
+        metadata={"help": "Time basis: 'hat', 'chebyshev', 'legendre' (fixed) or 'fourier' (learned)."},
+    )
+    num_basis: int | None = field(
+        default=None,
+        metadata={"help": "K, basis tensors per parameter. None: L (exact fit) or E + 1 for 'fourier'."},
+    )
+    basis_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Extra options of the time basis, e.g. {'features': 128} for 'fourier'."},
+    )
+    scheme: str = field(
+        default="sequential",
+        metadata={"help": "Integrator: a native fixed-grid scheme or any torchdiffeq method name."},
+    )
+    steps: int | None = field(
+        default=None, metadata={"help": "Solver steps N on the fixed grid t_i = i / N. None: L."}
+    )
+    rtol: float = field(default=1e-3, metadata={"help": "Relative tolerance of adaptive solvers."})
+    atol: float = field(default=1e-4, metadata={"help": "Absolute tolerance of adaptive solvers."})
+    adjoint: bool = field(
+        default=False, metadata={"help": "Backpropagate through torchdiffeq's adjoint (adaptive only)."}
+    )
+    cache_weights: bool = field(
+        default=True,
+        metadata={"help": "Outside training, keep W(t) of the current grid until parameters change."},
+    )
+    checkpoint_steps: bool = field(
+        default=False, metadata={"help": "Recompute each solver step in backward (saves memory)."}
+    )
+    version: int = field(default=FORMAT_VERSION, metadata={"help": "Saved-format version."})
+
+    @property
+    def resolved_steps(self) -> int:
+        return self.num_layers if self.steps is None else self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ODEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown odeify settings {unknown}: this checkpoint was written by another version "
+                f"of odeify (this one reads format version {FORMAT_VERSION})"
+            )
+        return cls(**data)

@@ -1,0 +1,123 @@
+"""Saving and loading odeified models: transformers' safetensors layout, ODE settings in config.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch import nn
+
+from .api import get_block, odeify
+from .config import FORMAT_VERSION, ODEConfig
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write an odeified model (and optionally its tokenizer) to ``path`` atomically.
+
+    The files go to a temporary folder beside ``path`` that is renamed into place at the end, so
+    an interrupted save leaves no half-written checkpoint. ``model.save_pretrained(path)`` also
+    works (not atomically).
+
+    Example:
+        >>> odeify.save_pretrained(model, "gpt2-ode")   # doctest: +SKIP
+    """
+    get_block(model)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path} is missing weight shards {missing}")
+        state = {}
+        for shard in shards:
+            state.update(load_file(path / shard))
+        return state
+    present = sorted(p.name for p in path.iterdir())
+    raise FileNotFoundError(f"{path} has no model.safetensors (files present: {present})")
+
+
+def from_pretrained(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """Load a model saved after :func:`odeify.odeify`; needs nothing but the saved folder.
+
+    The round trip is bit-exact: same class, same ODE settings, same tensors and dtype.
+
+    Example:
+        >>> model = odeify.from_pretrained("gpt2-ode")   # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json; is it a folder written by save_pretrained?")
+    raw = json.loads(config_file.read_text())
+    settings = raw.get("odeify")
+    if settings is None:
+        raise ValueError(
+            f"{config_file} has no 'odeify' section: it is a plain transformers checkpoint. Load it "
+            "with AutoModelForCausalLM.from_pretrained and call odeify(model)."
+        )
+    if settings.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by odeify format version {settings.get('version')}; this odeify "
+            f"reads version {FORMAT_VERSION}. Convert the original model again with this version."
+        )
+    ode = ODEConfig.from_dict(settings)
+    state = _read_state(path)
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    del config.odeify
+    # A one-layer skeleton gives the block's parameter shapes without building L layers.
+    skeleton = copy.deepcopy(config)
+    skeleton.num_hidden_layers = 1
+    if getattr(skeleton, "layer_types", None):
+        skeleton.layer_types = skeleton.layer_types[:1]
+    architecture = (config.architectures or ["AutoModelForCausalLM"])[0]
+    cls = getattr(transformers, architecture, None)
+    model = cls(skeleton) if cls is not None else transformers.AutoModelForCausalLM.from_config(skeleton)
+    dtype = next(t.dtype for k, t in state.items() if ".basis." in k)
+    model.to(dtype)
+    options = {k: v for k, v in ode.to_dict().items() if k not in ("family", "version")}
+    odeify(model, init="none", progress=False, **options)
+    model.config.num_hidden_layers = config.num_hidden_layers
+    if getattr(config, "layer_types", None):
+        model.config.layer_types = config.layer_types
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights (lm_head = embeddings) are saved once; they are loaded through their twin.
+    params = model.state_dict(keep_vars=True)
+    loaded = {id(params[k]) for k in params if k not in missing}
+    missing = [k for k in missing if id(params[k]) not in loaded]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,139 @@
+"""Integrators of dx/dt = L * (A(x; t) + M(x; t)) on t in [0, 1]: native fixed-grid loops and a
+bridge to torchdiffeq for everything else (adaptive methods, the adjoint).
+
+Native schemes run a plain Python loop over a grid known in advance: every (step, stage) has a
+time and a KV-cache slot, the weights of all stage times come from one cached evaluation, and
+nothing depends on tensor values (no graph breaks under torch.compile).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
+
+# torchdiffeq methods that walk a fixed grid (given a step size) rather than adapting it.
+_TORCHDIFFEQ_FIXED = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
+TORCHDIFFEQ_METHODS = tuple(m for m in _TORCHDIFFEQ_SOLVERS if m != "scipy_solver")
+
+
+def _scale(update: Tensor, s: float) -> Tensor:
+    return update if s == 1.0 else update * s
+
+
+def _sequential(f, x: Tensor, h: float) -> Tensor:
+    # Lie-Trotter splitting: at N = L (s = 1) exactly the original block, h = x + A(x), y = h + M(h).
+    s = h * f.num_layers
+    x = x + _scale(f.attention(x, 0), s)
+    return x + _scale(f.mlp(x, 0), s)
+
+
+def _euler(f, x: Tensor, h: float) -> Tensor:
+    return x + h * f(x, 0)
+
+
+def _midpoint(f, x: Tensor, h: float) -> Tensor:
+    k1 = f(x, 0)
+    return x + h * f(x + 0.5 * h * k1, 1)
+
+
+def _heun(f, x: Tensor, h: float) -> Tensor:
+    k1 = f(x, 0)
+    k2 = f(x + h * k1, 1)
+    return x + 0.5 * h * (k1 + k2)
+
+
+def _rk4(f, x: Tensor, h: float) -> Tensor:
+    # Kutta's 3/8 rule, the variant torchdiffeq calls "rk4".
+    k1 = f(x, 0)
+    k2 = f(x + h * k1 / 3, 1)
+    k3 = f(x + h * (k2 - k1 / 3), 2)
+    k4 = f(x + h * (k1 - k2 + k3), 3)
+    return x + (k1 + 3 * (k2 + k3) + k4) * (h * 0.125)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A native fixed-grid scheme: stage times within a step (fractions of h) and the update."""
+
+    name: str
+    offsets: tuple[float, ...]
+    step: Callable[..., Tensor]
+    description: str
+
+    @property
+    def stages(self) -> int:
+        return len(self.offsets)
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("sequential", (0.0,), _sequential, "x += s A(x); x += s M(x), s = L/N (exact at N = L)"),
+        Scheme("euler", (0.0,), _euler, "parallel field, explicit Euler (DiffEqFormer)"),
+        Scheme("midpoint", (0.0, 0.5), _midpoint, "parallel field, explicit midpoint, order 2"),
+        Scheme("heun", (0.0, 1.0), _heun, "parallel field, Heun's method, order 2"),
+        Scheme("rk4", (0.0, 1 / 3, 2 / 3, 1.0), _rk4, "parallel field, Kutta's 3/8 rule, order 4"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A validated choice of integrator: a native scheme or a torchdiffeq method."""
+
+    name: str
+    native: Scheme | None = None
+    method: str | None = None  # torchdiffeq method name
+
+    @property
+    def fixed_grid(self) -> bool:
+        return self.native is not None or self.method in _TORCHDIFFEQ_FIXED
+
+
+def check_solver(name: str) -> Solver:
+    """Resolve a scheme name: native names first, then torchdiffeq's (``"torchdiffeq:rk4"`` forces it).
+
+    Example:
+        >>> check_solver("rk4").native.stages, check_solver("dopri5").method
+        (4, 'dopri5')
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"scheme must be a string, got {type(name).__name__}")
+    forced = name.startswith("torchdiffeq:")
+    method = name.removeprefix("torchdiffeq:")
+    if not forced and method in SCHEMES:
+        return Solver(name, native=SCHEMES[method])
+    if method in TORCHDIFFEQ_METHODS:
+        return Solver(name, method=method)
+    raise ValueError(
+        f"unknown scheme {name!r}. Native fixed-grid schemes: {', '.join(SCHEMES)}; "
+        f"torchdiffeq methods: {', '.join(TORCHDIFFEQ_METHODS)} (prefix 'torchdiffeq:' to force one)"
+    )
+
+
+def check_steps(steps) -> int:
+    """A step count must be an integer >= 1 (bools are refused)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an integer >= 1, got {steps!r} ({type(steps).__name__})")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return int(steps)
+
+
+def stage_times(scheme: Scheme, steps: int) -> tuple[list[float], list[int]]:
+    """The distinct times of a grid and, for each (step, stage) in order, the index of its time.
+
+    Step i of N starts at t_i = i / N, so step l of N = L is layer l.
+
+    Example:
+        >>> stage_times(SCHEMES["heun"], 2)
+        ([0.0, 0.5, 1.0], [0, 1, 1, 2])
+    """
+    flat = [(i + c) / steps for i in range(steps) for c in scheme.offsets]
+    times = sorted(set(flat))
+    where = {t: j for j, t in enumerate(times)}
+    return times, [where[t] for t in flat]

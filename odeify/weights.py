@@ -1,0 +1,45 @@
+"""Block parameters at one time t, with the few functional ops adapters run on them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Weights:
+    """The parameters W(t) of one block at one time, shared by the whole batch.
+
+    Adapters call ``w.linear("attn.c_attn", x)`` rather than reading tensors, so the same adapter
+    code can later run on per-sample weights.
+
+    Example:
+        >>> w = Weights({"fc.weight": torch.eye(2), "fc.bias": torch.ones(2)})
+        >>> w.linear("fc", torch.zeros(1, 2))
+        tensor([[1., 1.]])
+    """
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.tensors = tensors
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def linear(self, prefix: str, x: Tensor) -> Tensor:
+        return F.linear(x, self.tensors[prefix + ".weight"], self.tensors.get(prefix + ".bias"))
+
+    def layer_norm(self, prefix: str, x: Tensor, eps: float) -> Tensor:
+        weight, bias = self.tensors[prefix + ".weight"], self.tensors.get(prefix + ".bias")
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+    def rms_norm(self, prefix: str, x: Tensor, eps: float) -> Tensor:
+        # The same operations, in the same order, as LlamaRMSNorm: bit-exact at N = L.
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return self.tensors[prefix + ".weight"] * h.to(dtype)
