@@ -59,6 +59,9 @@ class HatBasis(_FixedBasis):
         if self.num_basis == 1:
             return torch.ones(len(t), 1, dtype=t.dtype)
         u = self._unit(t) * (self.num_basis - 1)
+        # Snap float64 round-off (~1e-16) at the nodes, far below float32 resolution, so W at a
+        # node is that node's tensor bit for bit rather than a blend with 1e-16 of its neighbour.
+        u = torch.where((u - u.round()).abs() < 1e-9, u.round(), u)
         nodes = torch.arange(self.num_basis, dtype=t.dtype)
         return (1 - (u[:, None] - nodes[None, :]).abs()).clamp_min(0)
 

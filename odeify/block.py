@@ -285,7 +285,7 @@ class _TorchdiffeqField(nn.Module):
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         block = self.block
         w = Weights({name: value[0] for name, value in block.weights_at(t).items()})
-        step = self.run.step(float(t), 0)
+        step = self.run.step(float(t.detach()), 0)
         return (block.family.attention(x, w, step) + block.family.mlp(x, w, step)) * self.run.num_layers
 
 

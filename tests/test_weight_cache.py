@@ -1,0 +1,111 @@
+"""The weight cache: W(t) of the current grid is built once outside training and rebuilt exactly
+when a parameter or the grid changes; in training, gradients reach the basis."""
+
+import pytest
+import torch
+
+from odeify import get_block, odeify, steps
+
+IDS = torch.randint(1, 97, (2, 7))
+
+
+@pytest.fixture
+def model(make_gpt2):
+    return odeify(make_gpt2(), progress=False)
+
+
+@pytest.fixture
+def builds(model, monkeypatch):
+    """Counts how often the block evaluates W(t) on a grid."""
+    block, count = get_block(model), [0]
+    original = block.weights_at
+
+    def counting(times):
+        count[0] += 1
+        return original(times)
+
+    monkeypatch.setattr(block, "weights_at", counting)
+    return count
+
+
+def _run(model, **kw):
+    with torch.no_grad():
+        return model(IDS, use_cache=False, **kw).logits
+
+
+def test_weights_are_built_once_per_grid(model, builds):
+    _run(model)
+    _run(model)
+    _run(model)
+    assert builds[0] == 1
+    _run(model, ode_steps=3)
+    assert builds[0] == 2
+    _run(model, ode_steps=3)
+    assert builds[0] == 2
+
+
+def test_an_in_place_parameter_update_invalidates_the_cache(model, builds):
+    before = _run(model)
+    with torch.no_grad():
+        get_block(model).basis_tensor("mlp.c_fc.weight").mul_(0.5)
+    after = _run(model)
+    assert builds[0] == 2 and not torch.allclose(before, after)
+
+
+def test_an_optimizer_step_invalidates_the_cache(model, builds):
+    _run(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    model(IDS, labels=IDS, use_cache=False).loss.backward()
+    optimizer.step()
+    model.eval()
+    stale = builds[0]
+    fresh = _run(model)
+    assert builds[0] == stale + 1
+    get_block(model).ode.cache_weights = False
+    torch.testing.assert_close(_run(model), fresh, rtol=0, atol=0)
+
+
+def test_load_state_dict_and_dtype_changes_invalidate_the_cache(model, builds):
+    _run(model)
+    state = {k: v.clone() * 1.01 for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    _run(model)
+    assert builds[0] == 2
+    model.to(torch.float64)
+    assert _run(model).dtype == torch.float64 and builds[0] == 3
+
+
+def test_training_forward_builds_with_gradients_to_the_basis(model, builds):
+    model.train()
+    for _ in range(2):
+        model(IDS, labels=IDS, use_cache=False).loss.backward()
+    assert builds[0] == 2  # no reuse while gradients are needed
+    block = get_block(model)
+    assert all(block.basis_tensor(n).grad is not None and block.basis_tensor(n).grad.abs().sum() > 0 for n in block.names)
+
+
+def test_gradients_reach_a_learned_time_basis(make_llama):
+    model = odeify(make_llama(), basis="fourier", num_basis=4, progress=False).train()
+    with steps(model, 5):
+        model(IDS, labels=IDS, use_cache=False).loss.backward()
+    unit = get_block(model).time_basis["q"]
+    assert unit.lin1.weight.grad is not None and unit.lin1.weight.grad.abs().sum() > 0
+
+
+def test_per_step_checkpointing_gives_the_same_gradients(make_llama):
+    grads = []
+    for remat in (False, True):
+        torch.manual_seed(1)
+        model = odeify(make_llama(), progress=False, checkpoint_steps=remat).train()
+        model(IDS, labels=IDS, use_cache=False).loss.backward()
+        grads.append(get_block(model).basis_tensor("mlp.up_proj.weight").grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_transformers_activation_checkpointing_switch_reaches_the_block(model):
+    model.activation_checkpointing_enable()
+    assert get_block(model).gradient_checkpointing
+    model.train()
+    model(IDS, labels=IDS, use_cache=False).loss.backward()
+    assert get_block(model).basis_tensor("ln_1.weight").grad is not None
