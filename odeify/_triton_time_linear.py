@@ -140,8 +140,8 @@ def _weight_grad_kernel(
     gc_ptr,
     n_batch,
     T,
-    O,
-    I,
+    D_OUT,
+    D_IN,
     K,
     stride_gyb,
     stride_gyt,
@@ -168,15 +168,15 @@ def _weight_grad_kernel(
     pid = tl.program_id(0)
     b = (pid % n_batch).to(tl.int64)
     tile = pid // n_batch
-    num_i = tl.cdiv(I, BLOCK_I)
+    num_i = tl.cdiv(D_IN, BLOCK_I)
     pid_o = tile // num_i
     pid_i = tile % num_i
 
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_t = tl.arange(0, BLOCK_T)
-    mask_o = offs_o < O
-    mask_i = offs_i < I
+    mask_o = offs_o < D_OUT
+    mask_i = offs_i < D_IN
 
     gy_ptrs = gy_ptr + b * stride_gyb + offs_t[:, None].to(tl.int64) * stride_gyt + offs_o[None, :]
     x_ptrs = x_ptr + b * stride_xb + offs_t[:, None].to(tl.int64) * stride_xt + offs_i[None, :]
