@@ -172,7 +172,13 @@ class ODEBlock(nn.Module):
         solver = check_solver(self.ode.scheme if scheme is None else scheme)
         return solver, check_steps(self.ode.resolved_steps if steps is None else steps)
 
-    def forward(self, *args, **kwargs) -> Tensor:
+    def bind(self, *args, **kwargs) -> tuple[Tensor, _Run]:
+        """Parse the parent model's layer call into the hidden states and a run: solver, steps,
+        mask, cache and, for native schemes, the weights of the grid.
+
+        ``forward`` is ``bind`` followed by ``step`` for i < run.steps; analysis code that needs
+        the states between steps captures the call with a forward pre-hook and does the same.
+        """
         bound = dict(zip(self.family.call_signature, args))
         bound.update(kwargs)
         x = bound.pop("hidden_states")
@@ -184,30 +190,31 @@ class ODEBlock(nn.Module):
         position_embeddings = bound.pop("position_embeddings", None)
         for key in _CONSUMED:
             bound.pop(key, None)
-        run = _Run(self, cache, mask, position_embeddings, bound)
-        if solver.native is None:
-            return self._integrate_torchdiffeq(x, run, solver, steps)
-        return self._integrate_native(x, run, solver, steps)
+        run = _Run(self, solver, steps, cache, mask, position_embeddings, bound)
+        if solver.native is not None:
+            scheme = solver.native
+            run.times, run.index = _grid(scheme, steps)
+            run.weights = self.grid_weights((scheme.name, steps), run.times)
+            if cache is not None:
+                _claim_cache(cache, (scheme.name, steps), steps * scheme.stages, x.shape[1])
+        return x, run
 
-    def _integrate_native(self, x: Tensor, run: _Run, solver: Solver, steps: int) -> Tensor:
-        scheme = solver.native
-        times, index = _grid(scheme, steps)
-        run.times, run.index, run.stages = times, index, scheme.stages
-        run.weights = self.grid_weights((scheme.name, steps), times)
-        if run.cache is not None:
-            _claim_cache(run.cache, (scheme.name, steps), steps * scheme.stages, x.shape[1])
-        h = 1.0 / steps
+    def step(self, x: Tensor, run: _Run, i: int) -> Tensor:
+        """Step i of a native scheme: the state at t = i / N to the state at t = (i + 1) / N."""
+        return run.solver.native.step(_StepField(run, i), x, 1.0 / run.steps)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        x, run = self.bind(*args, **kwargs)
+        if run.solver.native is None:
+            return self._integrate_torchdiffeq(x, run)
         remat = (self.gradient_checkpointing or self.ode.checkpoint_steps) and self.training
         remat = remat and torch.is_grad_enabled()
-        for i in range(steps):
-            field = _StepField(run, i)
-            if remat:
-                x = checkpoint(scheme.step, field, x, h, use_reentrant=False)
-            else:
-                x = scheme.step(field, x, h)
+        for i in range(run.steps):
+            x = checkpoint(self.step, x, run, i, use_reentrant=False) if remat else self.step(x, run, i)
         return x
 
-    def _integrate_torchdiffeq(self, x: Tensor, run: _Run, solver: Solver, steps: int) -> Tensor:
+    def _integrate_torchdiffeq(self, x: Tensor, run: _Run) -> Tensor:
+        solver = run.solver
         if run.cache is not None:
             # torchdiffeq evaluates at times it picks; there is no per-step KV slot to fill.
             _claim_cache(run.cache, (solver.name, None), 0, x.shape[1])
@@ -216,7 +223,7 @@ class ODEBlock(nn.Module):
         t = torch.tensor([0.0, 1.0], dtype=torch.float32, device=x.device)
         kwargs = {"method": solver.method}
         if solver.fixed_grid:
-            kwargs["options"] = {"step_size": 1.0 / steps}
+            kwargs["options"] = {"step_size": 1.0 / run.steps}
         else:
             kwargs.update(rtol=self.ode.rtol, atol=self.ode.atol)
         if self.ode.adjoint:
@@ -234,14 +241,15 @@ class ODEBlock(nn.Module):
 class _Run:
     """What one forward call shares across its steps."""
 
-    def __init__(self, block: ODEBlock, cache, mask, position_embeddings, extra):
-        self.block, self.cache, self.mask = block, cache, mask
+    def __init__(self, block: ODEBlock, solver: Solver, steps: int, cache, mask, position_embeddings, extra):
+        self.block, self.solver, self.steps = block, solver, steps
+        self.cache, self.mask = cache, mask
         self.position_embeddings, self.extra = position_embeddings, extra
         self.num_layers = block.ode.num_layers
         self.times: list[float] = []
         self.index: list[int] = []
         self.weights: list[Weights] = []
-        self.stages = 1
+        self.stages = solver.native.stages if solver.native is not None else 1
 
     def step(self, t: float, slot: int) -> Step:
         return Step(t, slot, self.cache, self.mask, self.position_embeddings, self.extra, self.block, self.num_layers)
