@@ -237,13 +237,15 @@ def _weight_grad_blocks(dtype: torch.dtype) -> _Blocks:
 
 
 def _dot_options(dtype: torch.dtype) -> dict:
-    # The interpreter's tl.dot on bf16 returns garbage, so it multiplies in fp32 there; on a GPU
-    # fp32 follows torch's own matmul precision setting (TF32 unless "highest").
+    if INTERPRETED:
+        # The interpreter's tl.dot on bf16 returns garbage: multiply 16-bit tiles in fp32 there.
+        return {"UPCAST_DOT": dtype != torch.float32, "INPUT_PRECISION": "ieee"}
+    if dtype != torch.float32:
+        # Triton's default: the native 16-bit tensor-core MMA.
+        return {"UPCAST_DOT": False, "INPUT_PRECISION": None}
+    # fp32 follows torch's own matmul setting: TF32 tensor cores unless it is "highest".
     tf32 = torch.get_float32_matmul_precision() != "highest"
-    return {
-        "UPCAST_DOT": INTERPRETED and dtype != torch.float32,
-        "INPUT_PRECISION": "tf32" if tf32 and not INTERPRETED else "ieee",
-    }
+    return {"UPCAST_DOT": False, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
 def _combined_matmul(

@@ -80,8 +80,10 @@ def time_linear(
             "auto" outside one.
 
     All tensors must be contiguous, on one device and of one floating dtype (fp32, fp16, bf16;
-    fp64 on the reference only). Both backends accumulate in fp32 and round each per-sample
-    weight to the input dtype before the matmul, as a materialised weight would be.
+    fp64 on the reference only). The Triton kernels combine the weights and accumulate the
+    matmul in fp32, rounding each per-sample weight to the input dtype before the matmul as the
+    reference's materialised weights are; fp32 matmuls use TF32 when
+    torch.get_float32_matmul_precision() is not "highest", as torch's own do.
 
     Returns:
         [B, T, d_out] in x's dtype, differentiable in all four inputs. The Triton backward saves
