@@ -4,6 +4,7 @@
     odeify eval out/smollm2-ode --steps 15,30,60 --plot out/ppl.png
     odeify generate out/smollm2-ode --prompt "To be, or not" --steps 30
     odeify demo                                       # the main job on the bundled defaults
+    odeify analyze smollm2 --text "To be, or not to be" --out report/
 """
 
 from __future__ import annotations
@@ -119,6 +120,97 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _times_arg(text: str) -> int | list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--times takes an integer or comma-separated times, got {text!r}"
+        ) from None
+    if "," not in text and values and values[0].is_integer():
+        return int(values[0])
+    return values
+
+
+def cmd_analyze(args) -> int:
+    from . import get_block, odeify
+    from .analysis import lyapunov, spectra
+    from .analysis.report import write_report
+    from .loading import load_model
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise SystemExit(
+            f"--device {args.device!r} is not a torch device ({error}); try cpu or cuda"
+        ) from None
+    text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else args.text
+    if text is None or not text.strip():
+        raise SystemExit("the text is empty: pass the text to analyse with --text or --text-file")
+    model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    context = getattr(model.config, "max_position_embeddings", None)
+    if ids.numel() == 0:
+        raise SystemExit("the text has no tokens after tokenisation: pass a longer --text")
+    if context is not None and ids.numel() > context:
+        raise SystemExit(
+            f"the text has {ids.numel()} tokens but {args.model} reads at most {context}: pass a "
+            "shorter --text (Lyapunov exponents need the whole text in one forward pass)"
+        )
+    model.to(device)
+    start = time.perf_counter()
+    try:
+        layers = None
+        if not ode:
+            layers = spectra(model)
+            odeify(model, progress=False)
+            print(
+                f"{args.model} is not odeified: odeified it in memory (hat basis, exact at its "
+                f"{get_block(model).ode.num_layers} steps) for the spectra over t and the Lyapunov "
+                "exponents; the original layers' spectra are drawn as markers"
+            )
+        block = get_block(model)
+        spectrum = spectra(model, times=args.times)
+        lam = lyapunov(
+            model, ids, steps=args.steps, scheme=args.scheme, k=args.top_k, refine=args.refine
+        )
+    except ValueError as error:
+        raise SystemExit(f"odeify analyze: {error}") from None
+    seconds = time.perf_counter() - start
+    tokens = [tokenizer.decode([i]) for i in ids.tolist()]
+    meta = {
+        "model": args.model,
+        "tokens": ids.numel(),
+        "basis": block.ode.basis,
+        "num_layers": block.ode.num_layers,
+        "device": str(device),
+        "seconds": round(seconds, 2),
+    }
+    title = f"{Path(args.model).name}: {ids.numel()} tokens"
+    written = write_report(
+        args.out,
+        spectra=spectrum,
+        layers=layers,
+        lyapunov=lam,
+        tokens=tokens,
+        title=title,
+        meta=meta,
+    )
+    qk = spectrum.summary("qk")["radius"]
+    print(
+        f"QK spectral radius (max over heads): {qk[0]:.3g} at t = 0, {qk.max():.3g} max, {qk[-1]:.3g} at t = {spectrum.times[-1]:.3g}"
+    )
+    top = lam.largest.argsort(descending=True)[:5].tolist()
+    print(
+        f"largest exponents ({lam.steps} {lam.scheme} steps, k = {args.top_k}, refine {lam.refine}): "
+        + ", ".join(f"{tokens[i]!r} {lam.largest[i]:.3f}" for i in top)
+    )
+    print(f"analysis took {seconds:.1f} s; wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odeify", description="Continuous-depth (neural-ODE) transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +253,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=2048, help="evaluation tokens (windows of 512)")
     p.add_argument("--steps", type=_steps_list, default=[10, 15, 20, 24, 30, 36, 45, 60])
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "analyze", help="QK/OV spectra over t and per-token Lyapunov exponents, as a report"
+    )
+    p.add_argument(
+        "model", help="an odeified folder, or any source 'convert' takes (odeified in memory)"
+    )
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the text whose tokens are analysed")
+    text.add_argument("--text-file", help="read the text from this file")
+    p.add_argument(
+        "--out", default="report", help="folder for the PNGs, index.html and analysis.json"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="solver steps of the flow (default: the model's)"
+    )
+    p.add_argument(
+        "--scheme", default=None, help="native scheme of the flow (default: the model's)"
+    )
+    p.add_argument(
+        "--times", type=_times_arg, default=64, help="spectra times: a count n (t = i/n) or a list"
+    )
+    p.add_argument("--top-k", type=int, default=4, help="Lyapunov exponents per token (default 4)")
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        help="subspace iterations before the final pass (default 2)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder, or 'gpt2' (default: the model's)"
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 

@@ -1,0 +1,222 @@
+"""Where each family keeps its attention projections, and the per-head weights at a set of times.
+
+The layout is data: one :class:`AttentionLayout` per adapter name, saying which parameter (in
+odeify's ``[out, in]`` layout) holds W_Q, W_K, W_V and W_O and, for fused projections like
+GPT-2's ``c_attn``, which row block. Everything else (head counts, GQA groups) comes from the
+Hugging Face config. To analyse a new family, add its layout to ``LAYOUTS``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters import family_for
+from ..api import get_block
+from ..block import ODEBlock
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Rows ``part`` of ``parts`` equal row blocks of the ``[out, in]`` weight ``name``."""
+
+    name: str
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """The four attention projections of one block, as named parameters.
+
+    q, k, v map the residual stream to heads (rows: head-major, ``head_dim`` rows per head);
+    o maps the concatenated heads back (columns: head-major).
+    """
+
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+
+
+LAYOUTS: dict[str, AttentionLayout] = {
+    # GPT-2's Conv1D c_attn, stored transposed to [3d, d]: rows are q, k, v stacked.
+    "gpt2": AttentionLayout(
+        q=Projection("attn.c_attn.weight", 0, 3),
+        k=Projection("attn.c_attn.weight", 1, 3),
+        v=Projection("attn.c_attn.weight", 2, 3),
+        o=Projection("attn.c_proj.weight"),
+    ),
+    "llama": AttentionLayout(
+        q=Projection("self_attn.q_proj.weight"),
+        k=Projection("self_attn.k_proj.weight"),
+        v=Projection("self_attn.v_proj.weight"),
+        o=Projection("self_attn.o_proj.weight"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """Head counts of a model: H query heads, KV key/value heads (GQA when KV < H), head_dim."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> HeadShape:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if heads % kv:
+            raise ValueError(f"{heads} query heads are not a multiple of {kv} key/value heads")
+        return cls(heads, kv, head_dim)
+
+
+@dataclass
+class HeadWeights:
+    """W_Q, W_K, W_V, W_O of a model at ``times``, in nn.Linear's ``[out, in]`` layout.
+
+    q: [n, H * hd, d], k and v: [n, KV * hd, d], o: [n, d, H * hd].
+    """
+
+    times: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    shape: HeadShape
+    source: str
+
+
+def uniform_times(count: int) -> list[float]:
+    """``count`` equispaced times on [0, 1): i / count (the left ends of ``count`` steps)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"times must be an integer >= 1 or a list of times, got {count!r}")
+    return [i / count for i in range(count)]
+
+
+def check_times(times: int | Sequence[float]) -> list[float]:
+    """A time grid as floats in [0, 1]: an int n means the uniform grid i / n on [0, 1).
+
+    Example:
+        >>> check_times(4)
+        [0.0, 0.25, 0.5, 0.75]
+    """
+    if isinstance(times, int):
+        return uniform_times(times)
+    values = [float(t) for t in torch.as_tensor(times, dtype=torch.float64).reshape(-1)]
+    if not values:
+        raise ValueError("times is empty; pass an integer (a uniform grid) or a list of times")
+    if any(not 0.0 <= t <= 1.0 for t in values):
+        raise ValueError(f"times must lie in [0, 1] (the ODE's depth interval), got {values}")
+    return values
+
+
+def layout_of(family_name: str) -> AttentionLayout:
+    if family_name not in LAYOUTS:
+        raise ValueError(
+            f"no attention layout for family {family_name!r}; add one to LAYOUTS in "
+            "odeify/analysis/heads.py (which parameters hold W_Q, W_K, W_V, W_O)"
+        )
+    return LAYOUTS[family_name]
+
+
+def _rows(weight: Tensor, projection: Projection) -> Tensor:
+    return weight.chunk(projection.parts, dim=-2)[projection.part]
+
+
+def _parameter(module: nn.Module, name: str) -> Tensor:
+    return functools.reduce(getattr, name.split("."), module)
+
+
+def _odeified(block: ODEBlock, names: set[str], times: list[float]) -> dict[str, Tensor]:
+    # Only the attention projections, not block.weights_at: the MLP at 64 times would cost
+    # gigabytes for nothing.
+    coefficients = block.coefficients(times)
+    out = {}
+    for name in names:
+        basis = block.basis_tensor(name).detach()
+        c = coefficients[block.group[name]].to(basis.dtype)
+        out[name] = (c @ basis.reshape(basis.shape[0], -1)).view(len(times), *basis.shape[1:])
+    return out
+
+
+def _discrete(model: nn.Module, names: set[str], times: list[float]) -> dict[str, Tensor]:
+    family = family_for(model)
+    base = getattr(model, "base_model", model)
+    stack = getattr(base, family.stack)
+    depth = len(stack)
+    layers = []
+    for t in times:
+        layer = round(t * depth)
+        if abs(layer - t * depth) > 1e-6 or layer >= depth:
+            raise ValueError(
+                f"a discrete model has weights only at its layer times l / {depth} "
+                f"(l = 0..{depth - 1}); t = {t} is not one. Pass times=None (its layers), an "
+                f"integer dividing {depth}, or odeify the model to evaluate between layers"
+            )
+        layers.append(stack[layer])
+
+    def sample(layer: nn.Module, name: str) -> Tensor:
+        w = _parameter(layer, name).detach()
+        return w.t() if family.is_transposed(name) else w
+
+    return {name: torch.stack([sample(layer, name) for layer in layers]) for name in names}
+
+
+def _block_of(model: nn.Module) -> ODEBlock | None:
+    return next((m for m in model.modules() if isinstance(m, ODEBlock)), None)
+
+
+def _depth(model: nn.Module) -> int:
+    return len(getattr(getattr(model, "base_model", model), family_for(model).stack))
+
+
+def resolve_times(model: nn.Module, times: int | Sequence[float] | None) -> list[float]:
+    """The time grid of an analysis: None means 64 uniform times for an odeified model and
+    every layer time l / L for a discrete one.
+
+    Example:
+        >>> resolve_times(plain_gpt2_with_4_layers, None)   # doctest: +SKIP
+        [0.0, 0.25, 0.5, 0.75]
+    """
+    if times is not None:
+        return check_times(times)
+    return uniform_times(64 if _block_of(model) is not None else _depth(model))
+
+
+def describe(model: nn.Module) -> str:
+    """Where the weights come from, in words (for plots and reports)."""
+    block = _block_of(model)
+    if block is None:
+        return f"discrete ({_depth(model)} layers)"
+    ode = block.ode
+    return f"odeified ({ode.basis} basis, K = {ode.num_basis}, L = {ode.num_layers})"
+
+
+def head_weights(model: nn.Module, times: int | Sequence[float] | None = None) -> HeadWeights:
+    """W_Q, W_K, W_V, W_O at ``times`` for an odeified model (W(t) from its basis) or an original
+    discrete one (layer l at t = l / L); ``times`` as in :func:`resolve_times`.
+
+    Example:
+        >>> w = head_weights(model, times=[0.0, 0.5])   # doctest: +SKIP
+        >>> w.q.shape                                    # doctest: +SKIP
+        torch.Size([2, 576, 576])
+    """
+    family = family_for(model)
+    layout = layout_of(family.name)
+    shape = HeadShape.of(model.config)
+    grid = resolve_times(model, times)
+    names = {p.name for p in (layout.q, layout.k, layout.v, layout.o)}
+    if _block_of(model) is not None:
+        weights = _odeified(get_block(model), names, grid)
+    else:
+        weights = _discrete(model, names, grid)
+    q, k, v, o = (_rows(weights[p.name], p) for p in (layout.q, layout.k, layout.v, layout.o))
+    return HeadWeights(torch.tensor(grid, dtype=torch.float64), q, k, v, o, shape, describe(model))
