@@ -57,8 +57,12 @@ def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
     if config._attn_implementation == "eager" and config.reorder_and_upcast_attn:
         out = _upcast_attention(q, k, v, step.mask, scaling, dropout, step.module.training)
     else:
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
-        out, _ = attend(step.module, q, k, v, step.mask, dropout=dropout, scaling=scaling, **step.extra)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+            config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attend(
+            step.module, q, k, v, step.mask, dropout=dropout, scaling=scaling, **step.extra
+        )
     out = out.reshape(*out.shape[:-2], -1).contiguous()
     out = w.linear("attn.c_proj", out)
     return F.dropout(out, p=config.resid_pdrop, training=step.module.training)

@@ -30,7 +30,9 @@ def _check_config(config) -> None:
     if _layer_type(config) not in ("full_attention", "sliding_attention"):
         raise ValueError(f"{config.model_type} layer type {_layer_type(config)!r} is not supported")
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
-        raise ValueError("pretraining_tp > 1 is not supported; set config.pretraining_tp = 1 (same model)")
+        raise ValueError(
+            "pretraining_tp > 1 is not supported; set config.pretraining_tp = 1 (same model)"
+        )
 
 
 def _sliding_window(config) -> int | None:
@@ -57,7 +59,9 @@ def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     if step.cache is not None:
         k, v = step.cache.update(k, v, step.slot)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+        config._attn_implementation, eager_attention_forward
+    )
     out, _ = attend(
         step.module,
         q,

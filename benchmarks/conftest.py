@@ -1,9 +1,11 @@
 """Benchmark setup: each group's results are reported as ratios against the group's baseline.
 
 A benchmark marks itself as its group's baseline with ``benchmark.extra_info["baseline"] = True``;
-at the end of the run every other benchmark of the group is printed as mean / baseline mean, so
+at the end of the run every other benchmark of the group is printed as its ratio to the baseline
+(of the minimum, the figure least disturbed by other load, and of the median), so
 the number that matters (e.g. odeified forward against the original forward) is measured on the
-same machine in the same run.
+same machine in the same run. A benchmark that times two things alternately reports the median
+of its per-pair ratios in ``extra_info["paired_ratio_median"]``; that is printed as it is.
 """
 
 import os
@@ -25,11 +27,17 @@ def pytest_terminal_summary(terminalreporter, config):
         if base is None or not base.stats:
             continue
         for b in benches:
+            if "paired_ratio_median" in b.extra_info:
+                lines.append(
+                    f"{group:40s} {b.name:60s} {b.extra_info['paired_ratio_median']:7.3f}x  (median of paired calls)"
+                )
+                continue
             if b is base or not b.stats:
                 continue
             lines.append(
-                f"{group:40s} {b.name:60s} {b.stats.mean / base.stats.mean:7.3f}x  "
-                f"(baseline {base.name}: {base.stats.mean * 1e3:.3f} ms)"
+                f"{group:40s} {b.name:60s} {b.stats.min / base.stats.min:7.3f}x min, "
+                f"{b.stats.median / base.stats.median:7.3f}x median  "
+                f"(baseline {base.name}: min {base.stats.min * 1e3:.3f} ms)"
             )
     if lines:
         terminalreporter.write_sep("=", "ratios against each group's baseline (lower is faster)")

@@ -1,9 +1,9 @@
 """odeify: continuous-depth (neural-ODE) transformers from GPT-2 and Llama models.
 
-    from odeify import odeify
-    model = odeify(model)                    # L blocks -> one ODE block, exact at L steps
-    with odeify.steps(model, 6): model(ids)  # retarget depth
-    plain = odeify.materialize(model, 18)    # back to a stock model with 18 layers
+from odeify import odeify
+model = odeify(model)                    # L blocks -> one ODE block, exact at L steps
+with odeify.steps(model, 6): model(ids)  # retarget depth
+plain = odeify.materialize(model, 18)    # back to a stock model with 18 layers
 """
 
 from .api import get_block, materialize, odeify, set_steps, steps

@@ -44,19 +44,28 @@ def get_block(model: nn.Module) -> ODEBlock:
     raise ValueError(f"{type(model).__name__} is not odeified: call odeify(model) first")
 
 
-def _layer_samples(family: Family, stack: nn.ModuleList) -> tuple[dict[str, torch.Size], dict[str, torch.Tensor]]:
+def _layer_samples(
+    family: Family, stack: nn.ModuleList
+) -> tuple[dict[str, torch.Size], dict[str, torch.Tensor]]:
     """Every block parameter stacked over layers as [L, *shape], linear weights as [out, in]."""
     reference = dict(stack[0].named_parameters())
     for layer, block in enumerate(stack):
         params = dict(block.named_parameters())
-        if params.keys() != reference.keys() or any(p.shape != reference[n].shape for n, p in params.items()):
+        if params.keys() != reference.keys() or any(
+            p.shape != reference[n].shape for n, p in params.items()
+        ):
             raise ValueError(
                 f"block {layer} has different parameters than block 0; odeify needs identical blocks"
             )
     for name in reference:
         family.group_of(name)  # every parameter must belong to a declared weight group
-        if family.is_transposed(name) and _get(stack[0], name[: -len(".weight")]).__class__.__name__ != "Conv1D":
-            raise ValueError(f"{family.name} adapter declares {name} transposed but it is not a Conv1D weight")
+        if (
+            family.is_transposed(name)
+            and _get(stack[0], name[: -len(".weight")]).__class__.__name__ != "Conv1D"
+        ):
+            raise ValueError(
+                f"{family.name} adapter declares {name} transposed but it is not a Conv1D weight"
+            )
 
     def sample(block: nn.Module, name: str) -> torch.Tensor:
         p = _get(block, name).detach()
@@ -126,7 +135,9 @@ def odeify(
     check_solver(ode.scheme)
     if steps is not None:
         check_steps(steps)
-    make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)  # validates before any work
+    make_basis(
+        ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs
+    )  # validates before any work
 
     first = next(stack[0].parameters())
     if init == "fit":
@@ -205,13 +216,17 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
     config.num_hidden_layers = count
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[0]] * count
-    plain = type(model)(config).to(device=block.basis_tensor(block.names[0]).device, dtype=model.dtype)
+    plain = type(model)(config).to(
+        device=block.basis_tensor(block.names[0]).device, dtype=model.dtype
+    )
     _, stack = _stack_of(model, family)
     prefix = next(name for name, module in model.named_modules() if module is stack) + "."
     outer = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
     missing, unexpected = plain.load_state_dict(outer, strict=False)
     if unexpected or any(not k.startswith(prefix) for k in missing):
-        raise RuntimeError(f"materialize: state mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"materialize: state mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     weights = block.weights_at([i / count for i in range(count)])
     scale = num_layers / count
     for i, layer in enumerate(_stack_of(plain, family)[1]):

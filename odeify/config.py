@@ -25,15 +25,21 @@ class ODEConfig:
 
     family: str = field(metadata={"help": "Adapter name of the model family ('gpt2', 'llama')."})
     num_layers: int = field(
-        metadata={"help": "L, the depth of the original stack. The field is L * F(x; W(t)) on [0, 1]."}
+        metadata={
+            "help": "L, the depth of the original stack. The field is L * F(x; W(t)) on [0, 1]."
+        }
     )
     basis: str = field(
         default="hat",
-        metadata={"help": "Time basis: 'hat', 'chebyshev', 'legendre' (fixed) or 'fourier' (learned)."},
+        metadata={
+            "help": "Time basis: 'hat', 'chebyshev', 'legendre' (fixed) or 'fourier' (learned)."
+        },
     )
     num_basis: int | None = field(
         default=None,
-        metadata={"help": "K, basis tensors per parameter. None: L (exact fit) or E + 1 for 'fourier'."},
+        metadata={
+            "help": "K, basis tensors per parameter. None: L (exact fit) or E + 1 for 'fourier'."
+        },
     )
     basis_kwargs: dict[str, Any] = field(
         default_factory=dict,
@@ -49,11 +55,14 @@ class ODEConfig:
     rtol: float = field(default=1e-3, metadata={"help": "Relative tolerance of adaptive solvers."})
     atol: float = field(default=1e-4, metadata={"help": "Absolute tolerance of adaptive solvers."})
     adjoint: bool = field(
-        default=False, metadata={"help": "Backpropagate through torchdiffeq's adjoint (adaptive only)."}
+        default=False,
+        metadata={"help": "Backpropagate through torchdiffeq's adjoint (adaptive only)."},
     )
     cache_weights: bool = field(
         default=True,
-        metadata={"help": "Outside training, keep W(t) of the current grid until parameters change."},
+        metadata={
+            "help": "Outside training, keep W(t) of the current grid until parameters change."
+        },
     )
     checkpoint_steps: bool = field(
         default=False, metadata={"help": "Recompute each solver step in backward (saves memory)."}

@@ -58,7 +58,9 @@ def _hf_corpus(name: str) -> dict[str, str]:
         raise ImportError("hf: corpora need the `datasets` package: pip install datasets") from e
     parts = name.split(":")
     split = parts[2] if len(parts) > 2 else "train"
-    data = datasets.load_dataset(parts[0], parts[1] if len(parts) > 1 and parts[1] else None, split=split)
+    data = datasets.load_dataset(
+        parts[0], parts[1] if len(parts) > 1 and parts[1] else None, split=split
+    )
     if "text" not in data.column_names:
         raise ValueError(f"dataset {parts[0]} has no 'text' column (columns: {data.column_names})")
     return {f"{parts[0]}/{i}": row["text"] for i, row in enumerate(data) if row["text"].strip()}
@@ -124,8 +126,12 @@ class Batches:
         if self.batch_size % world:
             raise ValueError(f"batch_size {self.batch_size} does not split over {world} processes")
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)[rank::world]
-        rows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)[
+            rank::world
+        ]
+        rows = np.stack(
+            [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
+        )
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 
@@ -137,4 +143,6 @@ def windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) ->
         raise ValueError(f"{len(tokens)} tokens make no window of {seq_len}")
     if max_windows is not None:
         count = min(count, max_windows)
-    return torch.from_numpy(np.asarray(tokens[: count * seq_len], dtype=np.int64).reshape(count, seq_len))
+    return torch.from_numpy(
+        np.asarray(tokens[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+    )

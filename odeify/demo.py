@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .api import get_block, odeify, steps as at_steps
+from .api import get_block, odeify
+from .api import steps as at_steps
 from .assets import load_smollm2
 from .data import corpus, tokenize, windows
 from .evaluate import perplexity, plot_sweep, sweep
@@ -24,13 +25,17 @@ PROMPT = "To be, or not to be, that is the question:"
 
 def _greedy(model, tokenizer, n_new: int = 24) -> tuple[list[int], str]:
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(
+        ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
     new = out[0, ids.shape[1] :].tolist()
     return new, tokenizer.decode(new, skip_special_tokens=True)
 
 
 @torch.no_grad()
-def run_demo(out: Path, play: str = "hamlet", tokens: int = 2048, step_counts: list[int] | None = None) -> dict:
+def run_demo(
+    out: Path, play: str = "hamlet", tokens: int = 2048, step_counts: list[int] | None = None
+) -> dict:
     """Run the demo and write ``results.json``, ``perplexity.png`` and ``report.md`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
@@ -88,16 +93,17 @@ def run_demo(out: Path, play: str = "hamlet", tokens: int = 2048, step_counts: l
 
 def _report(results: dict, curve: dict[int, float], original: float, fewest: int) -> str:
     rows = "\n".join(
-        f"| {n} | {ppl:,.2f} | {ppl / original:,.2f}x |" + (" (= L)" if n == results["layers"] else "")
+        f"| {n} | {ppl:,.2f} | {ppl / original:,.2f}x |"
+        + (" (= L)" if n == results["layers"] else "")
         for n, ppl in curve.items()
     )
-    return f"""# odeify demo: {results['model']} on {results['play']}
+    return f"""# odeify demo: {results["model"]} on {results["play"]}
 
-Converted in {results['convert_seconds']} s (hat basis, K = L = {results['layers']}, exact fit:
-max relative residual {results['max_fit_residual']:.1e}).
+Converted in {results["convert_seconds"]} s (hat basis, K = L = {results["layers"]}, exact fit:
+max relative residual {results["max_fit_residual"]:.1e}).
 
-Fidelity at N = L ({results['layers']} sequential steps): max |logit difference| against the
-original = {results['max_abs_logit_diff_at_L']:.2e}; greedy tokens equal: {results['greedy_tokens_equal_at_L']}.
+Fidelity at N = L ({results["layers"]} sequential steps): max |logit difference| against the
+original = {results["max_abs_logit_diff_at_L"]:.2e}; greedy tokens equal: {results["greedy_tokens_equal_at_L"]}.
 
 | steps N | perplexity | vs original ({original:.2f}) |
 |---|---|---|
@@ -108,8 +114,8 @@ not a smooth function of depth, so W(t) between layers is a blend the model neve
 adaptation (recipes/adapt_depth.py) trains the weight functions so other step counts work.
 
 Greedy continuation of "{PROMPT}"
-- original / odeified at N = L: {results['greedy_original']!r}
-- odeified at N = {fewest}: {results[f'greedy_at_{fewest}_steps']!r}
+- original / odeified at N = L: {results["greedy_original"]!r}
+- odeified at N = {fewest}: {results[f"greedy_at_{fewest}_steps"]!r}
 
-{results['eval_tokens']} tokens, windows of 512; total {results['seconds']} s.
+{results["eval_tokens"]} tokens, windows of 512; total {results["seconds"]} s.
 """

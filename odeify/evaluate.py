@@ -10,11 +10,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .api import get_block, steps as at_steps
+from .api import get_block
+from .api import steps as at_steps
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "ppl") -> float:
+def perplexity(
+    model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "ppl"
+) -> float:
     """exp(mean next-token NLL) over every window of a [n, T] token tensor.
 
     Example:
@@ -23,16 +26,22 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     """
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+    for start in tqdm(
+        range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False
+    ):
         batch = windows[start : start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        ).item()
         count += targets.numel()
     return math.exp(nll / count)
 
 
-def sweep(model, windows: torch.Tensor, step_counts: Sequence[int], scheme: str | None = None, **kwargs) -> dict[int, float]:
+def sweep(
+    model, windows: torch.Tensor, step_counts: Sequence[int], scheme: str | None = None, **kwargs
+) -> dict[int, float]:
     """Perplexity of an odeified model at each step count: {steps: perplexity}.
 
     Example:
@@ -69,7 +78,9 @@ def plot_sweep(
         xs = sorted(curve)
         ax.plot(xs, [curve[x] for x in xs], marker="o", label=label)
     for i, (label, value) in enumerate((reference or {}).items()):
-        ax.axhline(value, linestyle="--", color=f"C{i + len(curves)}", label=f"{label} ({value:.2f})")
+        ax.axhline(
+            value, linestyle="--", color=f"C{i + len(curves)}", label=f"{label} ({value:.2f})"
+        )
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity (log scale)")

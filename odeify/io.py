@@ -18,7 +18,9 @@ from .api import get_block, odeify
 from .config import FORMAT_VERSION, ODEConfig
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+def save_pretrained(
+    model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False
+) -> Path:
     """Write an odeified model (and optionally its tokenizer) to ``path`` atomically.
 
     The files go to a temporary folder beside ``path`` that is renamed into place at the end, so
@@ -31,7 +33,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, o
     get_block(model)
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise FileExistsError(
+            f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -76,7 +80,9 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         raise FileNotFoundError(f"{path} is not a directory")
     config_file = path / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json; is it a folder written by save_pretrained?")
+        raise FileNotFoundError(
+            f"{path} has no config.json; is it a folder written by save_pretrained?"
+        )
     raw = json.loads(config_file.read_text())
     settings = raw.get("odeify")
     if settings is None:
@@ -101,7 +107,11 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         skeleton.layer_types = skeleton.layer_types[:1]
     architecture = (config.architectures or ["AutoModelForCausalLM"])[0]
     cls = getattr(transformers, architecture, None)
-    model = cls(skeleton) if cls is not None else transformers.AutoModelForCausalLM.from_config(skeleton)
+    model = (
+        cls(skeleton)
+        if cls is not None
+        else transformers.AutoModelForCausalLM.from_config(skeleton)
+    )
     dtype = next(t.dtype for k, t in state.items() if ".basis." in k)
     model.to(dtype)
     options = {k: v for k, v in ode.to_dict().items() if k not in ("family", "version")}

@@ -35,7 +35,9 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
         model, tok = load_smollm2(torch_dtype)
         ode = False
     elif path.is_file() and path.suffix == ".gguf":
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch_dtype
+        )
         if hasattr(model.config, "quantization_config"):
             config = model.config
             del config.quantization_config
@@ -56,13 +58,19 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
             f"{source!r} is not a bundled model ({', '.join(BUNDLED)}), a .gguf file, or a model folder"
         )
     if tokenizer is not None:
-        tok = gpt2_tokenizer() if tokenizer == "gpt2" else transformers.AutoTokenizer.from_pretrained(tokenizer)
+        tok = (
+            gpt2_tokenizer()
+            if tokenizer == "gpt2"
+            else transformers.AutoTokenizer.from_pretrained(tokenizer)
+        )
     return model.eval(), tok, ode
 
 
 def _tokenizer_in(path: Path):
     import transformers
 
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
         return None
     return transformers.AutoTokenizer.from_pretrained(path)

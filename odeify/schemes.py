@@ -16,7 +16,16 @@ from torch import Tensor
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
 # torchdiffeq methods that walk a fixed grid (given a step size) rather than adapting it.
-_TORCHDIFFEQ_FIXED = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
+_TORCHDIFFEQ_FIXED = (
+    "euler",
+    "midpoint",
+    "heun2",
+    "heun3",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+    "fixed_adams",
+)
 TORCHDIFFEQ_METHODS = tuple(m for m in _TORCHDIFFEQ_SOLVERS if m != "scipy_solver")
 
 
@@ -72,7 +81,9 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("sequential", (0.0,), _sequential, "x += s A(x); x += s M(x), s = L/N (exact at N = L)"),
+        Scheme(
+            "sequential", (0.0,), _sequential, "x += s A(x); x += s M(x), s = L/N (exact at N = L)"
+        ),
         Scheme("euler", (0.0,), _euler, "parallel field, explicit Euler (DiffEqFormer)"),
         Scheme("midpoint", (0.0, 0.5), _midpoint, "parallel field, explicit midpoint, order 2"),
         Scheme("heun", (0.0, 1.0), _heun, "parallel field, Heun's method, order 2"),

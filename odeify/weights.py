@@ -19,10 +19,13 @@ class Weights:
         tensor([[1., 1.]])
     """
 
-    __slots__ = ("tensors",)
+    __slots__ = ("tensors", "transposed")
 
-    def __init__(self, tensors: dict[str, Tensor]):
+    def __init__(self, tensors: dict[str, Tensor], transposed: frozenset[str] = frozenset()):
         self.tensors = tensors
+        # Weights stored as [in, out] (GPT-2's Conv1D layout): addmm on that layout is what the
+        # original model runs, and on CPU its matrix-vector product is faster at decode time.
+        self.transposed = transposed
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]
@@ -31,7 +34,12 @@ class Weights:
         return name in self.tensors
 
     def linear(self, prefix: str, x: Tensor) -> Tensor:
-        return F.linear(x, self.tensors[prefix + ".weight"], self.tensors.get(prefix + ".bias"))
+        weight, bias = self.tensors[prefix + ".weight"], self.tensors.get(prefix + ".bias")
+        if prefix + ".weight" not in self.transposed:
+            return F.linear(x, weight, bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+        return out.view(*x.shape[:-1], weight.shape[-1])
 
     def layer_norm(self, prefix: str, x: Tensor, eps: float) -> Tensor:
         weight, bias = self.tensors[prefix + ".weight"], self.tensors.get(prefix + ".bias")

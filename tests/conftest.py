@@ -22,7 +22,15 @@ def _seed():
 def _gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = dict(n_layer=4, n_embd=32, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = dict(
+        n_layer=4,
+        n_embd=32,
+        n_head=4,
+        vocab_size=97,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     config.update(overrides)
     return GPT2LMHeadModel(GPT2Config(**config)).eval()
 

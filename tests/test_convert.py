@@ -47,13 +47,18 @@ def test_gpt2_exact_at_L(make_gpt2, overrides):
         ("llama", {"head_dim": 16}),
         ("llama", {"tie_word_embeddings": True, "num_hidden_layers": 5}),
         ("llama", {"hidden_act": "gelu"}),
-        ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+        ),
         ("llama", {"attn_implementation": "eager"}),
         ("mistral", {"sliding_window": 4}),
         ("qwen2", {}),
         ("qwen3", {}),
     ],
-    ids=lambda x: x if isinstance(x, str) else (",".join(f"{k}={v}" for k, v in x.items()) or "default"),
+    ids=lambda x: (
+        x if isinstance(x, str) else (",".join(f"{k}={v}" for k, v in x.items()) or "default")
+    ),
 )
 def test_llama_family_exact_at_L(make_llama, model_type, overrides):
     assert _max_diff(make_llama(model_type, **overrides)) <= 1e-5
@@ -106,12 +111,24 @@ def test_compression_reports_each_residual(make_gpt2, basis):
 
 def test_fourier_unit_has_one_time_unit_per_weight_group(make_llama):
     block = get_block(odeify(make_llama(), basis="fourier", num_basis=5, progress=False))
-    assert set(block.time_basis) == {"norm_attn", "q", "k", "v", "o", "norm_mlp", "gate", "up", "down"}
+    assert set(block.time_basis) == {
+        "norm_attn",
+        "q",
+        "k",
+        "v",
+        "o",
+        "norm_mlp",
+        "gate",
+        "up",
+        "down",
+    }
     assert block.basis_tensor("self_attn.q_proj.weight").shape[0] == 5
 
 
 def test_refuses_encoder_decoder():
-    model = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50))
+    model = T5ForConditionalGeneration(
+        T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50)
+    )
     with pytest.raises(ValueError, match="encoder-decoder.*Supported families: gpt2"):
         odeify(model)
 
@@ -119,7 +136,9 @@ def test_refuses_encoder_decoder():
 def test_refuses_unknown_family():
     from transformers import BertConfig, BertModel
 
-    model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    model = BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(ValueError, match="no adapter for BertModel.*Supported families.*adapters"):
         odeify(model)
 
@@ -137,7 +156,9 @@ def test_refuses_cross_attention():
 
 
 def test_refuses_mixed_layer_types(make_llama):
-    model = make_llama("qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    model = make_llama(
+        "qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2
+    )
     with pytest.raises(ValueError, match="mixed layer types"):
         odeify(model)
 

@@ -29,7 +29,10 @@ def test_round_trip_is_bit_exact(make_gpt2, make_llama, tmp_path, family, basis)
     loaded = from_pretrained(tmp_path / "m")
     _assert_identical(model.eval(), loaded)
     assert get_block(loaded).ode == get_block(model).ode
-    assert type(loaded) is type(model) and loaded.config.num_hidden_layers == model.config.num_hidden_layers
+    assert (
+        type(loaded) is type(model)
+        and loaded.config.num_hidden_layers == model.config.num_hidden_layers
+    )
 
 
 def test_transformers_save_pretrained_round_trips_too(make_llama, tmp_path):
@@ -106,5 +109,12 @@ def test_weights_that_do_not_match_the_config_are_refused(saved):
 
 
 def test_public_api_hangs_off_the_function():
-    for name in ("steps", "set_steps", "materialize", "from_pretrained", "save_pretrained", "get_block"):
+    for name in (
+        "steps",
+        "set_steps",
+        "materialize",
+        "from_pretrained",
+        "save_pretrained",
+        "get_block",
+    ):
         assert getattr(odeify, name) is getattr(ode, name)

@@ -23,7 +23,9 @@ def model(request, make_gpt2, make_llama):
 @pytest.mark.parametrize("m", [1, 2, 4, 7, 9])
 def test_materialized_model_equals_the_ode_at_m_steps(model, m):
     plain = materialize(model, steps=m)
-    assert type(plain) in (GPT2LMHeadModel, LlamaForCausalLM) or "ForCausalLM" in type(plain).__name__
+    assert (
+        type(plain) in (GPT2LMHeadModel, LlamaForCausalLM) or "ForCausalLM" in type(plain).__name__
+    )
     assert plain.config.num_hidden_layers == m and "odeify" not in plain.config.to_dict()
     with steps(model, m, "sequential"):
         torch.testing.assert_close(_logits(plain), _logits(model), rtol=0, atol=1e-5)
@@ -44,7 +46,9 @@ def test_tied_embeddings_stay_tied(make_llama):
 
 def test_layer_dependent_attention_scale_only_at_l(make_gpt2):
     model = odeify(make_gpt2(scale_attn_by_inverse_layer_idx=True), progress=False)
-    torch.testing.assert_close(_logits(materialize(model, steps=4)), _logits(model), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(materialize(model, steps=4)), _logits(model), rtol=0, atol=1e-5
+    )
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         materialize(model, steps=3)
 

@@ -22,7 +22,10 @@ def model(request, make_gpt2, make_llama):
     return odeify(raw, progress=False)
 
 
-@pytest.mark.parametrize("native,reference", [("euler", "euler"), ("midpoint", "midpoint"), ("heun", "heun2"), ("rk4", "rk4")])
+@pytest.mark.parametrize(
+    "native,reference",
+    [("euler", "euler"), ("midpoint", "midpoint"), ("heun", "heun2"), ("rk4", "rk4")],
+)
 @pytest.mark.parametrize("n", [1, 3, 5])
 def test_native_scheme_matches_torchdiffeq(model, native, reference, n):
     ours = _logits(model, ode_scheme=native, ode_steps=n)
@@ -33,7 +36,10 @@ def test_native_scheme_matches_torchdiffeq(model, native, reference, n):
 def test_higher_order_schemes_converge_faster(make_llama):
     model = odeify(make_llama(num_hidden_layers=4), basis="chebyshev", progress=False)
     exact = _logits(model, ode_scheme="rk4", ode_steps=64)
-    errors = {s: (_logits(model, ode_scheme=s, ode_steps=8) - exact).abs().max().item() for s in ("euler", "midpoint", "rk4")}
+    errors = {
+        s: (_logits(model, ode_scheme=s, ode_steps=8) - exact).abs().max().item()
+        for s in ("euler", "midpoint", "rk4")
+    }
     assert errors["rk4"] < errors["midpoint"] < errors["euler"]
     # First order: halving h halves Euler's error (within a loose factor).
     half = (_logits(model, ode_scheme="euler", ode_steps=16) - exact).abs().max().item()
@@ -47,9 +53,12 @@ def test_adaptive_solver_agrees_with_fine_fixed_grid(make_gpt2):
 
 
 def test_adjoint_gradients_match_converged_backprop(make_gpt2):
-    raw = make_gpt2(resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0).double()
+    raw = make_gpt2(n_layer=2, n_embd=16, n_head=2, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0).double()
     grads = []
-    for options in ({"scheme": "rk4", "steps": 256}, {"scheme": "dopri5", "rtol": 1e-9, "atol": 1e-10, "adjoint": True}):
+    for options in (
+        {"scheme": "rk4", "steps": 48},
+        {"scheme": "dopri5", "rtol": 1e-8, "atol": 1e-9, "adjoint": True},
+    ):
         model = odeify(copy.deepcopy(raw), basis="chebyshev", progress=False, **options).train()
         model(IDS, labels=IDS, use_cache=False).loss.backward()
         grads.append(get_block(model).basis_tensor("mlp.c_fc.weight").grad)
@@ -63,7 +72,9 @@ def test_steps_and_scheme_change_between_calls_without_rebuilding(model):
         assert (block.ode.steps, block.ode.scheme) == (2, "heun")
         inside = _logits(model)
     assert (block.ode.steps, block.ode.scheme) == (None, "sequential")
-    torch.testing.assert_close(inside, _logits(model, ode_steps=2, ode_scheme="heun"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        inside, _logits(model, ode_steps=2, ode_scheme="heun"), rtol=0, atol=0
+    )
     torch.testing.assert_close(_logits(model), base, rtol=0, atol=0)
     assert not torch.allclose(inside, base)
 
@@ -71,10 +82,15 @@ def test_steps_and_scheme_change_between_calls_without_rebuilding(model):
 def test_set_steps_is_saved_in_the_config(model):
     set_steps(model, 7, scheme="midpoint")
     assert model.config.odeify["steps"] == 7 and model.config.odeify["scheme"] == "midpoint"
-    torch.testing.assert_close(_logits(model), _logits(model, ode_steps=7, ode_scheme="midpoint"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _logits(model), _logits(model, ode_steps=7, ode_scheme="midpoint"), rtol=0, atol=0
+    )
 
 
-@pytest.mark.parametrize("bad,error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError), ("4", TypeError)])
+@pytest.mark.parametrize(
+    "bad,error",
+    [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError), ("4", TypeError)],
+)
 def test_bad_step_counts_are_refused(model, bad, error):
     with pytest.raises(error, match="steps must be"), steps(model, bad):
         pass

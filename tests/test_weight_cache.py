@@ -82,7 +82,10 @@ def test_training_forward_builds_with_gradients_to_the_basis(model, builds):
         model(IDS, labels=IDS, use_cache=False).loss.backward()
     assert builds[0] == 2  # no reuse while gradients are needed
     block = get_block(model)
-    assert all(block.basis_tensor(n).grad is not None and block.basis_tensor(n).grad.abs().sum() > 0 for n in block.names)
+    assert all(
+        block.basis_tensor(n).grad is not None and block.basis_tensor(n).grad.abs().sum() > 0
+        for n in block.names
+    )
 
 
 def test_gradients_reach_a_learned_time_basis(make_llama):

@@ -1,0 +1,113 @@
+"""The odeify command: convert, eval (table, PNG, JSON), generate, and its errors."""
+
+import json
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from odeify import from_pretrained, get_block
+from odeify.assets import gpt2_tokenizer
+from odeify.cli import main
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A small GPT-2 with the real GPT-2 tokenizer, saved as a plain transformers folder."""
+    folder = tmp_path / "gpt2-small"
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=128)).save_pretrained(
+        folder
+    )
+    gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def converted(source, tmp_path, capsys):
+    out = tmp_path / "gpt2-ode"
+    assert main(["convert", str(source), str(out)]) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_convert_writes_a_loadable_model_and_reports_the_fit(source, tmp_path, capsys):
+    converted = tmp_path / "out"
+    assert main(["convert", str(source), str(converted)]) == 0
+    printed = capsys.readouterr().out
+    assert "max relative residual" in printed and "saved to" in printed
+    model = from_pretrained(converted)
+    assert get_block(model).ode.num_layers == 3
+    assert (converted / "tokenizer.json").exists() or (converted / "vocab.json").exists()
+
+
+def test_convert_refuses_to_overwrite(converted, source):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(["convert", str(source), str(converted)])
+    assert (
+        main(
+            [
+                "convert",
+                str(source),
+                str(converted),
+                "--overwrite",
+                "--basis",
+                "chebyshev",
+                "--num-basis",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert get_block(from_pretrained(converted)).ode.num_basis == 2
+
+
+def test_eval_prints_a_table_and_writes_plot_and_json(converted, tmp_path, capsys):
+    plot, report = tmp_path / "ppl.png", tmp_path / "ppl.json"
+    args = ["eval", str(converted), "--steps", "1,3,6", "--seq-len", "64", "--max-windows", "2"]
+    assert main([*args, "--plot", str(plot), "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "     3" in printed
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads(report.read_text())
+    assert set(results["steps"]) == {"1", "3", "6"} and all(
+        v > 1 for v in results["steps"].values()
+    )
+
+
+def test_eval_of_a_plain_model_converts_in_memory_and_shows_the_original(source, capsys):
+    assert main(["eval", str(source), "--steps", "3", "--seq-len", "32", "--max-windows", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    original = next(float(s.split()[-1]) for s in lines if s.strip().startswith("original"))
+    at_l = next(float(s.split()[-1]) for s in lines if s.split()[:1] == ["3"])
+    assert abs(original - at_l) / original < 1e-4
+
+
+def test_generate_continues_the_prompt(converted, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                str(converted),
+                "--prompt",
+                "To be, or not",
+                "--steps",
+                "2",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out.startswith("To be, or not") and "tokens at 2 steps" in captured.err
+
+
+@pytest.mark.parametrize("steps", ["0", "a,b", ""])
+def test_bad_step_lists_are_usage_errors(converted, steps):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(converted), "--steps", steps])
+    assert exit_info.value.code == 2
+
+
+def test_unknown_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a bundled model"):
+        main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")])
