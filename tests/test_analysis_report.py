@@ -86,6 +86,7 @@ def test_cli_analyze(gpt2_folder, capsys):
         (["--text", TEXT, "--scheme", "dopri5"], "native fixed-grid scheme"),
         (["--text", TEXT, "--top-k", "0"], "k must be an integer between 1"),
         (["--text", TEXT, "--device", "nonsense"], "not a torch device"),
+        (["--text", TEXT, "--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_cli_bad_input(gpt2_folder, tmp_path, extra, message):

@@ -36,16 +36,23 @@ def plot_spectra(
         >>> plot_spectra(spectra(model), "spectra.png", "SmolLM2 converted")   # doctest: +SKIP
     """
     plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
     t = spectra.times.numpy()
     fig, axes = plt.subplots(len(KINDS), 4, figsize=(21, 4.4 * len(KINDS)), squeeze=False)
     for row, kind in zip(axes, KINDS, strict=True):
         radius = spectra.radius(kind).numpy()  # [n, H]
         step = t[1] - t[0] if len(t) > 1 else 1.0
+        # Radii span orders of magnitude across depth (one outlier layer would black out the
+        # rest on a linear scale).
+        positive = radius[radius > 0]
+        norm = LogNorm(positive.min(), positive.max()) if len(positive) else None
         image = row[0].imshow(
             radius.T,
             aspect="auto",
             origin="lower",
             cmap="magma",
+            norm=norm,
             extent=(t[0] - step / 2, t[-1] + step / 2, -0.5, radius.shape[1] - 0.5),
             interpolation="nearest",
         )
@@ -62,6 +69,8 @@ def plot_spectra(
             row[1].plot(lt, reference["radius"].numpy(), "o", color="C0", ms=3, label="layers")
             row[1].plot(lt, reference["mean_abs"].numpy(), "o", color="C1", ms=3)
             row[2].plot(lt, reference["positive_real_fraction"].numpy(), "o", color="C2", ms=3)
+        if (curves["mean_abs"] > 0).all():
+            row[1].set_yscale("log")
         row[1].set(xlabel="t", ylabel="|lambda|", title=f"{_LABELS[kind]}: magnitude over t")
         row[1].legend(fontsize=8)
         row[1].grid(alpha=0.3)
@@ -111,7 +120,7 @@ def _colours(values: torch.Tensor):
 
 
 def plot_tokens(
-    lyapunov: Lyapunov, tokens: list[str], path: str | Path, title: str = "", width: int = 120
+    lyapunov: Lyapunov, tokens: list[str], path: str | Path, title: str = "", font: float = 9.5
 ) -> Path:
     """The text, each token on a box coloured by its largest exponent, and below it all k
     exponents against token position.
@@ -124,6 +133,11 @@ def plot_tokens(
 
     if len(tokens) != len(lyapunov.largest):
         raise ValueError(f"{len(tokens)} tokens for {len(lyapunov.largest)} exponents")
+    # Layout in inches: one data unit is one monospace character (about 0.6 em wide) and one
+    # line, so the boxes fit their text whatever the length of the input.
+    fig_width, left, text_width = 16.0, 0.5, 14.2
+    line_height = font * 1.9 / 72
+    width = int(text_width * 72 / (0.6 * font))
     colours, (lo, hi) = _colours(lyapunov.largest)
     boxes, line, column = [], 0, 0
     for token in tokens:
@@ -135,29 +149,27 @@ def plot_tokens(
         if "\n" in token:
             line, column = line + 1, 0
     lines = line + 1
-    text_height = 0.28 * lines + 0.6
-    fig = plt.figure(figsize=(16, text_height + 3.4))
-    grid = fig.add_gridspec(2, 2, height_ratios=(text_height, 3.0), width_ratios=(60, 1))
-    ax = fig.add_subplot(grid[0, 0])
+    text_height, curves_height = lines * line_height, 2.6
+    fig_height = text_height + curves_height + 1.7
+    fig = plt.figure(figsize=(fig_width, fig_height))
+
+    def axes(x: float, y: float, w: float, h: float):
+        return fig.add_axes((x / fig_width, y / fig_height, w / fig_width, h / fig_height))
+
+    ax = axes(left, curves_height + 1.0, text_width, text_height)
     for (row, col, shown), colour in zip(boxes, colours, strict=True):
         ax.add_patch(Rectangle((col, row), len(shown), 0.92, facecolor=colour, edgecolor="none"))
         luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        ax.text(
-            col,
-            row + 0.46,
-            shown,
-            family="monospace",
-            fontsize=9.5,
-            va="center",
-            color="black" if luminance > 0.5 else "white",
-        )
+        ink = "black" if luminance > 0.5 else "white"
+        ax.text(col, row + 0.46, shown, family="monospace", fontsize=font, va="center", color=ink)
     ax.set(xlim=(0, width), ylim=(lines, 0))
     ax.axis("off")
     ax.set_title(title or "largest finite-time Lyapunov exponent per token")
     scale = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(lo, hi))
-    fig.colorbar(scale, cax=fig.add_subplot(grid[0, 1]), label="largest exponent")
+    bar = axes(left + text_width + 0.3, curves_height + 1.0, 0.15, max(text_height, 0.8))
+    fig.colorbar(scale, cax=bar, label="largest exponent")
 
-    curves = fig.add_subplot(grid[1, :])
+    curves = axes(left + 0.4, 0.55, text_width - 0.4, curves_height)
     positions = range(len(tokens))
     for j in range(lyapunov.exponents.shape[1]):
         curves.plot(
@@ -174,7 +186,6 @@ def plot_tokens(
     )
     curves.legend(fontsize=8, ncol=min(8, lyapunov.exponents.shape[1]))
     curves.grid(alpha=0.3)
-    fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
