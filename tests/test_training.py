@@ -1,0 +1,90 @@
+"""Shared recipe machinery: configs, AdamW groups, schedule, checkpoints that resume exactly."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from odeify import get_block, odeify
+from odeify.training import Checkpoints, Metrics, adamw, load_config, warmup_cosine
+
+
+@dataclasses.dataclass
+class _Config:
+    lr: float = 1e-3
+    steps: int = 10
+
+
+def test_config_from_yaml_with_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.01\n")
+    assert load_config(_Config, path, {"steps": 3}) == _Config(lr=0.01, steps=3)
+    path.write_text("lr: 0.01\nbatchsize: 4\n")
+    with pytest.raises(ValueError, match="unknown config keys \\['batchsize'\\]"):
+        load_config(_Config, path)
+    with pytest.raises(FileNotFoundError):
+        load_config(_Config, tmp_path / "missing.yaml")
+
+
+def test_adamw_decays_matrices_but_not_norms_biases_or_their_bases(make_llama):
+    model = odeify(make_llama(attention_bias=True), progress=False)
+    optimizer = adamw(model, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    block = get_block(model)
+    assert id(block.basis_tensor("self_attn.q_proj.weight")) in decayed
+    assert id(block.basis_tensor("self_attn.q_proj.bias")) not in decayed
+    assert id(block.basis_tensor("input_layernorm.weight")) not in decayed
+
+
+def test_warmup_then_cosine():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup=4, total=14, min_ratio=0.1)
+    lrs = []
+    for _ in range(16):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert (
+        lrs[9] == pytest.approx(0.55)
+        and lrs[14] == pytest.approx(0.1)
+        and lrs[15] == pytest.approx(0.1)
+    )
+
+
+def test_checkpoints_resume_model_optimizer_and_random_state(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, keep=2)
+    for step in (1, 2, 3):
+        model(torch.randn(2, 3)).sum().backward()
+        optimizer.step()
+        ckpt.save(step, model, optimizer, extra={"tokens": step * 10})
+    assert [p.name for p in ckpt.paths()] == ["step-2.pt", "step-3.pt"]
+    assert not list(tmp_path.glob("*.tmp"))
+    expected_next = torch.rand(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fresh = torch.nn.Linear(3, 3)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    step, extra = Checkpoints(tmp_path, {"lr": 0.1}).resume(fresh, fresh_opt)
+    assert (step, extra) == (3, {"tokens": 30})
+    assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in state)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert fresh_opt.state_dict()["state"][0]["step"] == 3
+
+
+def test_resume_under_another_config_is_refused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    Checkpoints(tmp_path, {"lr": 0.1}).save(1, model, optimizer)
+    with pytest.raises(ValueError, match="another config.*\\['lr'\\]"):
+        Checkpoints(tmp_path, {"lr": 0.2}).resume(model, optimizer)
+    assert Checkpoints(tmp_path / "new", {"lr": 0.2}).resume(model, optimizer) == (0, {})
+
+
+def test_metrics_file(tmp_path):
+    metrics = Metrics(tmp_path / "m.jsonl")
+    metrics.log(step=1, loss=2.5)
+    metrics.log(step=2, loss=2.0)
+    assert [r["loss"] for r in metrics.read()] == [2.5, 2.0]
