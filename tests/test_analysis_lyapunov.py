@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from odeify import get_block, odeify
-from odeify.analysis import lyapunov
+from odeify.analysis import lyapunov, spectra
 from odeify.analysis.benettin import random_subspace
 from odeify.analysis.lyapunov import capture_call, diagonal_routing
 
@@ -137,3 +137,19 @@ def test_bad_input(make_gpt2, make_llama):
         lyapunov(model, IDS, steps=0, progress=False)
     with pytest.raises(ValueError, match="model.eval"):
         lyapunov(model.train(), IDS, progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_gqa_spectra_and_exponents():
+    from odeify.assets import load_smollm2
+
+    original, tokenizer = load_smollm2()
+    layers = spectra(original, progress=False)
+    assert layers.qk.shape == (30, 9, 64)  # 9 query heads over 3 KV heads, head_dim 64
+    model = odeify(original, progress=False)
+    assert torch.allclose(spectra(model, times=30, progress=False).qk, layers.qk, atol=1e-4)
+    ids = tokenizer("To be, or not to be", return_tensors="pt").input_ids[0]
+    lam = lyapunov(model, ids, k=2, refine=1, progress=False)
+    assert lam.exponents.shape == (len(ids), 2) and lam.exponents.isfinite().all()
+    prefix = lyapunov(model, ids[:3], k=2, refine=1, progress=False)
+    assert torch.allclose(prefix.exponents, lam.exponents[:3], atol=1e-3)
