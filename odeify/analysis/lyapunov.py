@@ -28,8 +28,9 @@ numerically identical one in which the tangents of keys and values reach only th
 (the primal is unchanged; the routing uses ``detach`` on the off-diagonal paths), so one JVP
 gives J_kk v_k at every position k at once: all tokens and the k tangent columns (vmap) in one
 pass. The QR (Benettin) recursion then runs per token (odeify.analysis.benettin), with
-``refine`` forward/backward subspace iterations so that the exponents are the top singular values
-of D_k, not the growth of a random subspace. No Jacobian is ever materialised.
+``refine`` forward/backward subspace iterations so that the exponents are the logs of the top
+singular values of D_k (Rayleigh-Ritz values of the refined subspace), not the growth of a random
+subspace. No Jacobian is ever materialised.
 """
 
 from __future__ import annotations
@@ -266,6 +267,8 @@ def lyapunov(
     hidden = model.config.hidden_size
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= hidden:
         raise ValueError(f"k must be an integer between 1 and the hidden size {hidden}, got {k!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
     args, kwargs = capture_call(model, ids[None])
     kwargs = dict(kwargs, ode_steps=steps, ode_scheme=scheme)
     with torch.no_grad():
@@ -281,8 +284,6 @@ def lyapunov(
         return block.step(x.unsqueeze(0), run, i).squeeze(0)
 
     x0 = x0.detach().squeeze(0)
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
     # Extra columns only help the Ritz values of a refined subspace; the Gram-Schmidt exponents
     # of the first k columns do not depend on later ones.
     columns = min(hidden, k + oversample) if refine else k
