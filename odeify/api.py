@@ -13,10 +13,11 @@ from .adapters import family_for
 from .bases import default_num_basis, make_basis
 from .block import ODEBlock, _get
 from .config import ODEConfig
+from .diffeqformer import random_init
 from .family import Family
-from .schemes import check_solver, check_steps
+from .schemes import check_sample_steps, check_solver, check_steps
 
-_INITS = ("fit", "none")
+_INITS = ("fit", "random", "none")
 
 
 def _stack_of(model: nn.Module, family: Family) -> tuple[nn.Module, nn.ModuleList]:
@@ -80,7 +81,7 @@ def odeify(
     *,
     basis: str = "hat",
     num_basis: int | None = None,
-    scheme: str = "sequential",
+    scheme: str | None = None,
     steps: int | None = None,
     basis_kwargs: dict | None = None,
     init: str = "fit",
@@ -95,13 +96,21 @@ def odeify(
     The model is modified in place and returned; ``get_block(model).fit_residuals`` holds each
     parameter's relative fit residual.
 
+    ``init="random"`` with ``basis="fourier"`` builds a DiffEqFormer to pretrain instead (see
+    :func:`odeify.diffeqformer.random_init`): the paper's parallel field with Euler steps,
+    one learned time unit per weight group, norms starting at the identity, biases at zero and
+    matrices at the scale of the model's own init. Give it a freshly built model; only its
+    parameter shapes and init scale are used.
+
     Args:
         model: a transformers GPT-2 or Llama-family model (``*ForCausalLM`` or the base model).
         basis: 'hat' (exact at K = L), 'chebyshev', 'legendre', or 'fourier' (the paper's learned unit).
         num_basis: K. Default L for fixed bases, 21 (E = 20) for 'fourier'. K < L compresses.
-        scheme: 'sequential' (default), 'euler', 'midpoint', 'heun', 'rk4', or a torchdiffeq method.
+        scheme: 'sequential', 'euler', 'midpoint', 'heun', 'rk4', or a torchdiffeq method.
+            Default: 'euler' (the paper's parallel field) with init='random', else 'sequential'.
         steps: default solver steps N (None: L).
-        init: 'fit' (least squares on the layers) or 'none' (leave the basis unset, to load weights).
+        init: 'fit' (least squares on the layers), 'random' (DiffEqFormer from scratch; needs
+            basis='fourier') or 'none' (leave the basis unset, to load weights).
         options: other :class:`ODEConfig` fields (rtol, atol, adjoint, cache_weights, checkpoint_steps).
 
     Example:
@@ -109,12 +118,17 @@ def odeify(
         >>> model = odeify(GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2)), progress=False)
         >>> type(get_block(model)).__name__
         'ODEBlock'
+        >>> fresh = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2))
+        >>> get_block(odeify(fresh, basis="fourier", init="random")).ode.scheme
+        'euler'
     """
     family = family_for(model)
     if any(isinstance(m, ODEBlock) for m in model.modules()):
         raise ValueError("this model is already odeified; use odeify.steps(...) to retarget it")
     if init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    if scheme is None:
+        scheme = "euler" if init == "random" else "sequential"
     family.check_config(model.config)
     base, stack = _stack_of(model, family)
     num_layers = options.pop("num_layers", len(stack))
@@ -135,29 +149,36 @@ def odeify(
     check_solver(ode.scheme)
     if steps is not None:
         check_steps(steps)
-    make_basis(
-        ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs
-    )  # validates before any work
+    probe = make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
+    if init == "random" and not probe.learned:
+        raise ValueError(
+            f"init='random' builds DiffEqFormer's learned time units: use basis='fourier'. With "
+            f"the fixed basis {ode.basis!r}, init='fit' on a freshly built model fits its random layers"
+        )
 
     first = next(stack[0].parameters())
-    if init == "fit":
+    if init in ("fit", "random"):
         shapes, samples = _layer_samples(family, stack)
     else:
         shapes, samples = _layer_samples(family, stack[:1])[0], None
     block = ODEBlock(family, model.config, ode, shapes, first.dtype, first.device)
-    if samples is not None:
+    if init == "fit":
         block.fit(samples, progress=progress)
+    elif init == "random":
+        random_init(block, samples)
     block.train(model.training)
     setattr(base, family.stack, nn.ModuleList([block]))
     model.config.odeify = ode.to_dict()
     return model
 
 
-def _set(model: nn.Module, steps: int | None, scheme: str | None) -> tuple[int | None, str]:
+def _set(model: nn.Module, steps, scheme: str | None) -> tuple:
     block = get_block(model)
     if scheme is not None:
         check_solver(scheme)
-    if steps is not None:
+    if isinstance(steps, (torch.Tensor, list, tuple)):
+        steps = check_sample_steps(steps)
+    elif steps is not None:
         check_steps(steps)
     before = (block.ode.steps, block.ode.scheme)
     block.ode.steps = block.ode.steps if steps is None else steps
@@ -171,18 +192,29 @@ def set_steps(model: nn.Module, steps: int | None = None, scheme: str | None = N
     Example:
         >>> odeify.set_steps(model, 24, scheme="rk4")   # doctest: +SKIP
     """
+    if isinstance(steps, (torch.Tensor, list, tuple)):
+        raise TypeError(
+            "set_steps saves one step count; use odeify.steps(...) for per-sample counts"
+        )
     _set(model, steps, scheme)
     model.config.odeify = get_block(model).ode.to_dict()
     return model
 
 
 @contextlib.contextmanager
-def steps(model: nn.Module, steps: int, scheme: str | None = None) -> Iterator[nn.Module]:
+def steps(model: nn.Module, steps, scheme: str | None = None) -> Iterator[nn.Module]:
     """Run an odeified model at another step count (and scheme) inside a ``with`` block.
+
+    ``steps`` is an int, or one count per sample ([B] integer tensor): each sample is then
+    integrated on its own grid, as if it ran alone (padded steps leave finished samples as they
+    are). That is how per-request depth reaches ``generate()``; a single forward can also take
+    ``ode_steps=`` directly.
 
     Example:
         >>> with odeify.steps(model, 6):       # doctest: +SKIP
         ...     logits = model(ids).logits     # half the compute of a 12-layer model
+        >>> with odeify.steps(model, torch.tensor([8, 30, 12])):   # doctest: +SKIP
+        ...     out = model.generate(ids, max_new_tokens=20)
     """
     before = _set(model, steps, scheme)
     try:

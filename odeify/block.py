@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from .bases import make_basis
 from .config import ODEConfig
 from .family import Family, Step
-from .schemes import Solver, check_solver, check_steps, stage_times
-from .weights import Weights
+from .schemes import Solver, check_sample_steps, check_solver, check_steps, stage_times
+from .weights import PerSampleWeights, Weights
 
 # Keyword arguments of the parent's layer call that the block consumes itself.
 _CONSUMED = ("use_cache", "encoder_attention_mask")
@@ -146,7 +146,9 @@ class ODEBlock(nn.Module):
         # scatter each time's gradient into a zero tensor of the whole grid (quadratic in N).
         columns = {name: w.unbind(0) for name, w in grid.items()}
         n = next(iter(grid.values())).shape[0]
-        return [Weights({name: col[j] for name, col in columns.items()}, transposed) for j in range(n)]
+        return [
+            Weights({name: col[j] for name, col in columns.items()}, transposed) for j in range(n)
+        ]
 
     def _apply(self, fn, *args, **kwargs):
         self._weight_cache = None  # .to(), .half(), .cuda() replace parameter storage
@@ -182,9 +184,13 @@ class ODEBlock(nn.Module):
         return self.fit_residuals
 
     # ---------------------------------------------------------------------------------- forward
-    def solver(self, scheme: str | None = None, steps: int | None = None) -> tuple[Solver, int]:
+    def solver(self, scheme: str | None = None, steps=None) -> tuple[Solver, int | Tensor]:
+        """The validated scheme and step count of a call: an int, or per-sample counts [B]."""
         solver = check_solver(self.ode.scheme if scheme is None else scheme)
-        return solver, check_steps(self.ode.resolved_steps if steps is None else steps)
+        steps = self.ode.resolved_steps if steps is None else steps
+        if isinstance(steps, (Tensor, list, tuple)):
+            return solver, check_sample_steps(steps)
+        return solver, check_steps(steps)
 
     def bind(self, *args, **kwargs) -> tuple[Tensor, _Run]:
         """Parse the parent model's layer call into the hidden states and a run: solver, steps,
@@ -206,18 +212,51 @@ class ODEBlock(nn.Module):
         position_embeddings = bound.pop("position_embeddings", None)
         for key in _CONSUMED:
             bound.pop(key, None)
+        per_sample = None
+        if isinstance(steps, Tensor):
+            steps, per_sample = self._per_sample(steps, solver, x.shape[0])
         run = _Run(self, solver, steps, cache, mask, position_embeddings, bound)
         if solver.native is not None:
             scheme = solver.native
-            run.times, run.index = stage_times(scheme, steps)
-            run.weights = self.grid_weights((scheme.name, steps), run.times)
+            if per_sample is None:
+                run.times, run.index = stage_times(scheme, steps)
+                run.weights = self.grid_weights((scheme.name, steps), run.times)
+                grid = (scheme.name, steps)
+            else:
+                run.per_sample = per_sample.to(x.device)
+                grid = (scheme.name, tuple(per_sample.tolist()))
             if cache is not None:
-                _claim_cache(cache, (scheme.name, steps), steps * scheme.stages, x.shape[1])
+                _claim_cache(cache, grid, steps * scheme.stages, x.shape[1])
         return x, run
 
+    def _per_sample(self, counts: Tensor, solver: Solver, batch: int) -> tuple[int, Tensor | None]:
+        """(steps of the loop, per-sample counts or None when all samples share one grid)."""
+        if counts.numel() != batch:
+            raise ValueError(f"got {counts.numel()} per-sample step counts for a batch of {batch}")
+        if bool((counts == counts[0]).all()):
+            return int(counts[0]), None
+        if solver.native is None:
+            raise ValueError(
+                f"per-sample step counts need a native fixed-grid scheme, not {solver.name!r}"
+            )
+        if getattr(self.config, "scale_attn_by_inverse_layer_idx", False):
+            raise ValueError(
+                "per-sample step counts are not supported with scale_attn_by_inverse_layer_idx"
+            )
+        return int(counts.max()), counts
+
     def step(self, x: Tensor, run: _Run, i: int) -> Tensor:
-        """Step i of a native scheme: the state at t = i / N to the state at t = (i + 1) / N."""
-        return run.solver.native.step(_StepField(run, i), x, 1.0 / run.steps)
+        """Step i of a native scheme: the state at t = i / N to the state at t = (i + 1) / N.
+
+        With per-sample step counts N_b, sample b steps by 1 / N_b on its own grid with its own
+        weights, and leaves its state unchanged once i >= N_b.
+        """
+        if run.per_sample is None:
+            return run.solver.native.step(_StepField(run, i), x, 1.0 / run.steps)
+        counts = run.per_sample.view(-1, 1, 1)
+        h = (1.0 / counts.to(torch.float32)).to(x.dtype)
+        moved = run.solver.native.step(_PerSampleStepField(run, i), x, h)
+        return torch.where(counts > i, moved, x)
 
     def forward(self, *args, **kwargs) -> Tensor:
         x, run = self.bind(*args, **kwargs)
@@ -271,6 +310,7 @@ class _Run:
         self.times: list[float] = []
         self.index: list[int] = []
         self.weights: list[Weights] = []
+        self.per_sample: Tensor | None = None  # [B] step counts when samples have their own grids
         self.stages = solver.native.stages if solver.native is not None else 1
 
     def step(self, t: float, slot: int) -> Step:
@@ -312,6 +352,19 @@ class _StepField:
         w, step = self._at(stage)
         family = self.run.block.family
         return (family.attention(x, w, step) + family.mlp(x, w, step)) * self.num_layers
+
+
+class _PerSampleStepField(_StepField):
+    """Stage times (i + c) / N_b per sample; linear layers through time_linear."""
+
+    __slots__ = ()
+
+    def _at(self, stage: int) -> tuple[PerSampleWeights, Step]:
+        run, block = self.run, self.run.block
+        offset = run.solver.native.offsets[stage]
+        t = ((self.i + offset) / run.per_sample.double()).clamp(max=1.0)
+        w = PerSampleWeights(block.coefficients(t), block.basis_tensor, block.group)
+        return w, run.step(t, self.i * run.stages + stage)
 
 
 class _TorchdiffeqField(nn.Module):

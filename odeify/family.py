@@ -18,7 +18,7 @@ from torch import Tensor, nn
 class Step:
     """What one sub-update needs besides the hidden states and the weights."""
 
-    t: float  # the time of this stage
+    t: float | Tensor  # the time of this stage ([B] when every sample has its own grid)
     slot: int  # KV-cache slot of this (step, stage)
     cache: Any  # a transformers Cache or None
     mask: Tensor | None  # the mask the parent model built for its own layers

@@ -12,6 +12,7 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
@@ -29,8 +30,9 @@ _TORCHDIFFEQ_FIXED = (
 TORCHDIFFEQ_METHODS = tuple(m for m in _TORCHDIFFEQ_SOLVERS if m != "scipy_solver")
 
 
-def _scale(update: Tensor, s: float) -> Tensor:
-    return update if s == 1.0 else update * s
+def _scale(update: Tensor, s: float | Tensor) -> Tensor:
+    # s is a float, or a [B, 1, 1] tensor when every sample has its own step count.
+    return update if isinstance(s, float) and s == 1.0 else update * s
 
 
 def _sequential(f, x: Tensor, h: float) -> Tensor:
@@ -133,6 +135,25 @@ def check_steps(steps) -> int:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return int(steps)
+
+
+def check_sample_steps(steps) -> Tensor:
+    """Per-sample step counts: a 1-D integer tensor (or list) with every entry >= 1.
+
+    Example:
+        >>> check_sample_steps([8, 30, 12])
+        tensor([ 8, 30, 12])
+    """
+    counts = torch.as_tensor(steps)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(
+            f"per-sample steps must be a 1-D tensor with one count per sample, got shape {tuple(counts.shape)}"
+        )
+    if counts.dtype.is_floating_point or counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"per-sample steps must be integers, got dtype {counts.dtype}")
+    if (counts < 1).any():
+        raise ValueError(f"every per-sample step count must be >= 1, got {counts.tolist()}")
+    return counts.long()
 
 
 def stage_times(scheme: Scheme, steps: int) -> tuple[list[float], list[int]]:

@@ -1,4 +1,9 @@
-"""Block parameters at one time t, with the few functional ops adapters run on them."""
+"""Block parameters at one time, with the few functional ops adapters run on them.
+
+Two implementations of one interface (``linear``, ``layer_norm``, ``rms_norm``, ``in``):
+:class:`Weights` holds W(t) shared by the whole batch; :class:`PerSampleWeights` gives every
+sample its own time. Adapter code is written once against that interface.
+"""
 
 from __future__ import annotations
 
@@ -51,3 +56,47 @@ class Weights:
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return self.tensors[prefix + ".weight"] * h.to(dtype)
+
+
+class PerSampleWeights:
+    """W_b(t_b) for every sample b of a batch, each at its own time, never materialised as a
+    whole: linear layers run through :func:`odeify.time_linear.time_linear`, which combines the
+    basis in the kernel; norm vectors are small and are combined here.
+
+    ``coeffs`` maps each weight group to c(t_b) of shape [B, K]; ``basis`` looks up a basis
+    tensor [K, *shape] by parameter name; ``group`` maps parameter names to weight groups.
+    """
+
+    __slots__ = ("coeffs", "basis", "group")
+
+    def __init__(self, coeffs: dict[str, Tensor], basis, group: dict[str, str]):
+        self.coeffs, self.basis, self.group = coeffs, basis, group
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def _coeffs(self, name: str, like: Tensor) -> Tensor:
+        return self.coeffs[self.group[name]].to(like.dtype)
+
+    def _vector(self, name: str, x: Tensor) -> Tensor:
+        """The per-sample parameter, shaped to broadcast against x: [B, 1, ..., d]."""
+        basis = self.basis(name)
+        value = self._coeffs(name, basis) @ basis
+        return value.view(value.shape[0], *[1] * (x.dim() - 2), value.shape[-1])
+
+    def linear(self, prefix: str, x: Tensor) -> Tensor:
+        from .time_linear import time_linear
+
+        weight = self.basis(prefix + ".weight")
+        bias = self.basis(prefix + ".bias") if prefix + ".bias" in self.group else None
+        return time_linear(x.contiguous(), self._coeffs(prefix + ".weight", weight), weight, bias)
+
+    def layer_norm(self, prefix: str, x: Tensor, eps: float) -> Tensor:
+        h = F.layer_norm(x, x.shape[-1:], None, None, eps) * self._vector(prefix + ".weight", x)
+        return h + self._vector(prefix + ".bias", x) if prefix + ".bias" in self.group else h
+
+    def rms_norm(self, prefix: str, x: Tensor, eps: float) -> Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return self._vector(prefix + ".weight", x) * h.to(dtype)
