@@ -166,22 +166,39 @@ class Checkpoints:
             old.unlink()
         return path
 
+    def _check_config(self, path: Path, config: dict[str, Any]) -> None:
+        if config != self.config:
+            differ = sorted(
+                k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k)
+            )
+            raise ValueError(
+                f"{path} was written under another config (differs in {differ}); resume with "
+                "the same config or start a new run folder"
+            )
+
+    def check(self) -> int:
+        """The step of the newest checkpoint (0 when there is none), refusing one written under
+        another config. The file is memory-mapped, not read, so a recipe can refuse a wrong run
+        folder before any work.
+
+        Example:
+            >>> Checkpoints("runs/x", config={"lr": 1e-3}).check()   # doctest: +SKIP
+            100
+        """
+        paths = self.paths()
+        if not paths:
+            return 0
+        state = torch.load(paths[-1], map_location="cpu", weights_only=False, mmap=True)
+        self._check_config(paths[-1], state["config"])
+        return state["step"]
+
     def resume(self, model: nn.Module, optimizer, scheduler=None) -> tuple[int, dict]:
         """Load the newest checkpoint; returns (step, extra), or (0, {}) when there is none."""
         paths = self.paths()
         if not paths:
             return 0, {}
         state = torch.load(paths[-1], map_location="cpu", weights_only=False)
-        if state["config"] != self.config:
-            differ = sorted(
-                k
-                for k in set(state["config"]) | set(self.config)
-                if state["config"].get(k) != self.config.get(k)
-            )
-            raise ValueError(
-                f"{paths[-1]} was written under another config (differs in {differ}); resume with "
-                "the same config or start a new run folder"
-            )
+        self._check_config(paths[-1], state["config"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:

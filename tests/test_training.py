@@ -83,6 +83,16 @@ def test_resume_under_another_config_is_refused(tmp_path):
     assert Checkpoints(tmp_path / "new", {"lr": 0.2}).resume(model, optimizer) == (0, {})
 
 
+def test_check_reads_the_stamp_without_loading(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert Checkpoints(tmp_path, {"lr": 0.1}).check() == 0
+    Checkpoints(tmp_path, {"lr": 0.1}).save(7, model, optimizer)
+    assert Checkpoints(tmp_path, {"lr": 0.1}).check() == 7
+    with pytest.raises(ValueError, match="another config.*\\['lr'\\]"):
+        Checkpoints(tmp_path, {"lr": 0.2}).check()
+
+
 def test_metrics_file(tmp_path):
     metrics = Metrics(tmp_path / "m.jsonl")
     metrics.log(step=1, loss=2.5)
