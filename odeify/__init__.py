@@ -9,6 +9,7 @@ plain = odeify.materialize(model, 18)    # back to a stock model with 18 layers
 from .api import get_block, materialize, odeify, set_steps, steps
 from .config import ODEConfig
 from .io import from_pretrained, save_pretrained
+from .lora import lora_config
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ for _name, _fn in {
     "get_block": get_block,
     "from_pretrained": from_pretrained,
     "save_pretrained": save_pretrained,
+    "lora_config": lora_config,
 }.items():
     setattr(odeify, _name, _fn)
 

@@ -1,0 +1,332 @@
+"""LoRA through peft on odeified models: an update that is itself a function of depth t.
+
+peft's ``target_parameters`` on a basis tensor ``[K, out, in]`` gives K low-rank updates dB_k
+(one rank-r pair per basis tensor), so the adapted weight is
+``W(t) + dW(t)`` with ``dW(t) = sum_k c_k(t) dB_k``: the update lives in the same time basis as
+the weights and the model stays retargetable (any step count, any scheme, ``materialize``).
+With the hat basis and K = L this is per-layer LoRA on the original model at N = L, with the same
+parameter count; between layers dW(t) blends the two nearest layers' updates.
+
+Standard peft calls work on an odeified model::
+
+    from peft import PeftModel, get_peft_model
+    model = get_peft_model(odeify(base), odeify.lora_config(r=8))   # train it, then
+    model.save_pretrained("adapter")                                 # adapter only
+    again = PeftModel.from_pretrained(odeify.from_pretrained("base-ode"), "adapter")
+    plain = again.merge_and_unload()                                 # an odeified model again
+
+How the update reaches the block: peft applies a ``target_parameters`` adapter only while the
+module that owns the parameter is being called (it registers a parametrisation around that
+call). The ODE block never calls its basis modules; it reads the tensors by attribute. So this
+module gives every ODE block that receives a peft wrapper a forward pre-hook and post-hook that
+activate the wrappers for the duration of the block's forward (the same peft context manager a
+wrapper's own forward uses) and drop the block's weight cache when the adapter state changes
+(``set_adapter``, ``disable_adapter()``, merging), which leaves the parameters' versions alone.
+The hooks are installed from a module-registration hook, so nothing needs calling by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from .adapters import FAMILIES
+from .api import get_block
+from .block import ODEBlock, _ParamTree
+
+ALL_LINEAR = "all-linear"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _is_norm(prefix: str) -> bool:
+    leaf = prefix.rsplit(".", 1)[-1]
+    return "norm" in leaf or leaf.startswith("ln_")
+
+
+# Without a model to inspect, "all-linear" means the matrix modules of every supported family.
+_LINEAR_LEAVES = sorted(
+    {
+        prefix.rsplit(".", 1)[-1]
+        for family in FAMILIES.values()
+        for prefix in family.groups
+        if not _is_norm(prefix)
+    }
+)
+
+
+def _is_odeified(model: nn.Module) -> bool:
+    return any(isinstance(m, ODEBlock) for m in model.modules())
+
+
+def _stock_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{name inside a block: (out, in)} of the Linear / Conv1D layers of a stock model's blocks."""
+    from transformers.pytorch_utils import Conv1D
+
+    from .adapters import family_for
+
+    stack = family_for(model).stack
+    out = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        # Inside the stack means "<...>.<stack>.<index>.<module>": the LM head is not a target.
+        if stack not in parts[:-2] or not parts[parts.index(stack) + 1].isdigit():
+            continue
+        inner = ".".join(parts[parts.index(stack) + 2 :])
+        if isinstance(module, nn.Linear):
+            out[inner] = (module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):
+            out[inner] = (module.nf, module.weight.shape[0])
+    return out
+
+
+def _block_matrices(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{module name inside the block: (out, in)} of every weight matrix of the ODE block."""
+    block = get_block(model)
+    return {
+        name[: -len(".weight")]: tuple(block.basis_tensor(name).shape[1:])
+        for name in block.names
+        if name.endswith(".weight") and block.basis_tensor(name).dim() == 3
+    }
+
+
+def _check_rank(r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
+
+
+def _resolve(
+    available: dict[str, tuple[int, int]], targets, r: int, what: str
+) -> dict[str, tuple[int, int]]:
+    """The modules that ``targets`` (names or dotted suffixes) select, checked against rank r."""
+    _check_rank(r)
+    if targets == ALL_LINEAR:
+        chosen = dict(available)
+    else:
+        chosen = {}
+        for target in [targets] if isinstance(targets, str) else targets:
+            hits = {n: s for n, s in available.items() if n == target or n.endswith("." + target)}
+            if not hits:
+                raise ValueError(
+                    f"LoRA target {target!r} matches no weight matrix of {what}. Targets are module "
+                    f"names or dotted suffixes of them; the matrices are {sorted(available)} "
+                    f"(norms and biases take no LoRA), or use {ALL_LINEAR!r}."
+                )
+            chosen.update(hits)
+    too_small = {n: s for n, s in chosen.items() if r > min(s)}
+    if too_small:
+        name, (rows, cols) = next(iter(too_small.items()))
+        raise ValueError(
+            f"LoRA rank r={r} is larger than the {rows}x{cols} weight of {name} (a rank-r update "
+            f"of it needs r <= {min(rows, cols)}); choose a smaller r or leave that module out"
+        )
+    return chosen
+
+
+def lora_config(
+    r: int = 8,
+    alpha: float | None = None,
+    targets: str | Sequence[str] = ALL_LINEAR,
+    model: nn.Module | None = None,
+    **kwargs,
+):
+    """A peft ``LoraConfig`` for an odeified model: continuous-in-t LoRA on the basis tensors.
+
+    Each targeted ``[K, out, in]`` basis tensor gets K rank-r updates, so dW(t) = sum_k c_k(t) dB_k
+    (see the module docstring). Pass ``model`` to have the targets and the rank checked against
+    it with clear errors (and the target list written out exactly); given a stock (not odeified)
+    transformers model, the same call returns ordinary per-layer LoRA on its Linear/Conv1D
+    layers, which is how the recipe does LoRA on materialised layers.
+
+    Args:
+        r: the rank of each update.
+        alpha: LoRA's alpha; the update is scaled by alpha / r. Default 2 r.
+        targets: ``'all-linear'`` (every attention and MLP matrix) or module names / dotted
+            suffixes such as ``['q_proj', 'v_proj']`` or ``['attn.c_proj']``.
+        model: optional; an odeified or a stock model to resolve and check the targets on.
+        kwargs: other ``LoraConfig`` fields. ``lora_dropout``, ``use_dora`` and ``lora_bias``
+            are refused by peft for parameter targets (continuous LoRA).
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(odeify(base), odeify.lora_config(r=8))   # doctest: +SKIP
+        >>> odeify.lora_config(r=4, targets=["q_proj", "v_proj"]).target_parameters
+        ['q_proj.weight', 'v_proj.weight']
+    """
+    from peft import LoraConfig
+
+    alpha = 2 * r if alpha is None else alpha
+    if model is None:
+        _check_rank(r)
+        leaves = _LINEAR_LEAVES if targets == ALL_LINEAR else targets
+        leaves = [leaves] if isinstance(leaves, str) else list(leaves)
+        return LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=[],
+            target_parameters=[f"{leaf}.weight" for leaf in leaves],
+            **kwargs,
+        )
+    if _is_odeified(model):
+        chosen = _resolve(_block_matrices(model), targets, r, "the ODE block")
+        return LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=[],
+            target_parameters=[f"basis.{name}.weight" for name in chosen],
+            **kwargs,
+        )
+    chosen = _resolve(_stock_linears(model), targets, r, f"{type(model).__name__}'s layers")
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(chosen), **kwargs)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, **kwargs):
+    """``PeftModel.from_pretrained`` with a clear error when the adapter belongs to another base.
+
+    Checks, before peft loads anything, that a continuous adapter goes onto an odeified model and
+    a per-layer one onto a stock model, and that every saved LoRA tensor has the shape this
+    model's module needs (hidden sizes, depth, the number K of basis tensors, the rank).
+
+    Example:
+        >>> model = load_adapter(odeify.from_pretrained("smollm2-ode"), "run/adapter")   # doctest: +SKIP
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    path = Path(path)
+    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config_file.exists() or not weights.exists():
+        raise FileNotFoundError(
+            f"{path} is not a peft adapter folder (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
+    saved = json.loads(config_file.read_text())
+    continuous = bool(saved.get("target_parameters"))
+    if continuous != _is_odeified(model):
+        kind = (
+            "a continuous adapter (on ODE basis tensors)" if continuous else "a per-layer adapter"
+        )
+        needs = (
+            "an odeified model (odeify.from_pretrained or odeify(model))"
+            if continuous
+            else "the stock transformers model it was trained on (or materialise first)"
+        )
+        raise ValueError(
+            f"{path} holds {kind}; load it onto {needs}, not onto this {type(model).__name__}"
+        )
+    r = saved.get("r")
+    ranked = not saved.get("rank_pattern")  # a per-module rank pattern: check the other sizes
+    wrong = []
+    with safe_open(weights, "pt") as f:
+        keys = sorted(f.keys())
+        for key in keys:
+            shape = tuple(f.get_slice(key).get_shape())
+            want = _expected_shape(model, key, r if ranked else None)
+            if (
+                want is None
+                or len(want) != len(shape)
+                or any(w is not None and w != s for w, s in zip(want, shape, strict=True))
+            ):
+                wrong.append((key, shape, want))
+    if wrong:
+        key, shape, want = wrong[0]
+        base = saved.get("base_model_name_or_path") or "an unnamed model"
+        here = "absent here" if want is None else f"{[w or '*' for w in want]} here"
+        raise ValueError(
+            f"{path} was saved for another base model ({base}): {len(wrong)} of its {len(keys)} "
+            f"tensors do not fit this {type(model).__name__}, e.g. {key} is {list(shape)} in the "
+            f"adapter but {here}. An adapter fits only the architecture, depth and (for a "
+            "continuous adapter) the number of basis tensors K it was trained on."
+        )
+    return PeftModel.from_pretrained(model, path, **kwargs)
+
+
+def _expected_shape(model: nn.Module, key: str, r: int | None) -> tuple[int | None, ...] | None:
+    """The shape this model needs for a saved LoRA tensor (None where any size fits), or None
+    when the model has no module for it."""
+    module_path, _, leaf = key.removeprefix("base_model.model.").rpartition(".lora_")
+    try:
+        module = model.get_submodule(module_path.replace(".base_layer", ""))
+    except AttributeError:
+        return None
+    module = getattr(module, "base_layer", module)
+    if isinstance(module, _ParamTree):
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 3:
+            return None
+        k, rows, cols = weight.shape
+        rank = None if r is None else r * k
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(module, nn.Linear):
+            rows, cols = module.out_features, module.in_features
+        elif isinstance(module, Conv1D):
+            rows, cols = module.nf, module.weight.shape[0]
+        else:
+            return None
+        rank = r
+    if leaf.startswith("A."):
+        return (rank, cols)
+    if leaf.startswith("B."):
+        return (rows, rank)
+    return None
+
+
+# ------------------------------------------------------------------------- activating the update
+def _wrappers(block: ODEBlock) -> list[nn.Module]:
+    layer = sys.modules.get("peft.tuners.lora.layer")  # no peft imported: no wrappers to find
+    if layer is None:
+        return []
+    return [m for m in block.basis.modules() if isinstance(m, layer.ParamWrapper)]
+
+
+def _adapter_state(wrappers: list[nn.Module]) -> tuple:
+    # What decides the adapted weights besides parameter values; the weight cache keys on
+    # parameter versions, which set_adapter / disable_adapter() / merging leave alone.
+    return tuple((id(w), tuple(w.active_adapters), w.disable_adapters, w.merged) for w in wrappers)
+
+
+def _before(block: ODEBlock, args, kwargs) -> None:
+    wrappers = _wrappers(block)
+    state = _adapter_state(wrappers)
+    if state != block.__dict__.get("_odeify_lora_state", ()):
+        block._weight_cache = None
+        block.__dict__["_odeify_lora_state"] = state
+    if not wrappers:
+        return
+    stack = contextlib.ExitStack()
+    try:
+        for w in wrappers:
+            if not w.disable_adapters and not w.merged:
+                # The context a ParamWrapper's own forward runs its base layer in (peft 0.21).
+                stack.enter_context(w._activate_lora(w.active_adapters))
+    except BaseException:
+        stack.close()
+        raise
+    block.__dict__["_odeify_lora_active"] = stack
+
+
+def _after(block: ODEBlock, args, kwargs, output) -> None:
+    stack = block.__dict__.pop("_odeify_lora_active", None)
+    if stack is not None:
+        stack.close()
+
+
+def _on_register(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+    # Every ODE block gets the hooks when it is put into its model (odeify, from_pretrained);
+    # copies of the model carry them along.
+    if isinstance(child, ODEBlock) and not child.__dict__.get("_odeify_lora_hooks"):
+        child.register_forward_pre_hook(_before, with_kwargs=True)
+        child.register_forward_hook(_after, with_kwargs=True, always_call=True)
+        child.__dict__["_odeify_lora_hooks"] = True
+
+
+if not getattr(nn.modules.module, "_odeify_lora_registered", False):
+    nn.modules.module.register_module_module_registration_hook(_on_register)
+    nn.modules.module._odeify_lora_registered = True

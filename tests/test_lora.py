@@ -1,0 +1,215 @@
+"""Continuous LoRA through peft on odeified models: the update is a function of t, standard peft
+calls work, the weight cache follows the adapters, and bad input gets clear errors."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import odeify as odeify_module
+from odeify import get_block, lora_config, materialize, odeify, steps
+from odeify.lora import load_adapter
+
+IDS = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls gain nothing from threads, and on a loaded machine OpenMP's spinning threads
+    # make them orders of magnitude slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomize(model, adapter="default"):
+    """Fresh LoRA has B = 0 (no update); random factors make every adapter visible."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f"lora_B.{adapter}." in name or f"lora_A.{adapter}." in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def _logits(model, n=None, scheme=None):
+    with torch.no_grad():
+        if n is None:
+            return model(IDS, use_cache=False).logits
+        with steps(model, n, scheme):
+            return model(IDS, use_cache=False).logits
+
+
+@pytest.fixture
+def ode_llama(make_llama):
+    return odeify(make_llama(), progress=False)
+
+
+def test_update_is_per_layer_lora_at_the_layers_and_blends_between_them(make_llama):
+    plain = make_llama()
+    ode = odeify(copy.deepcopy(plain), progress=False)
+    base_mid = get_block(ode).weights_at([0.5 / 3])
+    continuous = get_peft_model(ode, lora_config(r=2, model=ode))
+    per_layer = _randomize(get_peft_model(plain, lora_config(r=2, model=plain)))
+    layer_params = dict(per_layer.named_parameters())
+    with torch.no_grad():  # dB_k of basis tensor k = the LoRA factors of layer k
+        for name, p in continuous.named_parameters():
+            if ".lora_" not in name:
+                continue
+            module, side = name.split("basis.")[1].split(".lora_")[0], name.split(".lora_")[1][0]
+            layers = [
+                layer_params[
+                    f"base_model.model.model.layers.{k}.{module}.lora_{side}.default.weight"
+                ]
+                for k in range(3)
+            ]
+            p.copy_(torch.cat(layers) if side == "A" else torch.stack(layers, -1).flatten(1))
+    torch.testing.assert_close(_logits(continuous), _logits(per_layer), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(_logits(continuous), _logits(make_llama()))
+
+    # Halfway between layers 0 and 1 the update is the mean of theirs: dW(t) = sum_k c_k(t) dB_k.
+    merged = continuous.merge_and_unload()
+    deltas = {
+        k: per_layer.base_model.model.model.layers[k].self_attn.q_proj.get_delta_weight("default")
+        for k in (0, 1)
+    }
+    mid = get_block(merged).weights_at([0.5 / 3])["self_attn.q_proj.weight"][0]
+    expected = base_mid["self_attn.q_proj.weight"][0] + (deltas[0] + deltas[1]) / 2
+    torch.testing.assert_close(mid, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merge_and_unload_leaves_an_odeified_model_that_still_retargets(
+    make_llama, make_gpt2, family
+):
+    model = odeify(make_llama() if family == "llama" else make_gpt2(), progress=False)
+    num_layers = get_block(model).ode.num_layers
+    adapted = _randomize(get_peft_model(model, lora_config(r=2, model=model)))
+    grids = [(num_layers, None), (2, None), (5, None), (3, "rk4")]
+    before = {grid: _logits(adapted, *grid) for grid in grids}
+    merged = adapted.merge_and_unload()
+    assert type(merged).__name__.endswith("LMHeadModel" if family == "gpt2" else "ForCausalLM")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    for grid in grids:
+        torch.testing.assert_close(_logits(merged, *grid), before[grid], rtol=1e-4, atol=1e-5)
+    plain = materialize(merged, steps=5)
+    torch.testing.assert_close(_logits(plain), before[(5, None)], rtol=1e-4, atol=1e-5)
+
+
+def test_training_moves_only_the_adapter_and_any_step_count_still_runs(ode_llama):
+    model = get_peft_model(ode_llama, lora_config(r=2))
+    basis = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for i in range(8):
+        with steps(model, (3, 2, 5)[i % 3]):  # step-adjusted: a different grid per batch
+            loss = model(IDS, labels=IDS, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[6] < losses[0]
+    assert all(torch.equal(p, basis[n]) for n, p in model.named_parameters() if n in basis)
+    model.eval()
+    for n, scheme in ((3, None), (7, None), (2, "heun")):
+        assert torch.isfinite(_logits(model, n, scheme)).all()
+
+
+def test_adapter_saves_alone_and_loads_onto_an_odeified_base(ode_llama, tmp_path):
+    odeify_module.save_pretrained(ode_llama, tmp_path / "base")
+    model = _randomize(get_peft_model(ode_llama, lora_config(r=2)))
+    expected = {n: _logits(model, n) for n in (3, 5)}
+    model.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < (tmp_path / "base" / "model.safetensors").stat().st_size / 5
+
+    for load in (PeftModel.from_pretrained, load_adapter):
+        loaded = load(odeify_module.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+        for n in (3, 5):
+            torch.testing.assert_close(_logits(loaded, n), expected[n], rtol=0, atol=0)
+
+
+def test_several_adapters_switch_and_disable_with_the_weight_cache_on(ode_llama):
+    base = _logits(ode_llama)
+    model = _randomize(get_peft_model(ode_llama, lora_config(r=2)))
+    model.add_adapter("other", lora_config(r=2))
+    _randomize(model, "other")
+    model.eval()
+    first = _logits(model)
+    model.set_adapter("other")
+    second = _logits(model)
+    assert not torch.allclose(first, second) and not torch.allclose(second, base)
+    model.set_adapter("default")
+    torch.testing.assert_close(_logits(model), first, rtol=0, atol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model), base, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model), first, rtol=0, atol=0)
+
+
+def test_changing_lora_weights_invalidates_the_weight_cache(ode_llama):
+    model = _randomize(get_peft_model(ode_llama, lora_config(r=2))).eval()
+    before = _logits(model)
+    assert get_block(model)._weight_cache is not None  # eval: W(t) was cached
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).mul_(-1)
+    after = _logits(model)
+    get_block(model).ode.cache_weights = False
+    torch.testing.assert_close(after, _logits(model), rtol=0, atol=0)
+    assert not torch.allclose(before, after)
+
+    get_block(model).ode.cache_weights = True
+    model.train()
+    model(IDS, labels=IDS, use_cache=False).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    model.eval()
+    stepped = _logits(model)
+    get_block(model).ode.cache_weights = False
+    torch.testing.assert_close(stepped, _logits(model), rtol=0, atol=0)
+    assert not torch.allclose(stepped, after)
+
+
+def test_config_without_a_model_targets_every_family_and_copies_take_lora(make_llama, make_gpt2):
+    for model in (odeify(make_llama(), progress=False), odeify(make_gpt2(), progress=False)):
+        exact = lora_config(r=2, model=model).target_parameters
+        wrapped = _randomize(get_peft_model(copy.deepcopy(model), lora_config(r=2)))
+        assert not torch.allclose(_logits(wrapped), _logits(model))
+        hit = {
+            n.split("basis.")[1].split(".lora_A")[0]
+            for n, _ in wrapped.named_parameters()
+            if ".lora_A" in n
+        }
+        assert {f"basis.{h}.weight" for h in hit} == set(exact)
+
+
+def test_bad_targets_and_ranks_are_refused_with_what_exists(ode_llama, make_llama):
+    with pytest.raises(ValueError, match="'qproj' matches no weight matrix.*self_attn.q_proj"):
+        lora_config(r=2, targets=["qproj"], model=ode_llama)
+    with pytest.raises(ValueError, match="no weight matrix.*mlp.down_proj"):
+        lora_config(r=2, targets=["input_layernorm"], model=make_llama())
+    with pytest.raises(
+        ValueError, match="r=40 is larger than the 32x32 weight of self_attn.q_proj"
+    ):
+        lora_config(r=40, targets="q_proj", model=ode_llama)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        lora_config(r=0)
+
+
+def test_an_adapter_for_another_base_is_refused(make_llama, tmp_path):
+    small = odeify(make_llama(), progress=False)
+    get_peft_model(small, lora_config(r=2)).save_pretrained(tmp_path / "a")
+    deeper = odeify(make_llama(num_hidden_layers=4), progress=False)
+    with pytest.raises(ValueError, match="another base model.*number of basis tensors K"):
+        load_adapter(deeper, tmp_path / "a")
+    with pytest.raises(ValueError, match="continuous adapter.*onto an odeified model"):
+        load_adapter(make_llama(), tmp_path / "a")
+    wide = odeify(make_llama(hidden_size=48), progress=False)
+    with pytest.raises(
+        ValueError, match=r"down_proj.lora_B.weight is \[32, 6\] in the adapter but \[48, 6\] here"
+    ):
+        load_adapter(wide, tmp_path / "a")
