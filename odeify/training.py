@@ -77,7 +77,10 @@ def adamw(
     from .block import ODEBlock
 
     basis_ids = {
-        id(p) for m in model.modules() if isinstance(m, ODEBlock) for p in m.basis.parameters()
+        id(m.basis_tensor(name))
+        for m in model.modules()
+        if isinstance(m, ODEBlock)
+        for name in m.names
     }
     decay, keep = [], []
     for name, p in model.named_parameters():
@@ -85,6 +88,7 @@ def adamw(
             continue
         represented = p.dim() - 1 if id(p) in basis_ids else p.dim()
         skip = represented < 2 or (no_decay is not None and no_decay(name))
+    # The block's own basis tensors, not what peft hangs under them (LoRA factors are matrices).
         (keep if skip else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
@@ -136,7 +140,13 @@ class Checkpoints:
         >>> step = ckpt.resume(model, optimizer, scheduler)           # doctest: +SKIP
     """
 
-    def __init__(self, folder: str | os.PathLike, config: dict[str, Any], keep: int = 2):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        config: dict[str, Any],
+        keep: int = 2,
+        trainable_only: bool = False,
+    ):
         self.folder, self.config, self.keep = Path(folder), config, keep
 
     def paths(self) -> list[Path]:
@@ -147,13 +157,23 @@ class Checkpoints:
         self, step: int, model: nn.Module, optimizer, scheduler=None, extra: dict | None = None
     ) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
+        # LoRA: the frozen base is rebuilt from its source on resume; saving it would make every
+        # checkpoint the size of the whole model.
+        self.trainable_only = trainable_only
+
+    def _model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = model.state_dict()
+        if not self.trainable_only:
+            return state
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in trainable}
         path = self.folder / f"{CHECKPOINT_PREFIX}{step}.pt"
         tmp = path.with_suffix(".pt.tmp")
         torch.save(
             {
                 "step": step,
                 "config": self.config,
-                "model": model.state_dict(),
+                "model": self._model_state(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
                 "rng": _rng_state(),
@@ -199,7 +219,16 @@ class Checkpoints:
             return 0, {}
         state = torch.load(paths[-1], map_location="cpu", weights_only=False)
         self._check_config(paths[-1], state["config"])
-        model.load_state_dict(state["model"])
+        if self.trainable_only:
+            expected = self._model_state(model).keys()
+            if state["model"].keys() != expected:
+                raise ValueError(
+                    f"{paths[-1]} holds other trainable tensors than this model "
+                    f"({sorted(set(state['model']) ^ set(expected))[:4]} differ)"
+                )
+            model.load_state_dict(state["model"], strict=False)
+        else:
+            model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])

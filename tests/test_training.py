@@ -98,3 +98,34 @@ def test_metrics_file(tmp_path):
     metrics.log(step=1, loss=2.5)
     metrics.log(step=2, loss=2.0)
     assert [r["loss"] for r in metrics.read()] == [2.5, 2.0]
+
+
+def test_adamw_decays_lora_factors_under_the_basis(make_llama):
+    from peft import get_peft_model
+
+    from odeify import lora_config
+
+    model = get_peft_model(odeify(make_llama(), progress=False), lora_config(r=2))
+    optimizer = adamw(model, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    factors = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert factors and all(id(p) in decayed for p in factors)
+    assert len(optimizer.param_groups) == 1  # the frozen basis is not in the optimizer at all
+
+
+def test_trainable_only_checkpoints_leave_the_frozen_part_out(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, trainable_only=True)
+    path = ckpt.save(1, model, optimizer)
+    assert set(torch.load(path, weights_only=False)["model"]) == {"1.weight", "1.bias"}
+    trained = model[1].weight.detach().clone()
+    frozen = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[1].weight.zero_()
+    assert ckpt.resume(model, optimizer)[0] == 1
+    assert torch.equal(model[1].weight, trained) and torch.equal(model[0].weight, frozen)
+    model[0].requires_grad_(True)  # another set of trainable tensors: refused
+    with pytest.raises(ValueError, match="other trainable tensors"):
+        ckpt.resume(model, optimizer)
