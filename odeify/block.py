@@ -100,8 +100,9 @@ class ODEBlock(nn.Module):
             out[group] = basis(t).to(device)
         return out
 
-    def weights_at(self, times) -> dict[str, Tensor]:
-        """W(t) for every parameter at every time: {name: [n, *shape]}, one matmul per parameter.
+    def weights_at(self, times, names=None) -> dict[str, Tensor]:
+        """W(t) at every time for every parameter (or those in ``names``): {name: [n, *shape]},
+        one matmul per parameter.
 
         Example:
             >>> block = odeify.get_block(model)                    # doctest: +SKIP
@@ -110,7 +111,7 @@ class ODEBlock(nn.Module):
         """
         coeffs = self.coefficients(times)
         out = {}
-        for name in self.names:
+        for name in self.names if names is None else names:
             basis = self.basis_tensor(name)
             c = coeffs[self.group[name]].to(basis.dtype)
             out[name] = (c @ basis.reshape(basis.shape[0], -1)).view(c.shape[0], *basis.shape[1:])

@@ -136,15 +136,9 @@ def _parameter(module: nn.Module, name: str) -> Tensor:
 
 
 def _odeified(block: ODEBlock, names: set[str], times: list[float]) -> dict[str, Tensor]:
-    # Only the attention projections, not block.weights_at: the MLP at 64 times would cost
-    # gigabytes for nothing.
-    coefficients = block.coefficients(times)
-    out = {}
-    for name in names:
-        basis = block.basis_tensor(name).detach()
-        c = coefficients[block.group[name]].to(basis.dtype)
-        out[name] = (c @ basis.reshape(basis.shape[0], -1)).view(len(times), *basis.shape[1:])
-    return out
+    # Only the attention projections: the MLP at 64 times would cost gigabytes for nothing.
+    with torch.no_grad():
+        return block.weights_at(times, names=sorted(names))
 
 
 def _discrete(model: nn.Module, names: set[str], times: list[float]) -> dict[str, Tensor]:
