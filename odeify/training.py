@@ -52,6 +52,15 @@ def load_config(cls, path: str | os.PathLike | None, overrides: dict[str, Any] |
         raise ValueError(
             f"unknown config keys {unknown} in {path or 'overrides'}; known keys: {sorted(known)}"
         )
+    for key, value in data.items():
+        # YAML 1.1 reads 3e-4 (no dot) as a string and 1 as an int; a float field means a number.
+        if known[key].type in (float, "float") and isinstance(value, (int, str)):
+            if isinstance(value, bool):
+                raise ValueError(f"config key {key!r} takes a number, got {value!r}")
+            try:
+                data[key] = float(value)
+            except ValueError:
+                raise ValueError(f"config key {key!r} takes a number, got {value!r}") from None
     return cls(**data)
 
 
@@ -76,6 +85,7 @@ def adamw(
     """
     from .block import ODEBlock
 
+    # The block's own basis tensors, not what peft hangs under them (LoRA factors are matrices).
     basis_ids = {
         id(m.basis_tensor(name))
         for m in model.modules()
@@ -88,7 +98,6 @@ def adamw(
             continue
         represented = p.dim() - 1 if id(p) in basis_ids else p.dim()
         skip = represented < 2 or (no_decay is not None and no_decay(name))
-    # The block's own basis tensors, not what peft hangs under them (LoRA factors are matrices).
         (keep if skip else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
@@ -148,15 +157,6 @@ class Checkpoints:
         trainable_only: bool = False,
     ):
         self.folder, self.config, self.keep = Path(folder), config, keep
-
-    def paths(self) -> list[Path]:
-        found = self.folder.glob(f"{CHECKPOINT_PREFIX}*.pt") if self.folder.exists() else []
-        return sorted(found, key=lambda p: int(p.stem[len(CHECKPOINT_PREFIX) :]))
-
-    def save(
-        self, step: int, model: nn.Module, optimizer, scheduler=None, extra: dict | None = None
-    ) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
         # LoRA: the frozen base is rebuilt from its source on resume; saving it would make every
         # checkpoint the size of the whole model.
         self.trainable_only = trainable_only
@@ -167,6 +167,15 @@ class Checkpoints:
             return state
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         return {k: v for k, v in state.items() if k in trainable}
+
+    def paths(self) -> list[Path]:
+        found = self.folder.glob(f"{CHECKPOINT_PREFIX}*.pt") if self.folder.exists() else []
+        return sorted(found, key=lambda p: int(p.stem[len(CHECKPOINT_PREFIX) :]))
+
+    def save(
+        self, step: int, model: nn.Module, optimizer, scheduler=None, extra: dict | None = None
+    ) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{CHECKPOINT_PREFIX}{step}.pt"
         tmp = path.with_suffix(".pt.tmp")
         torch.save(

@@ -26,6 +26,15 @@ def test_config_from_yaml_with_overrides_and_unknown_keys(tmp_path):
         load_config(_Config, tmp_path / "missing.yaml")
 
 
+def test_float_keys_take_yaml_exponents_and_ints(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3e-4\n")  # YAML 1.1 reads this as the string '3e-4'
+    assert load_config(_Config, path).lr == 3e-4
+    assert load_config(_Config, None, {"lr": 1}).lr == 1.0
+    with pytest.raises(ValueError, match="'lr' takes a number, got 'fast'"):
+        load_config(_Config, None, {"lr": "fast"})
+
+
 def test_adamw_decays_matrices_but_not_norms_biases_or_their_bases(make_llama):
     model = odeify(make_llama(attention_bias=True), progress=False)
     optimizer = adamw(model, lr=1e-3, weight_decay=0.1)
