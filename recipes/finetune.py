@@ -1,0 +1,550 @@
+"""Fine-tune a pretrained or odeified model: continuous LoRA, LoRA on materialised layers, full
+fine-tuning, and step-adjusted fine-tuning (the adaptive fine-tuning of the ICLR 2025 paper
+"Neural ODE Transformers").
+
+    python recipes/finetune.py --config recipes/configs/lora-smollm2-shakespeare.yaml
+    python recipes/finetune.py --config ... --set max_steps=50 --set out_dir=runs/try
+    python recipes/finetune.py --config ... --resume          # continue the run in out_dir
+
+Features:
+- Model: ``smollm2`` (the bundled SmolLM2-135M-Instruct), a transformers folder, or a folder
+  written by ``odeify.save_pretrained`` / ``recipes/pretrain.py`` (an odeified model, trained at
+  any step count). Plain models are odeified with ``basis`` / ``num_basis`` when the form needs it.
+- Form: ``continuous`` trains the ODE model itself (its LoRA update is a function of t, so the
+  result runs at any step count); ``discrete`` materialises it to ``materialize_steps`` = M
+  stock layers first and trains those (the paper's way); ``original`` trains the model without
+  any conversion (the baseline).
+- Method: ``lora`` (peft; continuous LoRA through ``odeify.lora_config``, per-layer LoRA on
+  stock layers; ``lora_r``, ``lora_alpha``, ``lora_targets``, optionally starting from a saved
+  adapter ``init_adapter``) or ``full`` (every parameter).
+- Step-adjusted fine-tuning: ``train_steps: [M]`` trains the continuous model at M solver
+  steps, ``train_steps: [a, b, c]`` draws one per batch (a pure function of seed and step);
+  a discrete model is trained at its M layers.
+- Data: a corpus spec (``shakespeare``, ``shakespeare:hamlet,...``, a text file or folder,
+  ``hf:NAME``), the ``heldout`` documents (e.g. plays) removed from training and used for
+  validation, tokenised once into cached memmaps; batches are a pure function of (seed, step).
+- Training: AdamW (decay on matrices only), linear warmup + cosine decay, gradient clipping,
+  gradient accumulation, seeds, optional activation checkpointing, a progress bar.
+- Evaluation: validation perplexity before and after training at several solver step counts
+  (``eval_steps``, default L/2, L, 3L/2). A discrete or original model is evaluated through
+  ``odeify`` of it (LoRA merged): exact at its own depth, retargeted at the others.
+- Outputs in ``out_dir``: ``adapter/`` (peft, adapter only) or ``model/``, ``metrics.jsonl``,
+  ``summary.json`` (perplexities, trainable parameters, adapter size, seconds per step, peak
+  memory), ``perplexity.png``; checkpoints (atomic, keep-last-N, trainable tensors only for
+  LoRA) that ``--resume`` continues exactly.
+- Errors before any training: unknown config keys, bad option values, held-out documents not
+  in the corpus, LoRA targets that match nothing (naming the matrices that exist), a rank
+  larger than a weight, an adapter saved for another base model, a run folder from another
+  config (or a run there and no ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+import odeify as ode_lib
+from odeify import data
+from odeify.evaluate import perplexity, plot_sweep
+from odeify.lora import load_adapter, lora_config
+from odeify.training import Checkpoints, Metrics, adamw, load_config, seed_everything, warmup_cosine
+
+FORMS = ("continuous", "discrete", "original")
+METHODS = ("lora", "full")
+# Keys that change what a run prints, not what it computes: a resume may change them.
+_PRESENTATION = ("progress", "threads")
+
+
+@dataclass
+class Config:
+    """Every option of the recipe; YAML files and ``--set key=value`` fill it."""
+
+    # model
+    model: str = "smollm2"  # 'smollm2', a transformers folder, or an odeified folder
+    tokenizer: str | None = None  # None: the model's own; 'gpt2' (offline BPE) or a folder
+    form: str = "continuous"  # 'continuous', 'discrete' (materialise to M layers), 'original'
+    method: str = "lora"  # 'lora' or 'full'
+    materialize_steps: int | None = None  # M of the discrete form (None: L)
+    train_steps: list[int] = field(default_factory=list)  # continuous: [] = L, [M], or a set
+    basis: str = "hat"  # conversion of a plain model (continuous and discrete forms)
+    num_basis: int | None = None
+    # LoRA
+    lora_r: int = 8
+    lora_alpha: float | None = None  # None: 2 r
+    lora_targets: list[str] | str = "all-linear"
+    init_adapter: str | None = None  # start from a saved adapter of this base
+    # data
+    corpus: str = "shakespeare"
+    heldout: list[str] = field(default_factory=lambda: ["hamlet", "macbeth", "othello"])
+    token_cache: str | None = None  # None: ~/.cache/odeify/tokens
+    # optimisation
+    seq_len: int = 256
+    batch_size: int = 4  # sequences per optimizer step
+    grad_accum: int = 1
+    max_steps: int = 150
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0: no clipping
+    activation_checkpointing: bool = False
+    seed: int = 0
+    threads: int | None = None  # torch.set_num_threads; None: torch's default
+    # evaluation, checkpoints, output
+    eval_steps: list[int] | None = None  # None: L/2, L, 3L/2
+    eval_windows: int = 32  # validation windows, spread over the held-out documents
+    eval_batch_size: int = 4
+    save_every: int = 50
+    keep: int = 2
+    out_dir: str = "runs/finetune"
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------ config
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set`` pairs as {key: value}, each value read as YAML.
+
+    Example:
+        >>> parse_overrides(["lr=0.001", "train_steps=[15, 30]"])
+        {'lr': 0.001, 'train_steps': [15, 30]}
+    """
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Every check that needs no model and no data, so a bad config fails at once."""
+    problems = []
+    if cfg.form not in FORMS:
+        problems.append(f"form must be one of {FORMS}, got {cfg.form!r}")
+    if cfg.method not in METHODS:
+        problems.append(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.train_steps and cfg.form != "continuous":
+        problems.append(
+            f"train_steps needs form: continuous; a {cfg.form} model has a fixed depth "
+            "(set materialize_steps for the discrete form)"
+        )
+    if cfg.materialize_steps is not None and cfg.form != "discrete":
+        problems.append("materialize_steps is the depth of the discrete form; set form: discrete")
+    counts = {
+        "train_steps": cfg.train_steps,
+        "eval_steps": cfg.eval_steps or [],
+        "materialize_steps": [] if cfg.materialize_steps is None else [cfg.materialize_steps],
+    }
+    for name, values in counts.items():
+        if not isinstance(values, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in values
+        ):
+            problems.append(f"{name} must hold integers >= 1, got {getattr(cfg, name)!r}")
+    if cfg.init_adapter is not None and cfg.method != "lora":
+        problems.append("init_adapter needs method: lora")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        problems.append(
+            f"batch_size {cfg.batch_size} does not split into grad_accum {cfg.grad_accum} "
+            "equal micro-batches"
+        )
+    for name in ("max_steps", "seq_len", "eval_windows", "eval_batch_size", "save_every", "keep"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_steps <= cfg.max_steps:
+        problems.append(f"warmup_steps must be in [0, max_steps], got {cfg.warmup_steps}")
+    if not cfg.heldout:
+        problems.append("heldout must name the validation documents (e.g. plays)")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def stamp(cfg: Config) -> dict[str, Any]:
+    """The config a checkpoint is stamped with: resuming under any other is refused."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PRESENTATION}
+
+
+# ------------------------------------------------------------------------------------- model
+def load_base(cfg: Config) -> tuple[nn.Module, Any]:
+    """The model named by ``cfg.model`` and its tokenizer (``cfg.tokenizer`` overrides it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = None
+    if cfg.model == "smollm2":
+        from odeify.assets import load_smollm2
+
+        model, tokenizer = load_smollm2()
+    else:
+        folder = Path(cfg.model)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"model {cfg.model!r} is neither 'smollm2' nor a folder with a config.json"
+            )
+        if "odeify" in json.loads((folder / "config.json").read_text()):
+            model = ode_lib.from_pretrained(folder)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        if (folder / "tokenizer_config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    if cfg.tokenizer == "gpt2":
+        from odeify.assets import gpt2_tokenizer
+
+        tokenizer = gpt2_tokenizer()
+    elif cfg.tokenizer is not None:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"{cfg.model} has no tokenizer; set tokenizer: gpt2 or a folder")
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+            f"{model.config.vocab_size}: they do not belong together"
+        )
+    return model.train(), tokenizer
+
+
+def _is_odeified(model: nn.Module) -> bool:
+    try:
+        ode_lib.get_block(model)
+    except ValueError:
+        return False
+    return True
+
+
+def depth(model: nn.Module) -> int:
+    """L: the ODE's depth, or a stock model's number of layers."""
+    if _is_odeified(model):
+        return ode_lib.get_block(model).ode.num_layers
+    return model.config.num_hidden_layers
+
+
+def prepare(cfg: Config, base: nn.Module) -> nn.Module:
+    """The model to train: the base in the configured form, with LoRA or all parameters trainable.
+
+    Example:
+        >>> model = prepare(Config(form="discrete", materialize_steps=15), smollm2)   # doctest: +SKIP
+        >>> model.print_trainable_parameters()                                        # doctest: +SKIP
+    """
+    if cfg.form == "original":
+        if _is_odeified(base):
+            raise ValueError(
+                f"form: original trains a model without conversion, but {cfg.model} is "
+                "odeified; use form: continuous or discrete"
+            )
+        model = base
+    else:
+        model = (
+            base
+            if _is_odeified(base)
+            else ode_lib.odeify(base, basis=cfg.basis, num_basis=cfg.num_basis, progress=False)
+        )
+        if cfg.form == "discrete":
+            model = ode_lib.materialize(model, steps=cfg.materialize_steps or depth(model))
+    if cfg.activation_checkpointing:
+        if _is_odeified(model):
+            ode_lib.get_block(model).ode.checkpoint_steps = True
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    if cfg.method == "full":
+        return model.requires_grad_(True).train()
+    if cfg.init_adapter is not None:
+        return load_adapter(model, cfg.init_adapter, is_trainable=True).train()
+    from peft import get_peft_model
+
+    config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, model=model)
+    return get_peft_model(model, config).train()
+
+
+def as_ode(model: nn.Module, cfg: Config) -> nn.Module:
+    """An ODE view of a trained model for evaluation at any step count: the model itself in the
+    continuous form, else the (LoRA-merged) stock model odeified with the hat basis, exact at
+    its own depth. Consumes ``model`` in the discrete and original forms."""
+    if cfg.form == "continuous":
+        return model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return ode_lib.odeify(model, progress=False)
+
+
+def trainable_count(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, tied ones counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# -------------------------------------------------------------------------------------- data
+def split(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
+    """(train, validation) documents: the held-out ones (by name, or by file name without its
+    suffix for folder corpora) are never trained on.
+
+    Example:
+        >>> train, valid = split(Config(corpus="shakespeare", heldout=["hamlet"]))   # doctest: +SKIP
+        >>> len(train), list(valid)                                                   # doctest: +SKIP
+        (37, ['hamlet'])
+    """
+    docs = data.corpus(cfg.corpus)
+    by_name = {
+        **{Path(name).with_suffix("").as_posix(): name for name in docs},
+        **{n: n for n in docs},
+    }
+    missing = sorted(set(cfg.heldout) - set(by_name))
+    if missing:
+        listed = ", ".join(sorted(docs)[:12]) + (", ..." if len(docs) > 12 else "")
+        raise ValueError(
+            f"held-out documents {missing} are not in corpus {cfg.corpus!r} (it has "
+            f"{len(docs)} documents: {listed})"
+        )
+    valid = {by_name[name]: docs[by_name[name]] for name in cfg.heldout}
+    train = {name: text for name, text in docs.items() if name not in valid}
+    if not train:
+        raise ValueError("every document is held out; leave some for training")
+    return train, valid
+
+
+def validation_windows(cfg: Config, docs: dict[str, str], tokenizer, cache) -> torch.Tensor:
+    """``eval_windows`` windows of ``seq_len`` tokens, an equal share from each held-out document
+    (from its start), so every document counts."""
+    share = math.ceil(cfg.eval_windows / len(docs))
+    parts = [
+        data.windows(data.tokenize({name: text}, tokenizer, cache), cfg.seq_len, share)
+        for name, text in sorted(docs.items())
+    ]
+    return torch.cat(parts)[: cfg.eval_windows]
+
+
+# -------------------------------------------------------------------------------- evaluation
+def sweep(model: nn.Module, windows: torch.Tensor, counts: list[int], cfg: Config) -> dict:
+    """{steps: validation perplexity} of an ODE model, in eval mode, the model left as it was."""
+    training = model.training
+    model.eval()
+    out = {}
+    for n in counts:
+        with ode_lib.steps(model, n):
+            out[n] = perplexity(
+                model, windows, cfg.eval_batch_size, progress=cfg.progress, desc=f"ppl @ {n}"
+            )
+    model.train(training)
+    return out
+
+
+def solver_steps(cfg: Config, step: int, num_layers: int) -> int:
+    """Solver steps of the continuous model for optimizer step ``step``: one of ``train_steps``
+    drawn from (seed, step), so a resumed run draws what an unbroken one does.
+
+    Example:
+        >>> solver_steps(Config(train_steps=[15]), step=7, num_layers=30)
+        15
+    """
+    if not cfg.train_steps:
+        return num_layers
+    if len(cfg.train_steps) == 1:
+        return cfg.train_steps[0]
+    rng = np.random.default_rng([cfg.seed, 1, step])
+    return int(cfg.train_steps[rng.integers(len(cfg.train_steps))])
+
+
+def _reset_peak_rss() -> bool:
+    # Linux: writing 5 to clear_refs resets VmHWM, so the peak covers training alone.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory (since the last reset, on Linux) in MiB."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------- train
+def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune as configured; returns the summary also written to ``out_dir/summary.json``.
+
+    Example:
+        >>> cfg = load_config(Config, "recipes/configs/lora-smollm2-shakespeare.yaml")   # doctest: +SKIP
+        >>> run(cfg)["perplexity_after"]                                                  # doctest: +SKIP
+    """
+    validate(cfg)
+    out = Path(cfg.out_dir)
+    checkpoints = Checkpoints(
+        out / "checkpoints", stamp(cfg), keep=cfg.keep, trainable_only=cfg.method == "lora"
+    )
+    metrics_path = out / "metrics.jsonl"
+    if not resume and (checkpoints.paths() or metrics_path.exists()):
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another out_dir"
+        )
+    checkpoints.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    train_docs, valid_docs = split(cfg)
+
+    base, tokenizer = load_base(cfg)
+    model = prepare(cfg, base)
+    del base  # the discrete form trains a materialised copy: the ODE model can go
+    num_layers = depth(model)
+    counts = cfg.eval_steps or sorted({max(1, num_layers // 2), num_layers, 3 * num_layers // 2})
+    cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
+    tokens = data.tokenize(train_docs, tokenizer, cache)
+    batches = data.Batches(tokens, cfg.batch_size // cfg.grad_accum, cfg.seq_len, cfg.seed)
+    windows = validation_windows(cfg, valid_docs, tokenizer, cache)
+
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    start, extra = checkpoints.resume(model, optimizer, schedule) if resume else (0, {})
+    metrics = Metrics(metrics_path)
+    if start:
+        metrics.path.write_text(
+            "".join(
+                json.dumps(r) + "\n"
+                for r in metrics.read()
+                if r.get("step", 0) <= start and r.get("event") != "after"
+            )
+        )
+    trainable, total = trainable_count(model)
+    before = {int(k): v for k, v in extra.get("before", {}).items()}
+    if not before:
+        # A copy: the discrete and original views merge and odeify what they are given.
+        view = model if cfg.form == "continuous" else as_ode(copy.deepcopy(model), cfg)
+        before = sweep(view, windows, counts, cfg)
+        del view
+        metrics.log(event="before", perplexity={str(k): v for k, v in before.items()})
+
+    _reset_peak_rss()
+    durations = []
+    bar = tqdm(
+        range(start, cfg.max_steps),
+        initial=start,
+        total=cfg.max_steps,
+        desc=f"{cfg.form} {cfg.method}",
+        disable=not cfg.progress,
+    )
+    model.train()
+    for step in bar:
+        began = time.perf_counter()
+        n = solver_steps(cfg, step, num_layers)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = batches.get(step * cfg.grad_accum + micro)
+            if cfg.form == "continuous":
+                with ode_lib.steps(model, n):
+                    logits = model(x, use_cache=False).logits
+            else:
+                logits = model(x, use_cache=False).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
+            )
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        durations.append(time.perf_counter() - began)
+        metrics.log(step=step + 1, loss=loss_sum, lr=lr, steps=n, seconds=durations[-1])
+        bar.set_postfix(loss=f"{loss_sum:.3f}", N=n)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            saved_before = {str(k): v for k, v in before.items()}
+            checkpoints.save(step + 1, model, optimizer, schedule, extra={"before": saved_before})
+    bar.close()
+    peak = peak_rss_mib()
+
+    summary: dict[str, Any] = {
+        "form": cfg.form,
+        "method": cfg.method,
+        "depth": num_layers,
+        "train_steps": cfg.train_steps or ([num_layers] if cfg.form == "continuous" else []),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "optimizer_steps": cfg.max_steps,
+        "tokens_per_step": cfg.batch_size * cfg.seq_len,
+        # the first step of a run pays for allocations; the median ignores such outliers
+        "seconds_per_step": statistics.median(durations[1:] or durations) if durations else None,
+        "peak_memory_mib": round(peak, 1),
+        "threads": torch.get_num_threads(),
+    }
+    if cfg.method == "lora":
+        model.save_pretrained(out / "adapter")
+        summary["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    elif _is_odeified(model):
+        ode_lib.save_pretrained(model, out / "model", tokenizer=tokenizer, overwrite=True)
+    else:
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+
+    after = sweep(as_ode(model, cfg), windows, counts, cfg)
+    metrics.log(event="after", perplexity={str(k): v for k, v in after.items()})
+    summary["perplexity_before"] = {str(k): v for k, v in before.items()}
+    summary["perplexity_after"] = {str(k): v for k, v in after.items()}
+    summary["eval_tokens"] = int(windows.numel())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    label = f"{cfg.form} {cfg.method}"
+    if cfg.form == "discrete":
+        label += f" (M = {cfg.materialize_steps or num_layers})"
+    elif cfg.train_steps:
+        label += f" (trained at N in {cfg.train_steps})"
+    plot_sweep(
+        {"before": before, f"after {cfg.max_steps} steps": after},
+        out / "perplexity.png",
+        f"{label}: validation perplexity ({', '.join(cfg.heldout)})",
+    )
+    if cfg.progress:
+        print(f"{'steps N':>8} {'before':>12} {'after':>12}")
+        for n in counts:
+            print(f"{n:>8} {before[n]:>12.2f} {after[n]:>12.2f}")
+        speed = summary["seconds_per_step"]
+        print(
+            f"trainable {trainable:,} of {total:,} parameters; "
+            f"{'-' if speed is None else f'{speed:.2f}'} s/step; peak memory {peak:,.0f} MiB; "
+            f"outputs in {out}"
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune an odeified (or plain) model: continuous or discrete LoRA, full, "
+        "step-adjusted."
+    )
+    parser.add_argument("--config", help="YAML file of Config fields")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+    args = parser.parse_args(argv)
+    cfg = load_config(Config, args.config, parse_overrides(args.set))
+    return run(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(0 if main() else 1)
