@@ -88,11 +88,17 @@ def test_merge_and_unload_leaves_an_odeified_model_that_still_retargets(
     adapted = _randomize(get_peft_model(model, lora_config(r=2, model=model)))
     grids = [(num_layers, None), (2, None), (5, None), (3, "rk4")]
     before = {grid: _logits(adapted, *grid) for grid in grids}
+    counts = torch.tensor([2, 5])  # per-sample step counts read the basis step by step
+    with torch.no_grad():
+        per_sample = adapted(IDS, ode_steps=counts, use_cache=False).logits
     merged = adapted.merge_and_unload()
     assert type(merged).__name__.endswith("LMHeadModel" if family == "gpt2" else "ForCausalLM")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     for grid in grids:
         torch.testing.assert_close(_logits(merged, *grid), before[grid], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        merged_per_sample = merged(IDS, ode_steps=counts, use_cache=False).logits
+    torch.testing.assert_close(merged_per_sample, per_sample, rtol=1e-4, atol=1e-5)
     plain = materialize(merged, steps=5)
     torch.testing.assert_close(_logits(plain), before[(5, None)], rtol=1e-4, atol=1e-5)
 
