@@ -40,7 +40,7 @@ def _upcast_attention(q, k, v, mask, scaling, dropout, training):
     if mask is not None:
         scores = scores + mask
     probs = F.dropout(scores.softmax(dim=-1).type(v.dtype), p=dropout, training=training)
-    return torch.matmul(probs, v).transpose(1, 2)
+    return torch.matmul(probs, v).transpose(1, 2), probs
 
 
 def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
@@ -55,14 +55,15 @@ def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
     dropout = config.attn_pdrop if step.module.training else 0.0
     scaling = _scaling(config, step)
     if config._attn_implementation == "eager" and config.reorder_and_upcast_attn:
-        out = _upcast_attention(q, k, v, step.mask, scaling, dropout, step.module.training)
+        out, weights = _upcast_attention(q, k, v, step.mask, scaling, dropout, step.module.training)
     else:
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(
             config._attn_implementation, eager_attention_forward
         )
-        out, _ = attend(
+        out, weights = attend(
             step.module, q, k, v, step.mask, dropout=dropout, scaling=scaling, **step.extra
         )
+    step.record_attention(weights)
     out = out.reshape(*out.shape[:-2], -1).contiguous()
     out = w.linear("attn.c_proj", out)
     return F.dropout(out, p=config.resid_pdrop, training=step.module.training)

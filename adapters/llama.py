@@ -62,7 +62,7 @@ def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(
         config._attn_implementation, eager_attention_forward
     )
-    out, _ = attend(
+    out, weights = attend(
         step.module,
         q,
         k,
@@ -73,6 +73,7 @@ def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
         sliding_window=_sliding_window(config),
         **step.extra,
     )
+    step.record_attention(weights)
     return w.linear("self_attn.o_proj", out.reshape(*x.shape[:-1], -1).contiguous())
 
 

@@ -13,6 +13,9 @@ from torch.utils.checkpoint import checkpoint
 from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
+# Private to transformers (pinned at 5.23): how its output_hidden_states hooks collect states.
+from transformers.utils.output_capturing import _active_collector
+
 from .bases import make_basis
 from .config import ODEConfig
 from .family import Family, Step
@@ -261,16 +264,23 @@ class ODEBlock(nn.Module):
 
     def forward(self, *args, **kwargs) -> Tensor:
         x, run = self.bind(*args, **kwargs)
+        record = run.collected is not None and "hidden_states" in run.collected
+        if record:
+            _record_hidden(run.collected, x)
         if run.solver.native is None:
-            return self._integrate_torchdiffeq(x, run)
+            x = self._integrate_torchdiffeq(x, run)
+            if record:
+                _record_hidden(run.collected, x)
+            return x
         remat = (self.gradient_checkpointing or self.ode.checkpoint_steps) and self.training
         remat = remat and torch.is_grad_enabled()
         for i in range(run.steps):
-            x = (
-                checkpoint(self.step, x, run, i, use_reentrant=False)
-                if remat
-                else self.step(x, run, i)
-            )
+            if remat:
+                x = checkpoint(self.step, x, run, i, use_reentrant=False)
+            else:
+                x = self.step(x, run, i)
+            if record:
+                _record_hidden(run.collected, x)
         return x
 
     def _integrate_torchdiffeq(self, x: Tensor, run: _Run) -> Tensor:
@@ -312,6 +322,8 @@ class _Run:
         self.index: list[int] = []
         self.weights: list[Weights] = []
         self.per_sample: Tensor | None = None  # [B] step counts when samples have their own grids
+        # What transformers' output_hidden_states / output_attentions asked to collect, if anything.
+        self.collected = None if torch.compiler.is_compiling() else _active_collector.get()
         self.stages = solver.native.stages if solver.native is not None else 1
 
     def step(self, t: float, slot: int) -> Step:
@@ -324,6 +336,7 @@ class _Run:
             self.extra,
             self.block,
             self.num_layers,
+            self.collected.get("attentions") if self.collected else None,
         )
 
 
@@ -382,6 +395,13 @@ class _TorchdiffeqField(nn.Module):
         return (
             block.family.attention(x, w, step) + block.family.mlp(x, w, step)
         ) * self.run.num_layers
+
+
+def _record_hidden(collected: dict, x: Tensor) -> None:
+    """Append a state to transformers' output_hidden_states collection: the input, then the state
+    after each step (so at N = L, exactly the original's per-layer hidden states)."""
+    states, selection = collected["hidden_states"], collected.get("_hidden_states_layers")
+    states.append(x if selection is None or len(states) in selection else None)
 
 
 def _relative_error(approx: Tensor, exact: Tensor) -> float:

@@ -26,6 +26,11 @@ class Step:
     extra: dict[str, Any]  # other keyword arguments the parent passes to its layers
     module: nn.Module  # the ODE block; attention interfaces read .training etc. from it
     num_layers: int  # L
+    attentions: list | None = None  # output_attentions' collection, when it is active
+
+    def record_attention(self, weights: Tensor | None) -> None:
+        if self.attentions is not None and weights is not None:
+            self.attentions.append(weights)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2Model, T5Config, T5ForConditionalGeneration
 
-from odeify import get_block, odeify
+from odeify import get_block, odeify, steps
 
 IDS = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -179,3 +179,23 @@ def test_bad_arguments_fail_before_any_change(make_gpt2, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         odeify(model, progress=False, **kwargs)
     assert len(model.transformer.h) == 4 and "odeify" not in model.config.to_dict()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hidden_states_and_attentions_are_reported_per_step(make_gpt2, make_llama, family):
+    model = (
+        make_gpt2(attn_implementation="eager")
+        if family == "gpt2"
+        else make_llama(attn_implementation="eager")
+    )
+    with torch.no_grad():
+        before = model(IDS, output_hidden_states=True, output_attentions=True)
+        odeify(model, progress=False)
+        after = model(IDS, output_hidden_states=True, output_attentions=True)
+        with steps(model, 6):
+            six = model(IDS, output_hidden_states=True, output_attentions=True)
+    for name in ("hidden_states", "attentions"):
+        assert len(getattr(after, name)) == len(getattr(before, name))
+        for a, b in zip(getattr(after, name), getattr(before, name), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert len(six.hidden_states) == 7 and len(six.attentions) == 6
