@@ -231,12 +231,12 @@ def report(args) -> str:
         rows.append(
             f"| {name} | {cells} | {s['trainable_parameters']:,} | "
             f"{'-' if size is None else f'{size / 2**20:.1f} MiB'} | "
-            f"{s['seconds_per_step']:.2f} | {s['peak_memory_mib']:,.0f} |"
+            f"{s['seconds_per_step']:.2f} ({s['cpu_seconds_per_step']:.2f} CPU) | {s['peak_memory_mib']:,.0f} |"
         )
     header = (
         "| run | "
         + " | ".join(f"N = {n}" for n in counts)
-        + " | trainable | adapter | s/step | peak MiB |\n"
+        + " | trainable | adapter | s/step wall (CPU) | peak MiB |\n"
         "|---|" + "---|" * len(counts) + "---|---|---|---|"
     )
     table = header + "\n" + "\n".join(rows)
