@@ -12,6 +12,16 @@ from odeify.training import adamw
 IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a loaded 2-core machine: waking a second OpenMP thread costs more than
+    # the work (the training test goes from about 5 s to under 1 s).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _gpt2(**overrides):
     config = dict(n_layer=4, n_embd=64, n_head=4, vocab_size=97, n_positions=32)
     config.update(overrides)
