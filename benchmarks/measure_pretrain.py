@@ -1,0 +1,233 @@
+"""Measurements of issue 4: DiffEqFormer against the discrete GPT baseline, pretrained from
+scratch with ``recipes/pretrain.py``.
+
+    # throughput: both models' training steps alternated in one process, same batches
+    python benchmarks/measure_pretrain.py throughput --config recipes/configs/shakespeare-char.yaml
+    # after the runs: curves, retargeting plot and a markdown table
+    python benchmarks/measure_pretrain.py report runs/char-baseline runs/char-ode runs/char-ode-aug
+
+Alternating the two models step by step exposes both to the same load on a shared machine, so
+their ratio is meaningful even when absolute tokens/s are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_SPEC = importlib.util.spec_from_file_location(
+    "pretrain", Path(__file__).parents[1] / "recipes" / "pretrain.py"
+)
+pretrain = importlib.util.module_from_spec(_SPEC)
+sys.modules["pretrain"] = pretrain
+_SPEC.loader.exec_module(pretrain)
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn(); on one thread the CPU time is the work
+    itself, whatever share of the CPU other jobs leave this process."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
+    """Training-step time of both models, alternated step by step on the same batches, and
+    where the ODE step's extra time could go: the weight grid W(t) (forward and backward) and
+    the optimizer step (clipping included)."""
+    cfg = pretrain.load_config(pretrain.Config, config, overrides)
+    docs = pretrain.data.corpus(cfg.corpus)
+    train_docs, _ = pretrain.split_documents(docs, cfg.heldout, cfg.heldout_fraction)
+    tokenizer = pretrain.load_tokenizer(cfg.tokenizer, docs)
+    cache = pretrain.data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
+    tokens = pretrain.data.tokenize(train_docs, tokenizer, cache)
+    batches = pretrain.data.Batches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+    hf_config = pretrain.model_config(cfg, tokenizer)
+    runs = {}
+    for ode in (False, True):
+        torch.manual_seed(cfg.seed)
+        model = pretrain.build_model(cfg, hf_config, ode).train()
+        optimizer = pretrain.adamw(model, cfg.lr, cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+        runs["diffeqformer" if ode else "baseline"] = (model, optimizer)
+
+    def forward_backward(model, x, y):
+        logits = model(x, use_cache=False).logits
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+
+    def update(model, optimizer):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = {name: {"wall": [], "cpu": [], "optimizer_cpu": []} for name in runs}
+    for step in range(warmup + steps):
+        x, y = batches.get(step)
+        for name, (model, optimizer) in runs.items():
+            compute = _timed(lambda m=model, x=x, y=y: forward_backward(m, x, y))
+            updated = _timed(lambda m=model, o=optimizer: update(m, o))
+            if step >= warmup:
+                times[name]["wall"].append(compute[0] + updated[0])
+                times[name]["cpu"].append(compute[1] + updated[1])
+                times[name]["optimizer_cpu"].append(updated[1])
+
+    block = pretrain.ode_lib.get_block(runs["diffeqformer"][0])
+    grid = [i / cfg.n_layer for i in range(cfg.n_layer)]
+
+    def grid_forward_backward():
+        weights = block.weights_at(grid)
+        torch.autograd.backward(
+            list(weights.values()), [torch.ones_like(w) for w in weights.values()]
+        )
+
+    weight_grid = [_timed(grid_forward_backward)[1] for _ in range(warmup + steps)]
+    block.zero_grad(set_to_none=True)
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    out = {
+        "config": config,
+        "overrides": overrides,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+    }
+    for name in runs:
+        cpu = statistics.median(times[name]["cpu"])
+        out[name] = {
+            "cpu_seconds_per_step": cpu,
+            "wall_seconds_per_step": statistics.median(times[name]["wall"]),
+            "tokens_per_cpu_second": tokens_per_step / cpu,
+            "optimizer_cpu_seconds": statistics.median(times[name]["optimizer_cpu"]),
+            "parameters": pretrain.parameter_counts(runs[name][0]),
+        }
+    out["diffeqformer"]["weight_grid_cpu_seconds"] = statistics.median(weight_grid[warmup:])
+    # Each pair ran back to back under the same load: the median of their ratios.
+    for clock in ("cpu", "wall"):
+        pairs = zip(times["baseline"][clock], times["diffeqformer"][clock], strict=True)
+        out[f"throughput_ratio_{clock}"] = statistics.median(b / o for b, o in pairs)
+    return out
+
+
+def _read(run: Path) -> tuple[list[dict], dict, dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    config = pretrain.yaml.safe_load((run / "config.yaml").read_text())
+    return records, summary, config
+
+
+def _label(config: dict) -> str:
+    if not config["ode"]:
+        return "GPT baseline"
+    aug = config.get("step_augmentation")
+    return "DiffEqFormer" + (f" + step augmentation {aug[0]}-{aug[1]}" if aug else "")
+
+
+def report(runs: list[Path], figures: Path) -> str:
+    """Validation curves against tokens, perplexity against solver steps, and a markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    sweep, rows = {}, []
+    for run in runs:
+        records, summary, config = _read(run)
+        label, depth = _label(config), config["n_layer"]
+        evals = [r for r in records if r["event"] == "eval"]
+        tokens = [r["step"] * config["batch_size"] * config["seq_len"] / 1e6 for r in evals]
+        ax.plot(tokens, [r["val_loss"][str(depth)] for r in evals], marker=".", label=label)
+        train = [r for r in records if r["event"] == "train"]
+        window = max(1, len(train) // 20)
+        smooth = [
+            statistics.mean(r["loss"] for r in train[max(0, i - window + 1) : i + 1])
+            for i in range(len(train))
+        ]
+        ax.plot(
+            [r["tokens"] / 1e6 for r in train],
+            smooth,
+            alpha=0.35,
+            linewidth=0.8,
+            color=ax.lines[-1].get_color(),
+        )
+        ppl = {int(k): v for k, v in summary["final"]["perplexity"].items()}
+        sweep[label] = ppl
+        last = evals[-1]["val_loss"][str(depth)]
+        before = [r for r in evals if r["step"] <= 0.8 * evals[-1]["step"]][-1]["val_loss"][
+            str(depth)
+        ]
+        rows.append((label, summary, ppl, depth, before - last, evals[-1]["step"]))
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("loss (dots: validation at N = L; lines: training)")
+    ax.set_title("Pretraining on Shakespeare, held-out plays")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figures / "pretrain_curves.png")
+    plt.close(fig)
+    pretrain.plot_sweep(
+        {k: v for k, v in sweep.items() if len(v) > 1},
+        figures / "pretrain_retarget.png",
+        "DiffEqFormer: validation perplexity against solver steps",
+        reference={k: next(iter(v.values())) for k, v in sweep.items() if len(v) == 1},
+    )
+    lines = [
+        "| model | parameters (non-embedding) | tokens/s (own run) | peak RSS MiB | val ppl at N = L | loss drop over the last 20% |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, summary, ppl, depth, drop, _ in rows:
+        key = "diffeqformer" if label != "GPT baseline" else "baseline"
+        params = summary["parameters"][key]
+        lines.append(
+            f"| {label} | {params['total']:,} ({params['non_embedding']:,}) | "
+            f"{summary['tokens_per_s']:,.0f} | {summary['peak_memory_mib']:,.0f} | "
+            f"{ppl[depth]:.3f} | {drop:.4f} |"
+        )
+    counts = sorted({n for _, _, ppl, *_ in rows for n in ppl})
+    lines += ["", "| model | " + " | ".join(f"N = {n}" for n in counts) + " |"]
+    lines.append("|---|" + "---|" * len(counts))
+    for label, _, ppl, *_ in rows:
+        lines.append(
+            f"| {label} | " + " | ".join(f"{ppl[n]:.3f}" if n in ppl else "" for n in counts) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("throughput")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", type=Path, help="also write the result here")
+    p = sub.add_parser("report")
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--figures", type=Path, default=Path("benchmarks/figures"))
+    args = parser.parse_args()
+    if args.command == "throughput":
+        result = throughput(
+            args.config, pretrain.parse_overrides(args.set), args.steps, args.warmup
+        )
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.json:
+            args.json.write_text(text + "\n")
+    else:
+        print(report(args.runs, args.figures))
+
+
+if __name__ == "__main__":
+    main()
