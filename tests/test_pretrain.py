@@ -275,3 +275,23 @@ def test_bf16_autocast(tmp_path, cache, one_thread, capsys):
     with pytest.raises(ValueError, match="bf16 on CPU is not supported for the ODE model"):
         pretrain.main(_argv({**config, "out_dir": str(tmp_path / "ode")}))
     assert not (tmp_path / "ode").exists()
+
+
+def test_llama_family(tmp_path, cache, one_thread):
+    config = {**TINY, "token_cache": str(cache), "out_dir": str(tmp_path), "family": "llama"}
+    summary = pretrain.main(_argv({**config, "max_steps": 2, "n_kv_head": 1}))
+    model = odeify.from_pretrained(tmp_path / "model")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads == 1 and not model.config.tie_word_embeddings
+    assert sorted(odeify.get_block(model).time_basis) == [
+        "down",
+        "gate",
+        "k",
+        "norm_attn",
+        "norm_mlp",
+        "o",
+        "q",
+        "up",
+        "v",
+    ]
+    assert all(math.isfinite(v) for v in summary["final"]["val_loss"].values())
