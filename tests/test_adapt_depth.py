@@ -1,0 +1,420 @@
+"""Depth adaptation (odeify.adapt, recipes/adapt_depth.py) on tiny models: the sampler, the
+matched hidden states, distillation lowering the loss away from N = L while N = L stays close
+to the original, the layer-dropping baseline, the FLOP budget, the recipe end to end with
+resume, and bad input failing before any training."""
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import odeify
+from odeify.adapt import (
+    CostModel,
+    LossWeights,
+    StepSampler,
+    adapt_step,
+    distill_loss,
+    drop_layers,
+    evaluate_depths,
+    frozen_teacher,
+    matching,
+    recording,
+    steps_for_budget,
+    teacher_targets,
+)
+from odeify.assets import gpt2_tokenizer, play_text
+
+_spec = importlib.util.spec_from_file_location(
+    "adapt_depth", Path(__file__).parents[1] / "recipes" / "adapt_depth.py"
+)
+recipe = importlib.util.module_from_spec(_spec)
+sys.modules["adapt_depth"] = recipe  # dataclasses resolve the module of the Config class
+_spec.loader.exec_module(recipe)
+
+PLAYS = ("hamlet", "macbeth", "othello")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from threads on a loaded 2-core machine, and one thread makes
+    # runs bit-reproducible for the resume test.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ the library
+def test_sampler_draws_are_a_pure_function_of_seed_and_step():
+    sampler = StepSampler(num_layers=12, low=4, high=24, draws=2, full_every=3, seed=1)
+    for step in range(30):
+        counts = sampler.draw(step)
+        assert counts == sampler.draw(step)
+        anchor = step % 3 == 0
+        assert len(counts) == 2 + anchor and (counts[0] == 12 or not anchor)
+        assert all(4 <= n <= 24 for n in counts)
+    other = StepSampler(num_layers=12, low=4, high=24, draws=2, full_every=3, seed=2)
+    assert [sampler.draw(s) for s in range(30)] != [other.draw(s) for s in range(30)]
+
+
+def test_inverse_weighting_spends_equal_compute_per_step_count():
+    inverse = StepSampler(num_layers=10, low=5, high=40, full_every=0)
+    values, probs = inverse.support()
+    np.testing.assert_allclose(probs * values, (probs * values)[0])  # P(N) N is constant
+    drawn = np.array([inverse.draw(s)[0] for s in range(2000)])
+    uniform = StepSampler(num_layers=10, low=5, high=40, full_every=0, weighting="uniform")
+    assert drawn.mean() < np.mean([uniform.draw(s)[0] for s in range(2000)]) - 5
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(low=9, high=4), "empty"),
+        (dict(low=0), "low must be"),
+        (dict(high=True), "high must be"),
+        (dict(weighting="log"), "weighting"),
+        (dict(draws=0, full_every=0), "no step count"),
+        (dict(draws=-1), ">= 0"),
+    ],
+)
+def test_sampler_refuses_bad_input(kwargs, match):
+    settings = dict(num_layers=6, low=2, high=12) | kwargs
+    with pytest.raises(ValueError, match=match):
+        StepSampler(**settings)
+
+
+def test_matching_pairs_where_the_grids_meet():
+    assert matching(15, 30) == [(j, 2 * j) for j in range(1, 16)]
+    assert matching(20, 30) == [(j, 3 * j // 2) for j in range(2, 21, 2)]
+    assert matching(60, 30) == [(j, j // 2) for j in range(2, 61, 2)]
+    assert matching(7, 30) == [(7, 30)]  # every grid ends where the teacher ends
+
+
+def test_recording_gives_the_state_after_each_step(make_llama):
+    stock = make_llama(num_hidden_layers=4)
+    ids = torch.randint(1, 97, (2, 8))
+    after = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, a, out: after.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for layer in stock.model.layers
+    ]
+    with torch.no_grad():
+        stock(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    model = odeify.odeify(copy.deepcopy(stock), progress=False)
+    block = odeify.get_block(model)
+    with torch.no_grad(), recording(model) as states:
+        model(ids, use_cache=False)
+    assert len(states) == 4
+    for mine, theirs in zip(states, after, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+    with torch.no_grad(), recording(model) as states:
+        model(ids, use_cache=False, ode_steps=7)
+    assert len(states) == 7
+    assert "step" not in block.__dict__  # the block's own step is back
+
+
+def test_teacher_must_be_exact(make_llama):
+    smooth = odeify.odeify(
+        make_llama(num_hidden_layers=4), basis="legendre", num_basis=2, progress=False
+    )
+    with pytest.raises(ValueError, match="exact at N = L"):
+        frozen_teacher(smooth)
+    teacher = frozen_teacher(make_llama(num_hidden_layers=4))
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def _student_and_teacher(make_llama, layers=4):
+    stock = make_llama(num_hidden_layers=layers)
+    teacher = frozen_teacher(stock)
+    student = odeify.odeify(stock, progress=False).train()
+    block = odeify.get_block(student)
+    for p in student.parameters():
+        p.requires_grad_(any(p is block.basis_tensor(n) for n in block.names))
+    return student, teacher
+
+
+def _train(student, teacher, sampler, weights, steps, lr=1e-3):
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        ids = torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(step))
+        labels = torch.roll(ids, -1, dims=1)
+        targets = teacher_targets(teacher, ids, weights)
+        adapt_step(student, targets, ids, labels, sampler.draw(step), weights)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_distillation_lowers_the_loss_away_from_L_and_keeps_L_close(make_llama):
+    student, teacher = _student_and_teacher(make_llama)
+    free = copy.deepcopy(student)
+    held = torch.randint(1, 97, (8, 12), generator=torch.Generator().manual_seed(99))
+    before = evaluate_depths(student, teacher, held, [2, 4], progress=False)["steps"]
+    assert before[4]["kl"] < 1e-10 and before[2]["kl"] > 0.05  # exact at L, far at L / 2
+    weights = LossWeights(kl=1.0, hidden=1.0)
+    _train(student, teacher, StepSampler(4, 2, 8, seed=0), weights, steps=25)
+    _train(free, teacher, StepSampler(4, 2, 8, full_every=0, seed=0), weights, steps=25)
+    after = evaluate_depths(student, teacher, held, [2, 4], progress=False)
+    unanchored = evaluate_depths(free, teacher, held, [2, 4], progress=False)["steps"]
+    assert after["steps"][2]["kl"] < 0.5 * before[2]["kl"]
+    # N = L stays within tolerance: KL under 0.01 nats/token, perplexity within 2 %
+    assert after["steps"][4]["kl"] < 0.01
+    assert abs(after["steps"][4]["perplexity"] / after["original"] - 1) < 0.02
+    assert after["steps"][4]["kl"] < 0.75 * unanchored[4]["kl"]  # the anchor holds L closer
+
+
+def test_distill_loss_parts_and_weights(make_llama):
+    student, teacher = _student_and_teacher(make_llama)
+    ids = torch.randint(1, 97, (2, 10))
+    labels = torch.roll(ids, -1, dims=1)
+    weights = LossWeights(kl=1.0, lm=0.5, hidden=2.0)
+    loss, parts = distill_loss(
+        student, ids, labels, teacher_targets(teacher, ids, weights), 4, weights
+    )
+    assert set(parts) == {"kl", "lm", "hidden", "loss"}
+    assert parts["kl"] == pytest.approx(0, abs=1e-6) and parts["hidden"] == pytest.approx(
+        0, abs=1e-10
+    )
+    assert parts["loss"] == pytest.approx(0.5 * parts["lm"], rel=1e-5)
+    no_states = teacher_targets(teacher, ids, LossWeights())
+    with pytest.raises(ValueError, match="hidden > 0"):
+        distill_loss(student, ids, labels, no_states, 2, weights)
+    with pytest.raises(ValueError, match="not all zero"):
+        LossWeights(kl=0.0)
+
+
+def test_drop_layers_keeps_the_layer_at_or_before_each_grid_time(make_llama):
+    stock = make_llama(num_hidden_layers=4)
+    ids = torch.randint(1, 97, (2, 8))
+    half = drop_layers(stock, 2)
+    ode = odeify.odeify(copy.deepcopy(stock), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            half(ids, use_cache=False).logits,
+            odeify.materialize(ode, 2)(ids, use_cache=False).logits,
+            rtol=0,
+            atol=1e-5,
+        )
+    three = drop_layers(stock, 3)  # layers floor(4 i / 3) = 0, 1, 2, output projections x 4/3
+    for i, layer in enumerate(three.model.layers):
+        source = stock.model.layers[i]
+        torch.testing.assert_close(layer.self_attn.q_proj.weight, source.self_attn.q_proj.weight)
+        torch.testing.assert_close(layer.mlp.down_proj.weight, source.mlp.down_proj.weight * 4 / 3)
+    with pytest.raises(ValueError, match="keep must be"):
+        drop_layers(stock, 5)
+    with pytest.raises(ValueError, match="stock"):
+        drop_layers(ode, 2)
+
+
+def test_cost_model_and_budget(make_llama):
+    stock = make_llama(num_hidden_layers=4)
+    layer = sum(p.numel() for p in stock.model.layers[0].parameters())
+    cost = CostModel.of(odeify.odeify(stock, progress=False))
+    assert (cost.layer_params, cost.head_params, cost.num_layers) == (layer, 97 * 32, 4)
+    assert cost.train_step(10, [4]) == 4 * cost.forward(10, 4)
+    sampler = StepSampler(4, 2, 8, seed=0)
+    steps, spent = steps_for_budget(1e7, 10, cost, sampler.draw)
+    assert spent <= 1e7 < spent + cost.train_step(10, sampler.draw(steps))
+    assert spent == sum(cost.train_step(10, sampler.draw(s)) for s in range(steps))
+    with pytest.raises(ValueError, match="budget"):
+        steps_for_budget(0, 10, cost, sampler.draw)
+
+
+# ------------------------------------------------------------------------------- the recipe
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Three play excerpts and a tiny stock Llama (4 layers) with the GPT-2 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("adapt")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for play in PLAYS:
+        (corpus / f"{play}.txt").write_text(play_text(play)[:5000])
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a fresh init has near-identical layers: give depth something to do
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.normal_(0, 0.3 / p.shape[-1] ** 0.5)
+    model.save_pretrained(root / "plain")
+    tokenizer.save_pretrained(root / "plain")
+    odeify.save_pretrained(odeify.odeify(model, progress=False), root / "ode", tokenizer=tokenizer)
+    return root
+
+
+def _config(assets, out, **overrides):
+    settings = dict(
+        model=str(assets / "plain"),
+        corpus=str(assets / "corpus"),
+        heldout=["othello"],
+        token_cache=str(assets / "tokens"),
+        seq_len=32,
+        batch_size=2,
+        max_steps=4,
+        warmup_steps=1,
+        lr=3e-3,
+        hidden=1.0,
+        lm=0.1,
+        eval_steps=[2, 4, 8],
+        curve_steps=[2, 4],
+        eval_every=2,
+        eval_windows=3,
+        curve_windows=2,
+        save_every=2,
+        out_dir=str(out),
+        progress=False,
+        threads=1,
+    )
+    settings.update(overrides)
+    return recipe.load_config(recipe.Config, None, settings)
+
+
+@pytest.fixture(scope="module")
+def adapted(assets, tmp_path_factory):
+    """A finished four-step adaptation run: (results, run folder)."""
+    out = tmp_path_factory.mktemp("adapted") / "run"
+    return recipe.run(_config(assets, out)), out
+
+
+def test_recipe_adapts_reports_and_saves(adapted):
+    results, out = adapted
+    for name in ("metrics.jsonl", "report.md", "perplexity.png", "perplexity_flops.png"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "results.json").read_text()) == results
+    assert set(results["after"]) == {"2", "4", "8"} and results["layers"] == 4
+    assert results["before"]["4"]["kl"] < 1e-10  # the converted model is the original at N = L
+    assert results["after"]["2"]["kl"] < results["before"]["2"]["kl"]
+    assert results["materialize_check"]["max_abs_logit_diff"] < 1e-4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["parts"][0]["steps"] == 4 for r in steps)  # N = L anchors every step
+    assert steps[-1]["flops"] == pytest.approx(results["train_flops"])
+    events = [(r["event"], r.get("step")) for r in records if "event" in r]
+    assert events == [("before", None), ("curve", 2), ("curve", 4), ("after", None)]
+    assert "| 8 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("m", [1, 3, 7])
+def test_the_adapted_model_materialises_at_any_depth(adapted, m):
+    model = odeify.from_pretrained(adapted[1] / "model").eval()
+    plain = odeify.materialize(model, steps=m)
+    assert plain.config.num_hidden_layers == m and type(plain).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(1, 1000, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain(ids, use_cache=False).logits,
+            model(ids, use_cache=False, ode_steps=m).logits,
+            rtol=0,
+            atol=1e-4,
+        )
+
+
+def test_resume_continues_exactly(assets, adapted, tmp_path, monkeypatch):
+    cfg = _config(assets, tmp_path / "run")
+    real, calls = recipe.adapt_step, []
+
+    def crash_at_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "adapt_step", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run(cfg)
+    monkeypatch.setattr(recipe, "adapt_step", real)
+    with pytest.raises(FileExistsError, match="--resume"):
+        recipe.run(cfg)
+    resumed = recipe.run(cfg, resume=True)
+    unbroken, out = adapted
+    assert resumed["after"] == unbroken["after"]
+    assert resumed["train_flops"] == unbroken["train_flops"]
+
+    def losses(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["parts"] for x in lines if '"parts"' in x]
+
+    assert losses(tmp_path / "run") == losses(out)
+    with pytest.raises(ValueError, match="another config.*lr"):
+        recipe.run(_config(assets, tmp_path / "run", lr=1e-3), resume=True)
+
+
+def test_baseline_gets_the_same_budget_and_compare_tabulates(assets, adapted, tmp_path):
+    results, out = adapted
+    budget = results["train_flops"]
+    drop = recipe.run(
+        _config(
+            assets,
+            tmp_path / "drop",
+            mode="drop",
+            keep_layers=2,
+            max_steps=None,
+            budget_flops=budget,
+            eval_steps=None,
+            curve_steps=None,
+        )
+    )
+    assert drop["student_layers"] == 2 and set(drop["after"]) == {"2"}
+    cost = CostModel(**drop["cost_model"])
+    assert drop["train_flops"] <= budget < drop["train_flops"] + cost.train_step(64, [2])
+    assert drop["optimizer_steps"] > results["optimizer_steps"]  # cheaper steps, more of them
+    table = recipe.compare([str(out), str(tmp_path / "drop")], str(tmp_path / "cmp"))
+    assert "(a) layer dropping to M = 2" in table and "depth adaptation" in table
+    for name in ("report.md", "perplexity.png", "perplexity_flops.png", "perplexity_budget.png"):
+        assert (tmp_path / "cmp" / name).exists(), name
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (dict(mode="drop"), ValueError, "keep_layers"),
+        (dict(keep_layers=2), ValueError, "set mode: drop"),
+        (dict(budget_flops=1e9), ValueError, "exactly one of max_steps and budget_flops"),
+        (dict(budget_flops="lots", max_steps=None), ValueError, "budget_flops takes a number"),
+        (dict(low=8, high=2), ValueError, "step range is empty"),
+        (dict(weighting="log"), ValueError, "weighting"),
+        (dict(basis="spline"), ValueError, "basis must be"),
+        (dict(kl=0.0, hidden=0.0, lm=0.0), ValueError, "not all zero"),
+        (dict(autocast="fp8"), ValueError, "autocast"),
+        (dict(eval_steps=[0]), ValueError, "eval_steps"),
+        (dict(heldout=["lear"]), ValueError, "lear.*not in corpus"),
+        (dict(heldout=list(PLAYS)), ValueError, "every document is held out"),
+        (dict(mode="drop", keep_layers=9), ValueError, "exceeds the depth"),
+        (dict(model="/no/such/model"), FileNotFoundError, "neither 'smollm2' nor a folder"),
+    ],
+)
+def test_bad_input_fails_before_training(assets, tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        recipe.run(_config(assets, tmp_path / "run", **overrides))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_odeified_model_and_unknown_keys_are_refused(assets, tmp_path):
+    with pytest.raises(ValueError, match="odeified model.*stock model"):
+        recipe.run(_config(assets, tmp_path / "run", model=str(assets / "ode")))
+    with pytest.raises(ValueError, match="unknown config keys \\['stepz'\\]"):
+        recipe.main(["--set", "stepz=3"])
