@@ -219,3 +219,16 @@ def test_an_adapter_for_another_base_is_refused(make_llama, tmp_path):
         ValueError, match=r"down_proj.lora_B.weight is \[32, 6\] in the adapter but \[48, 6\] here"
     ):
         load_adapter(wide, tmp_path / "a")
+
+
+def test_generation_with_an_unmerged_adapter_matches_the_merged_model(ode_llama):
+    model = _randomize(get_peft_model(ode_llama, lora_config(r=2))).eval()
+    with torch.no_grad(), steps(model, 5):
+        adapted = model.generate(input_ids=IDS[:1], max_new_tokens=6, do_sample=False)
+        with model.disable_adapter():
+            plain = model.generate(input_ids=IDS[:1], max_new_tokens=6, do_sample=False)
+    assert not torch.equal(adapted, plain)  # the adapter changes what is generated
+    merged = model.merge_and_unload()
+    with torch.no_grad(), steps(merged, 5):
+        expected = merged.generate(IDS[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(adapted, expected)
