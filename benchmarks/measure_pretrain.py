@@ -13,6 +13,7 @@ their ratio is meaningful even when absolute tokens/s are not.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -41,6 +42,23 @@ def _timed(fn) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_growth_mib(fn) -> float:
+    """Growth of the process's peak resident set during fn() (Linux: the peak is reset first,
+    and freed heap handed back, so earlier work does not hide this call's peak)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
 
 
 def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
@@ -82,6 +100,17 @@ def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
                 times[name]["cpu"].append(compute[1] + updated[1])
                 times[name]["optimizer_cpu"].append(updated[1])
 
+    # Memory a training step adds on top of the parameters and optimizer state (activations,
+    # gradients, and for the ODE the weight grid W(t)): the largest of three steps.
+    x, y = batches.get(0)
+    step_peak = {
+        name: max(
+            _peak_growth_mib(lambda m=model, o=optimizer: (forward_backward(m, x, y), update(m, o)))
+            for _ in range(3)
+        )
+        for name, (model, optimizer) in runs.items()
+    }
+
     block = pretrain.ode_lib.get_block(runs["diffeqformer"][0])
     grid = [i / cfg.n_layer for i in range(cfg.n_layer)]
 
@@ -108,6 +137,7 @@ def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
             "wall_seconds_per_step": statistics.median(times[name]["wall"]),
             "tokens_per_cpu_second": tokens_per_step / cpu,
             "optimizer_cpu_seconds": statistics.median(times[name]["optimizer_cpu"]),
+            "step_peak_growth_mib": step_peak[name],
             "parameters": pretrain.parameter_counts(runs[name][0]),
         }
     out["diffeqformer"]["weight_grid_cpu_seconds"] = statistics.median(weight_grid[warmup:])
