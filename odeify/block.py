@@ -9,6 +9,7 @@ import functools
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
@@ -91,7 +92,12 @@ class ODEBlock(nn.Module):
 
     # ----------------------------------------------------------------------------------- weights
     def basis_tensor(self, name: str) -> Tensor:
-        return _get(self.basis, name)
+        """P_k of one parameter, [K, *shape], with the active LoRA update added when a peft
+        adapter is live (inside the forward; see :mod:`odeify.lora`)."""
+        basis = _get(self.basis, name)
+        for lhs, rhs, scaling in self.__dict__.get("_odeify_lora_factors", {}).get(name, ()):
+            basis = torch.baddbmm(basis, lhs, rhs, alpha=scaling)
+        return basis
 
     def coefficients(self, times) -> dict[str, Tensor]:
         """c(t) of every time basis for times given as a list of floats or a tensor: {group: [n, K]}."""
@@ -112,36 +118,73 @@ class ODEBlock(nn.Module):
             >>> block.weights_at([0.0, 0.5])["attn.c_attn.weight"].shape   # doctest: +SKIP
             torch.Size([2, 2304, 768])
         """
-        coeffs = self.coefficients(times)
+        return self._combine(self.coefficients(times), names, self.basis_tensor)
+
+    def _combine(self, coeffs: dict[str, Tensor], names, lookup) -> dict[str, Tensor]:
         out = {}
         for name in self.names if names is None else names:
-            basis = self.basis_tensor(name)
+            basis = lookup(name)
             c = coeffs[self.group[name]].to(basis.dtype)
             out[name] = (c @ basis.reshape(basis.shape[0], -1)).view(c.shape[0], *basis.shape[1:])
         return out
 
+    def _own_parameters(self) -> list[Tensor]:
+        # The basis and time units, not the LoRA factors peft hangs under the basis
+        # ("<module>.lora_A.<adapter>.weight"): those enter the grid as separate low-rank terms,
+        # so frozen base weights stay cacheable under LoRA.
+        return [
+            p for n, p in self.named_parameters() if ".lora_A." not in n and ".lora_B." not in n
+        ]
+
     def _reusable(self) -> bool:
         if not self.ode.cache_weights or torch.compiler.is_compiling():
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        if any(parametrize.is_parametrized(m) for m in self.basis.modules()):
+            return False  # a parametrised basis tensor depends on more than the basis
+        return not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self._own_parameters())
+        )
 
     def _param_state(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._own_parameters())
 
     def grid_weights(self, key, times: list[float]) -> list[Weights]:
-        """Weights of each grid time. Outside training they are kept until a parameter changes
-        (in-place updates bump a parameter's version) or the grid changes."""
+        """Weights of each grid time. Outside training, and under LoRA with a frozen base, the
+        base weights are kept until a parameter changes (in-place updates bump a parameter's
+        version) or the grid changes; an active LoRA update rides along as low-rank factors."""
+        base = functools.partial(_get, self.basis)
         if not self._reusable():
-            return self._split(self.weights_at(times))
-        state = (key, self._param_state())
-        if self._weight_cache is None or self._weight_cache[0] != state:
-            with torch.no_grad():
-                grid = self.weights_at(times)
-                transposed = frozenset(n for n in grid if self.family.is_transposed(n))
-                for name in transposed:
-                    grid[name] = grid[name].mT.contiguous()
-                self._weight_cache = (state, self._split(grid, transposed))
-        return self._weight_cache[1]
+            weights = self._split(self._combine(self.coefficients(times), None, base))
+        else:
+            state = (key, self._param_state())
+            if self._weight_cache is None or self._weight_cache[0] != state:
+                with torch.no_grad():
+                    grid = self._combine(self.coefficients(times), None, base)
+                    transposed = frozenset(n for n in grid if self.family.is_transposed(n))
+                    for name in transposed:
+                        grid[name] = grid[name].mT.contiguous()
+                    self._weight_cache = (state, self._split(grid, transposed))
+            weights = self._weight_cache[1]
+        factors = self.__dict__.get("_odeify_lora_factors")
+        return self._with_lora(weights, times, factors) if factors else weights
+
+    def _with_lora(self, weights: list[Weights], times: list[float], factors) -> list[Weights]:
+        """Each grid time's weights with dW(t) = sum_k c_k(t) s B_k A_k kept factored: only the k
+        with c_k(t) != 0 (one or two for the hat basis), so the step costs what LoRA on a stock
+        layer costs and no gradient of a full weight matrix is formed."""
+        coeffs = self.coefficients(times)
+        out = [Weights(w.tensors, w.transposed, {}) for w in weights]
+        for name, terms in factors.items():
+            c = coeffs[self.group[name]]
+            live = (c != 0).cpu()
+            for j, w in enumerate(out):
+                ks = live[j].nonzero().flatten().to(c.device)
+                pairs = w.lora.setdefault(name, [])
+                for lhs, rhs, scaling in terms:
+                    scale = (c[j, ks] * scaling).to(lhs.dtype).view(-1, 1, 1)
+                    b = (lhs[ks] * scale).permute(1, 0, 2).reshape(lhs.shape[1], -1)
+                    pairs.append((rhs[ks].reshape(-1, rhs.shape[-1]), b))
+        return out
 
     def _split(
         self, grid: dict[str, Tensor], transposed: frozenset[str] = frozenset()

@@ -18,11 +18,17 @@ Standard peft calls work on an odeified model::
 How the update reaches the block: peft applies a ``target_parameters`` adapter only while the
 module that owns the parameter is being called (it registers a parametrisation around that
 call). The ODE block never calls its basis modules; it reads the tensors by attribute. So this
-module gives every ODE block that receives a peft wrapper a forward pre-hook and post-hook that
-activate the wrappers for the duration of the block's forward (the same peft context manager a
-wrapper's own forward uses) and drop the block's weight cache when the adapter state changes
+module gives every ODE block that receives a peft wrapper a forward pre-hook and post-hook. The
+pre-hook reads each live adapter's factors (peft's ``get_delta_factors``: dB_k = s B_k A_k) and
+hands them to the block, which on the fixed grid applies ``sum_k c_k(t) s B_k (A_k x)`` beside
+the cached frozen W(t), over the k with c_k(t) != 0 only: one or two for the hat basis, so a
+step costs what LoRA on a stock layer costs (``benchmarks/measure_finetune.py steptime``).
+Forming W + dW instead would compute a full-size weight gradient per step, about 1.3x the step
+time. Per-sample step counts and torchdiffeq read ``basis_tensor``, which adds the full dB_k.
+Wrappers peft cannot factor (one basis tensor, K = 1) fall back to peft's own parametrisation
+for the forward. The hooks also drop the block's weight cache when the adapter state changes
 (``set_adapter``, ``disable_adapter()``, merging), which leaves the parameters' versions alone.
-The hooks are installed from a module-registration hook, so nothing needs calling by hand.
+They are installed from a module-registration hook, so nothing needs calling by hand.
 """
 
 from __future__ import annotations
@@ -279,17 +285,24 @@ def _expected_shape(model: nn.Module, key: str, r: int | None) -> tuple[int | No
 
 
 # ------------------------------------------------------------------------- activating the update
-def _wrappers(block: ODEBlock) -> list[nn.Module]:
+def _wrappers(block: ODEBlock) -> list[tuple[str, nn.Module]]:
+    """(basis module path, wrapper) of every peft ParamWrapper under the block's basis."""
     layer = sys.modules.get("peft.tuners.lora.layer")  # no peft imported: no wrappers to find
     if layer is None:
         return []
-    return [m for m in block.basis.modules() if isinstance(m, layer.ParamWrapper)]
+    return [
+        (name.replace(".base_layer", ""), m)
+        for name, m in block.basis.named_modules()
+        if isinstance(m, layer.ParamWrapper)
+    ]
 
 
-def _adapter_state(wrappers: list[nn.Module]) -> tuple:
+def _adapter_state(wrappers: list[tuple[str, nn.Module]]) -> tuple:
     # What decides the adapted weights besides parameter values; the weight cache keys on
     # parameter versions, which set_adapter / disable_adapter() / merging leave alone.
-    return tuple((id(w), tuple(w.active_adapters), w.disable_adapters, w.merged) for w in wrappers)
+    return tuple(
+        (id(w), tuple(w.active_adapters), w.disable_adapters, w.merged) for _, w in wrappers
+    )
 
 
 def _before(block: ODEBlock, args, kwargs) -> None:
@@ -300,19 +313,31 @@ def _before(block: ODEBlock, args, kwargs) -> None:
         block.__dict__["_odeify_lora_state"] = state
     if not wrappers:
         return
-    stack = contextlib.ExitStack()
+    factors: dict[str, list] = {}
+    stack, entered = contextlib.ExitStack(), False
     try:
-        for w in wrappers:
-            if not w.disable_adapters and not w.merged:
+        for path, w in wrappers:
+            if w.disable_adapters or w.merged:
+                continue
+            adapters = [a for a in w.active_adapters if a in w.lora_A]
+            if w.num_experts > 1 and w.get_param().dim() == 3:
+                # Kept as factors: the block adds sum_k c_k(t) s B_k A_k x per step (cheap) instead
+                # of forming W + dW for all K and a full-size weight gradient.
+                name = f"{path}.{w.parameter_name}"
+                factors.setdefault(name, []).extend(w.get_delta_factors(a) for a in adapters)
+            elif adapters:
                 # The context a ParamWrapper's own forward runs its base layer in (peft 0.21).
                 stack.enter_context(w._activate_lora(w.active_adapters))
+                entered = True
     except BaseException:
         stack.close()
         raise
-    block.__dict__["_odeify_lora_active"] = stack
+    block.__dict__["_odeify_lora_factors"] = factors
+    block.__dict__["_odeify_lora_active"] = stack if entered else None
 
 
 def _after(block: ODEBlock, args, kwargs, output) -> None:
+    block.__dict__.pop("_odeify_lora_factors", None)
     stack = block.__dict__.pop("_odeify_lora_active", None)
     if stack is not None:
         stack.close()

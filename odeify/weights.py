@@ -24,13 +24,20 @@ class Weights:
         tensor([[1., 1.]])
     """
 
-    __slots__ = ("tensors", "transposed")
+    __slots__ = ("tensors", "transposed", "lora")
 
-    def __init__(self, tensors: dict[str, Tensor], transposed: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        tensors: dict[str, Tensor],
+        transposed: frozenset[str] = frozenset(),
+        lora: dict[str, list[tuple[Tensor, Tensor]]] | None = None,
+    ):
         self.tensors = tensors
         # Weights stored as [in, out] (GPT-2's Conv1D layout): addmm on that layout is what the
         # original model runs, and on CPU its matrix-vector product is faster at decode time.
         self.transposed = transposed
+        # Low-rank updates (A [R, in], B [out, R]) of a weight: W + B A, applied as B (A x).
+        self.lora = lora or {}
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]
@@ -39,12 +46,17 @@ class Weights:
         return name in self.tensors
 
     def linear(self, prefix: str, x: Tensor) -> Tensor:
-        weight, bias = self.tensors[prefix + ".weight"], self.tensors.get(prefix + ".bias")
-        if prefix + ".weight" not in self.transposed:
-            return F.linear(x, weight, bias)
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
-        return out.view(*x.shape[:-1], weight.shape[-1])
+        name = prefix + ".weight"
+        weight, bias = self.tensors[name], self.tensors.get(prefix + ".bias")
+        if name not in self.transposed:
+            out = F.linear(x, weight, bias)
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            out = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+            out = out.view(*x.shape[:-1], weight.shape[-1])
+        for a, b in self.lora.get(name, ()):
+            out = out + F.linear(F.linear(x, a), b)
+        return out
 
     def layer_norm(self, prefix: str, x: Tensor, eps: float) -> Tensor:
         weight, bias = self.tensors[prefix + ".weight"], self.tensors.get(prefix + ".bias")

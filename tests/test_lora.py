@@ -68,6 +68,21 @@ def test_update_is_per_layer_lora_at_the_layers_and_blends_between_them(make_lla
     torch.testing.assert_close(_logits(continuous), _logits(per_layer), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(_logits(continuous), _logits(make_llama()))
 
+    # Training sees the same update: the factors' gradients are the per-layer LoRA gradients.
+    for model in (continuous, per_layer):
+        model(IDS, labels=IDS, use_cache=False).loss.backward()
+    for name, p in continuous.named_parameters():
+        if ".lora_" in name:
+            module, side = name.split("basis.")[1].split(".lora_")[0], name.split(".lora_")[1][0]
+            grads = [
+                layer_params[
+                    f"base_model.model.model.layers.{k}.{module}.lora_{side}.default.weight"
+                ].grad
+                for k in range(3)
+            ]
+            expected = torch.cat(grads) if side == "A" else torch.stack(grads, -1).flatten(1)
+            torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)
+
     # Halfway between layers 0 and 1 the update is the mean of theirs: dW(t) = sum_k c_k(t) dB_k.
     merged = continuous.merge_and_unload()
     deltas = {
@@ -94,8 +109,10 @@ def test_merge_and_unload_leaves_an_odeified_model_that_still_retargets(
     merged = adapted.merge_and_unload()
     assert type(merged).__name__.endswith("LMHeadModel" if family == "gpt2" else "ForCausalLM")
     assert not any("lora" in name for name, _ in merged.named_parameters())
+    # Unmerged, the update runs factored (W x + B (A x)); merged, as (W + BA) x. With these large
+    # random factors both round to within 7e-5 of a float64 run on the RK4 grid, not closer.
     for grid in grids:
-        torch.testing.assert_close(_logits(merged, *grid), before[grid], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_logits(merged, *grid), before[grid], rtol=1e-4, atol=3e-4)
     with torch.no_grad():
         merged_per_sample = merged(IDS, ode_steps=counts, use_cache=False).logits
     torch.testing.assert_close(merged_per_sample, per_sample, rtol=1e-4, atol=1e-5)

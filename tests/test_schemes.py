@@ -53,7 +53,9 @@ def test_adaptive_solver_agrees_with_fine_fixed_grid(make_gpt2):
 
 
 def test_adjoint_gradients_match_converged_backprop(make_gpt2):
-    raw = make_gpt2(n_layer=2, n_embd=16, n_head=2, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0).double()
+    raw = make_gpt2(
+        n_layer=2, n_embd=16, n_head=2, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0
+    ).double()
     grads = []
     for options in (
         {"scheme": "rk4", "steps": 48},

@@ -18,13 +18,13 @@ def model(make_gpt2):
 def builds(model, monkeypatch):
     """Counts how often the block evaluates W(t) on a grid."""
     block, count = get_block(model), [0]
-    original = block.weights_at
+    original = block._combine
 
-    def counting(times):
+    def counting(*args):
         count[0] += 1
-        return original(times)
+        return original(*args)
 
-    monkeypatch.setattr(block, "weights_at", counting)
+    monkeypatch.setattr(block, "_combine", counting)
     return count
 
 
@@ -112,3 +112,23 @@ def test_transformers_activation_checkpointing_switch_reaches_the_block(model):
     model.train()
     model(IDS, labels=IDS, use_cache=False).loss.backward()
     assert get_block(model).basis_tensor("ln_1.weight").grad is not None
+
+
+def test_a_parametrised_basis_tensor_is_never_served_stale(model):
+    """A parametrisation (a shared dW, say) makes the weights depend on more than the basis
+    parameters, so the cache must not hold them."""
+
+    class Shift(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.delta = 0.0  # state no parameter version tracks
+
+        def forward(self, basis):
+            return basis + self.delta
+
+    tree = get_block(model).basis.get_submodule("mlp.c_fc")
+    shift = Shift()
+    torch.nn.utils.parametrize.register_parametrization(tree, "weight", shift)
+    before = _run(model)
+    shift.delta = 0.1
+    assert not torch.allclose(_run(model), before)
