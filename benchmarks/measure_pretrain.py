@@ -162,6 +162,10 @@ def _label(config: dict) -> str:
     return "DiffEqFormer" + (f" + step augmentation {aug[0]}-{aug[1]}" if aug else "")
 
 
+def _run_label(config: dict) -> str:
+    return _label(config) + f", seed {config.get('seed', 0)}"
+
+
 def report(runs: list[Path], figures: Path) -> str:
     """Validation curves against tokens, perplexity against solver steps, and a markdown table."""
     import matplotlib
@@ -174,7 +178,7 @@ def report(runs: list[Path], figures: Path) -> str:
     sweep, rows = {}, []
     for run in runs:
         records, summary, config = _read(run)
-        label, depth = _label(config), config["n_layer"]
+        label, depth = _run_label(config), config["n_layer"]
         evals = [r for r in records if r["event"] == "eval"]
         tokens = [r["step"] * config["batch_size"] * config["seq_len"] / 1e6 for r in evals]
         ax.plot(tokens, [r["val_loss"][str(depth)] for r in evals], marker=".", label=label)
@@ -217,7 +221,7 @@ def report(runs: list[Path], figures: Path) -> str:
         "|---|---|---|---|---|---|",
     ]
     for label, summary, ppl, depth, drop, _ in rows:
-        key = "diffeqformer" if label != "GPT baseline" else "baseline"
+        key = "baseline" if label.startswith("GPT baseline") else "diffeqformer"
         params = summary["parameters"][key]
         lines.append(
             f"| {label} | {params['total']:,} ({params['non_embedding']:,}) | "
