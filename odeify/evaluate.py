@@ -73,7 +73,11 @@ def plot_sweep(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    entries = len(curves) + len(reference or {})
+    crowded = entries > 4 or max(map(len, [*curves, *(reference or {})]), default=0) > 40
+    # A long legend goes under the axes, where it cannot hide the curves.
+    height = 4.2 + (0.22 * entries if crowded else 0.0)
+    fig, ax = plt.subplots(figsize=(6.4, height), dpi=120)
     for label, curve in curves.items():
         xs = sorted(curve)
         ax.plot(xs, [curve[x] for x in xs], marker="o", label=label)
@@ -86,7 +90,10 @@ def plot_sweep(
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if crowded:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize="small", frameon=False)
+    else:
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
