@@ -163,7 +163,7 @@ def _label(config: dict) -> str:
 
 
 def _run_label(config: dict) -> str:
-    return _label(config) + f", seed {config.get('seed', 0)}"
+    return _label(config) + f", lr {config['lr']:g}, seed {config.get('seed', 0)}"
 
 
 def report(runs: list[Path], figures: Path) -> str:
