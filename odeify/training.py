@@ -64,6 +64,16 @@ def load_config(cls, path: str | os.PathLike | None, overrides: dict[str, Any] |
     return cls(**data)
 
 
+def config_stamp(cfg, presentation: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The config a run's checkpoints are stamped with, less the fields that only change how a
+    run looks (progress bars, threads): resuming under any other config is refused.
+
+    Example:
+        >>> Checkpoints(out / "checkpoints", config_stamp(cfg, ("progress",)))   # doctest: +SKIP
+    """
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in presentation}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -77,7 +77,15 @@ from odeify.adapt import (
 )
 from odeify.bases import BASES
 from odeify.evaluate import plot_sweep
-from odeify.training import Checkpoints, Metrics, adamw, load_config, seed_everything, warmup_cosine
+from odeify.training import (
+    Checkpoints,
+    Metrics,
+    adamw,
+    config_stamp,
+    load_config,
+    seed_everything,
+    warmup_cosine,
+)
 
 MODES = ("ode", "drop")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
@@ -221,11 +229,6 @@ def validate(cfg: Config) -> None:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
-def stamp(cfg: Config) -> dict[str, Any]:
-    """The config a checkpoint is stamped with: resuming under any other is refused."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PRESENTATION}
-
-
 # ------------------------------------------------------------------------------------- model
 def load_original(cfg: Config) -> tuple[nn.Module, Any]:
     """The original (stock) model named by ``cfg.model`` and its tokenizer."""
@@ -361,7 +364,9 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Adapt (or train baseline (a)) as configured; returns what ``results.json`` holds."""
     validate(cfg)
     out = Path(cfg.out_dir)
-    checkpoints = Checkpoints(out / "checkpoints", stamp(cfg), keep=cfg.keep, trainable_only=True)
+    checkpoints = Checkpoints(
+        out / "checkpoints", config_stamp(cfg, _PRESENTATION), keep=cfg.keep, trainable_only=True
+    )
     metrics_path = out / "metrics.jsonl"
     if not resume and (checkpoints.paths() or metrics_path.exists()):
         raise FileExistsError(

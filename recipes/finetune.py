@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -65,7 +64,15 @@ import odeify as ode_lib
 from odeify import data
 from odeify.evaluate import perplexity, plot_sweep
 from odeify.lora import load_adapter, lora_config
-from odeify.training import Checkpoints, Metrics, adamw, load_config, seed_everything, warmup_cosine
+from odeify.training import (
+    Checkpoints,
+    Metrics,
+    adamw,
+    config_stamp,
+    load_config,
+    seed_everything,
+    warmup_cosine,
+)
 
 FORMS = ("continuous", "discrete", "original")
 METHODS = ("lora", "full")
@@ -175,11 +182,6 @@ def validate(cfg: Config) -> None:
         problems.append("heldout must name the validation documents (e.g. plays)")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
-
-
-def stamp(cfg: Config) -> dict[str, Any]:
-    """The config a checkpoint is stamped with: resuming under any other is refused."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PRESENTATION}
 
 
 # ------------------------------------------------------------------------------------- model
@@ -398,7 +400,10 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     validate(cfg)
     out = Path(cfg.out_dir)
     checkpoints = Checkpoints(
-        out / "checkpoints", stamp(cfg), keep=cfg.keep, trainable_only=cfg.method == "lora"
+        out / "checkpoints",
+        config_stamp(cfg, _PRESENTATION),
+        keep=cfg.keep,
+        trainable_only=cfg.method == "lora",
     )
     metrics_path = out / "metrics.jsonl"
     if not resume and (checkpoints.paths() or metrics_path.exists()):

@@ -64,7 +64,15 @@ import odeify as ode_lib
 from odeify import data
 from odeify.assets import gpt2_tokenizer
 from odeify.evaluate import plot_sweep
-from odeify.training import Checkpoints, Metrics, adamw, load_config, seed_everything, warmup_cosine
+from odeify.training import (
+    Checkpoints,
+    Metrics,
+    adamw,
+    config_stamp,
+    load_config,
+    seed_everything,
+    warmup_cosine,
+)
 
 # Keys that change what a run prints, not what it computes: a resume may change them.
 _PRESENTATION = ("progress", "log_every")
@@ -199,11 +207,6 @@ def validate(cfg: Config, world: int) -> None:
         problems.append(f"tokenizer {cfg.tokenizer!r} is neither 'gpt2', 'char' nor a folder")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
-
-
-def stamp(cfg: Config) -> dict[str, Any]:
-    """The config a checkpoint is stamped with: resuming under any other is refused."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PRESENTATION}
 
 
 # -------------------------------------------------------------------------------------- data
@@ -555,7 +558,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
             "auto does) or a GPU"
         )
     out = Path(cfg.out_dir)
-    checkpoints = Checkpoints(out / "checkpoints", stamp(cfg), keep=cfg.keep)
+    checkpoints = Checkpoints(out / "checkpoints", config_stamp(cfg, _PRESENTATION), keep=cfg.keep)
     metrics_path = out / "metrics.jsonl"
     if not resume and (checkpoints.paths() or metrics_path.exists()):
         raise FileExistsError(
