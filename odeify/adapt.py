@@ -70,9 +70,11 @@ class StepSampler:
 
     Every ``full_every``-th step includes N = L (the anchor that keeps the model at full depth
     close to the original; 0 never does), and every step draws ``draws`` counts from
-    [low, high]. ``weighting='inverse'`` draws N with probability proportional to 1 / N: a step
-    at N costs about N, so each N gets about the same compute, and the short grids, far from L
-    and the hardest to reach, get the most updates. ``'uniform'`` draws every N alike.
+    [low, high], or from ``choices`` when it is given (the step counts that matter to a user, so
+    each gets many updates instead of a few from a wide range). ``weighting='inverse'`` draws N
+    with probability proportional to 1 / N: a step at N costs about N, so each N gets about the
+    same compute, and the short grids, far from L and the hardest to reach, get the most
+    updates. ``'uniform'`` draws every N alike.
 
     Example:
         >>> sampler = StepSampler(num_layers=30, low=10, high=60, seed=0)
@@ -80,6 +82,8 @@ class StepSampler:
         (30, True)
         >>> sampler.draw(7) == sampler.draw(7)
         True
+        >>> StepSampler(num_layers=30, low=15, high=60, choices=(15, 60)).support()[0]
+        array([15, 60])
     """
 
     num_layers: int
@@ -89,6 +93,7 @@ class StepSampler:
     weighting: str = "inverse"
     full_every: int = 1
     seed: int = 0
+    choices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "low", "high"):
@@ -105,6 +110,10 @@ class StepSampler:
             raise ValueError("draws = 0 and full_every = 0 train at no step count at all")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        bad = [n for n in self.choices if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if bad:
+            raise ValueError(f"choices must be step counts >= 1, got {list(self.choices)!r}")
+        object.__setattr__(self, "choices", tuple(sorted(set(self.choices))))
 
     def support(self) -> tuple[np.ndarray, np.ndarray]:
         """The step counts that can be drawn and their probabilities.
@@ -113,7 +122,7 @@ class StepSampler:
             >>> StepSampler(num_layers=4, low=2, high=4).support()[1].round(3)
             array([0.462, 0.308, 0.231])
         """
-        values = np.arange(self.low, self.high + 1)
+        values = np.array(self.choices) if self.choices else np.arange(self.low, self.high + 1)
         weights = 1.0 / values if self.weighting == "inverse" else np.ones(len(values))
         return values, weights / weights.sum()
 
@@ -127,17 +136,26 @@ class StepSampler:
         return counts
 
 
-def matching(steps: int, num_layers: int) -> list[tuple[int, int]]:
-    """Where a grid of ``steps`` meets the teacher's layers: pairs (j, l) with j / steps = l / L,
-    j >= 1 (the state after student step j is compared with the state after teacher layer l).
+def matching(steps: int, num_layers: int, ends: int = 0) -> list[tuple[int, int]]:
+    """Where a grid of ``steps`` meets the teacher's layers: pairs (j, l) where student step j
+    ends at t = l / L, j >= 1 (the state after student step j is compared with the state after
+    teacher layer l). ``ends`` is the student's ``discrete_ends``.
 
     Example:
         >>> matching(20, 30)[:3]
         [(2, 3), (4, 6), (6, 9)]
+        >>> matching(6, 30, ends=2)
+        [(1, 1), (2, 2), (3, 15), (4, 28), (5, 29), (6, 30)]
     """
-    return [
-        (j, j * num_layers // steps) for j in range(1, steps + 1) if j * num_layers % steps == 0
-    ]
+    pairs, middle, inner = [], steps - 2 * ends, num_layers - 2 * ends
+    for j in range(1, steps + 1):
+        if j <= ends:
+            pairs.append((j, j))
+        elif j >= steps - ends:
+            pairs.append((j, num_layers - (steps - j)))
+        elif (j - ends) * inner % middle == 0:
+            pairs.append((j, ends + (j - ends) * inner // middle))
+    return pairs
 
 
 # ---------------------------------------------------------------------------------- recording
@@ -301,7 +319,7 @@ def distill_loss(
             raise ValueError(
                 "hidden-state matching needs teacher_targets(..., weights) with hidden > 0"
             )
-        pairs = matching(steps, targets.num_layers)
+        pairs = matching(steps, targets.num_layers, get_block(student).ode.discrete_ends)
         parts["hidden"] = sum(
             (_normalised(states[j - 1]) - _normalised(targets.states[layer - 1])).pow(2).mean()
             for j, layer in pairs
@@ -393,8 +411,10 @@ def drop_layers(model: nn.Module, keep: int) -> nn.Module:
 @dataclass(frozen=True)
 class CostModel:
     """Matrix-multiply FLOPs (2 per multiply-add, attention scores and norms left out): a
-    forward token costs 2 (N P_layer + P_head), a training token 3 times that (forward and
-    backward), and the teacher's forward 2 (L P_layer + P_head).
+    forward token costs 2 (N P_layer + P_head), a training token ``train_factor`` times that,
+    and the teacher's forward 2 (L P_layer + P_head). The factor is 3 when the weights get
+    gradients (forward, backward to the activations, backward to the weights) and 2 when they
+    are frozen and only low-rank adapters train (LoRA's own matmuls are a rounding error).
 
     Example:
         >>> cost = CostModel(layer_params=10, head_params=5, num_layers=4)
@@ -405,21 +425,23 @@ class CostModel:
     layer_params: int
     head_params: int
     num_layers: int
+    train_factor: float = 3.0
 
     @classmethod
-    def of(cls, model: nn.Module) -> CostModel:
+    def of(cls, model: nn.Module, train_factor: float = 3.0) -> CostModel:
         """From an odeified model: per-layer block parameters and the output embedding."""
         block = get_block(model)
         per_layer = sum(block.basis_tensor(n).numel() for n in block.names) // block.ode.num_basis
         head = model.get_output_embeddings()
-        return cls(per_layer, head.weight.numel() if head is not None else 0, block.ode.num_layers)
+        head_params = head.weight.numel() if head is not None else 0
+        return cls(per_layer, head_params, block.ode.num_layers, train_factor)
 
     def forward(self, tokens: int, steps: int) -> float:
         return 2.0 * tokens * (steps * self.layer_params + self.head_params)
 
     def train_step(self, tokens: int, counts: Sequence[int]) -> float:
         teacher = self.forward(tokens, self.num_layers)
-        return teacher + sum(3 * self.forward(tokens, n) for n in counts)
+        return teacher + sum(self.train_factor * self.forward(tokens, n) for n in counts)
 
 
 def steps_for_budget(

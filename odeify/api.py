@@ -15,7 +15,7 @@ from .block import ODEBlock, _get
 from .config import ODEConfig
 from .diffeqformer import random_init
 from .family import Family
-from .schemes import check_sample_steps, check_solver, check_steps
+from .schemes import check_sample_steps, check_solver, check_steps, spans, stage_times
 
 _INITS = ("fit", "random", "none")
 
@@ -111,7 +111,8 @@ def odeify(
         steps: default solver steps N (None: L).
         init: 'fit' (least squares on the layers), 'random' (DiffEqFormer from scratch; needs
             basis='fourier') or 'none' (leave the basis unset, to load weights).
-        options: other :class:`ODEConfig` fields (rtol, atol, adjoint, cache_weights, checkpoint_steps).
+        options: other :class:`ODEConfig` fields (discrete_ends, rtol, atol, adjoint,
+            cache_weights, checkpoint_steps).
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -179,7 +180,7 @@ def _set(model: nn.Module, steps, scheme: str | None) -> tuple:
     if isinstance(steps, (torch.Tensor, list, tuple)):
         steps = check_sample_steps(steps)
     elif steps is not None:
-        check_steps(steps)
+        spans(check_steps(steps), block.ode.num_layers, block.ode.discrete_ends)
     before = (block.ode.steps, block.ode.scheme)
     block.ode.steps = block.ode.steps if steps is None else steps
     block.ode.scheme = block.ode.scheme if scheme is None else scheme
@@ -227,7 +228,8 @@ def steps(model: nn.Module, steps, scheme: str | None = None) -> Iterator[nn.Mod
 @torch.no_grad()
 def materialize(model: nn.Module, steps: int) -> nn.Module:
     """A stock transformers model with ``steps`` layers equal to the ODE model at that many
-    ``sequential`` steps: layer i holds W(i / steps), output projections scaled by L / steps.
+    ``sequential`` steps: layer i holds W(t_i), output projections scaled by the layers step i
+    spans (t_i = i / steps and L / steps, or the grid of ``discrete_ends``).
 
     Example:
         >>> plain = odeify.materialize(model, steps=18)   # doctest: +SKIP
@@ -259,12 +261,14 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
         raise RuntimeError(
             f"materialize: state mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    weights = block.weights_at([i / count for i in range(count)])
-    scale = num_layers / count
+    ends = block.ode.discrete_ends
+    times, _ = stage_times(check_solver("sequential").native, count, num_layers, ends)
+    weights = block.weights_at(times)
+    scales = spans(count, num_layers, ends)
     for i, layer in enumerate(_stack_of(plain, family)[1]):
         for name in block.names:
             w = weights[name][i]
-            if name.rsplit(".", 1)[0] in family.output_projections and scale != 1.0:
-                w = w * scale
+            if name.rsplit(".", 1)[0] in family.output_projections and scales[i] != 1.0:
+                w = w * scales[i]
             _get(layer, name).copy_(w.t() if family.is_transposed(name) else w)
     return plain.train(model.training)

@@ -20,7 +20,7 @@ from transformers.utils.output_capturing import _active_collector
 from .bases import make_basis
 from .config import ODEConfig
 from .family import Family, Step
-from .schemes import Solver, check_sample_steps, check_solver, check_steps, stage_times
+from .schemes import Solver, check_sample_steps, check_solver, check_steps, spans, stage_times
 from .weights import PerSampleWeights, Weights
 
 # Keyword arguments of the parent's layer call that the block consumes itself.
@@ -262,12 +262,22 @@ class ODEBlock(nn.Module):
         per_sample = None
         if isinstance(steps, Tensor):
             steps, per_sample = self._per_sample(steps, solver, x.shape[0])
+        ends = self.ode.discrete_ends
+        if ends and (solver.native is None or per_sample is not None):
+            raise ValueError(
+                f"discrete_ends = {ends} fixes where the end steps fall on a native grid: use a "
+                f"native scheme ({solver.name!r} is not one) and one step count for the batch"
+            )
         run = _Run(self, solver, steps, cache, mask, position_embeddings, bound)
         if solver.native is not None:
             scheme = solver.native
             if per_sample is None:
-                run.times, run.index = stage_times(scheme, steps)
-                run.weights = self.grid_weights((scheme.name, steps), run.times)
+                run.times, run.index = stage_times(scheme, steps, self.ode.num_layers, ends)
+                if ends:
+                    run.sizes = [
+                        s / self.ode.num_layers for s in spans(steps, run.num_layers, ends)
+                    ]
+                run.weights = self.grid_weights((scheme.name, steps, ends), run.times)
                 grid = (scheme.name, steps)
             else:
                 run.per_sample = per_sample.to(x.device)
@@ -299,7 +309,8 @@ class ODEBlock(nn.Module):
         weights, and leaves its state unchanged once i >= N_b.
         """
         if run.per_sample is None:
-            return run.solver.native.step(_StepField(run, i), x, 1.0 / run.steps)
+            h = run.sizes[i] if run.sizes else 1.0 / run.steps
+            return run.solver.native.step(_StepField(run, i), x, h)
         counts = run.per_sample.view(-1, 1, 1)
         h = (1.0 / counts.to(torch.float32)).to(x.dtype)
         moved = run.solver.native.step(_PerSampleStepField(run, i), x, h)
@@ -363,6 +374,7 @@ class _Run:
         self.num_layers = block.ode.num_layers
         self.times: list[float] = []
         self.index: list[int] = []
+        self.sizes: list[float] = []  # each step's size, when the grid is not uniform
         self.weights: list[Weights] = []
         self.per_sample: Tensor | None = None  # [B] step counts when samples have their own grids
         # What transformers' output_hidden_states / output_attentions asked to collect, if anything.

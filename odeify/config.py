@@ -52,6 +52,14 @@ class ODEConfig:
     steps: int | None = field(
         default=None, metadata={"help": "Solver steps N on the fixed grid t_i = i / N. None: L."}
     )
+    discrete_ends: int = field(
+        default=0,
+        metadata={
+            "help": "d, layers kept discrete at each end: the first and last d steps are always "
+            "the first and last d layers (one layer long, at the layer times) and the other N - 2d "
+            "steps share the middle evenly; N must exceed 2d. Native schemes, one grid per batch."
+        },
+    )
     rtol: float = field(default=1e-3, metadata={"help": "Relative tolerance of adaptive solvers."})
     atol: float = field(default=1e-4, metadata={"help": "Absolute tolerance of adaptive solvers."})
     adjoint: bool = field(
@@ -68,6 +76,14 @@ class ODEConfig:
         default=False, metadata={"help": "Recompute each solver step in backward (saves memory)."}
     )
     version: int = field(default=FORMAT_VERSION, metadata={"help": "Saved-format version."})
+
+    def __post_init__(self) -> None:
+        d = self.discrete_ends
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0 or 2 * d >= self.num_layers:
+            raise ValueError(
+                f"discrete_ends must be an integer d >= 0 with 2d < L = {self.num_layers} "
+                f"(d layers kept at each end, a middle left to integrate), got {d!r}"
+            )
 
     @property
     def resolved_steps(self) -> int:

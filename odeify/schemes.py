@@ -156,16 +156,62 @@ def check_sample_steps(steps) -> Tensor:
     return counts.long()
 
 
-def stage_times(scheme: Scheme, steps: int) -> tuple[list[float], list[int]]:
+def spans(steps: int, num_layers: int, ends: int = 0) -> list[float]:
+    """How many layers of the original each of the N steps stands for (they sum to L).
+
+    Uniform steps span L / N layers each. With ``ends`` = d discrete layers at each end, the first
+    and last d steps span one layer each (they are those layers, whatever N) and the middle
+    N - 2d steps share the other L - 2d layers evenly; at N = L every step spans one layer.
+
+    Example:
+        >>> spans(4, 6, ends=1)
+        [1, 2.0, 2.0, 1]
+    """
+    if ends == 0:
+        return [num_layers / steps] * steps
+    if steps <= 2 * ends:
+        raise ValueError(
+            f"with discrete_ends = {ends} a grid needs more than {2 * ends} steps (the {ends} "
+            f"discrete layers at each end and at least one step between them), got {steps}"
+        )
+    middle = (num_layers - 2 * ends) / (steps - 2 * ends)
+    return [1] * ends + [middle] * (steps - 2 * ends) + [1] * ends
+
+
+def stage_times(
+    scheme: Scheme, steps: int, num_layers: int | None = None, ends: int = 0
+) -> tuple[list[float], list[int]]:
     """The distinct times of a grid and, for each (step, stage) in order, the index of its time.
 
-    Step i of N starts at t_i = i / N, so step l of N = L is layer l.
+    Step i of N starts at t_i = i / N, so step l of N = L is layer l. With ``ends`` > 0 the steps
+    are those of :func:`spans` (the layer times at the ends), which needs ``num_layers``.
 
     Example:
         >>> stage_times(SCHEMES["heun"], 2)
         ([0.0, 0.5, 1.0], [0, 1, 1, 2])
+        >>> stage_times(SCHEMES["sequential"], 3, num_layers=6, ends=1)[0]
+        [0.0, 0.16666666666666666, 0.8333333333333334]
     """
-    flat = [(i + c) / steps for i in range(steps) for c in scheme.offsets]
+    if ends == 0:
+        flat = [(i + c) / steps for i in range(steps) for c in scheme.offsets]
+    else:
+        # Boundaries in layer units first, so every layer boundary is an exact integer l and its
+        # time l / L is the very float the hat basis has a node at.
+        spans(steps, num_layers, ends)  # checks steps > 2 ends
+        middle = steps - 2 * ends
+        bounds = [
+            float(i)
+            if i <= ends
+            else float(num_layers - (steps - i))
+            if i >= steps - ends
+            else ends + (num_layers - 2 * ends) * (i - ends) / middle
+            for i in range(steps + 1)
+        ]
+        flat = [
+            (bounds[i] + c * (bounds[i + 1] - bounds[i])) / num_layers
+            for i in range(steps)
+            for c in scheme.offsets
+        ]
     times = sorted(set(flat))
     where = {t: j for j, t in enumerate(times)}
     return times, [where[t] for t in flat]

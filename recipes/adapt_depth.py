@@ -11,13 +11,18 @@ Features:
 - Model: ``smollm2`` (the bundled SmolLM2-135M-Instruct) or a folder with a stock transformers
   GPT-2 / Llama-family model (its tokenizer, or ``tokenizer: gpt2`` / a folder). The original is
   the teacher: a frozen, exactly odeified copy run at N = L.
-- ``mode: ode`` trains the weight functions of the odeified model (every basis tensor; the
-  embeddings, final norm and head stay the original's) at step counts from a sampler:
+- ``mode: ode`` trains the weight functions of the odeified model (``train: full``: every
+  basis tensor; ``train: lora``: continuous LoRA on them, ``lora_r``, ``lora_alpha``,
+  ``lora_targets``, merged at the end; the embeddings, final norm and head stay the
+  original's) at step counts from a sampler:
   N = L every ``full_every`` steps (the anchor that keeps full depth close to the original,
-  weighted ``full_weight``) plus ``draws`` counts from [``low``, ``high``] (default L/3 to 2L),
+  weighted ``full_weight``) plus ``draws`` counts from [``low``, ``high``] (default L/3 to 2L)
+  or from the list ``choices`` (e.g. the step counts a deployment will use),
   drawn with probability proportional to 1/N (``weighting: inverse``, equal compute per N) or
   uniformly, a pure function of (seed, step). ``basis`` / ``num_basis`` refit the weight
-  functions before training (default: the exact hat basis, K = L).
+  functions before training (default: the exact hat basis, K = L). ``discrete_ends: d`` keeps
+  the first and last d layers discrete: at every step count they are those layers, and the
+  other steps share the middle of the depth (``odeify.ODEConfig.discrete_ends``).
 - ``mode: drop`` is baseline (a): the original with ``keep_layers`` = M layers kept (layer
   floor(i L / M), output projections scaled by L / M, as ``materialize`` does), trained at its
   M layers with the same loss, data and budget.
@@ -77,6 +82,7 @@ from odeify.adapt import (
 )
 from odeify.bases import BASES
 from odeify.evaluate import plot_sweep
+from odeify.lora import lora_config
 from odeify.training import (
     Checkpoints,
     Metrics,
@@ -88,6 +94,7 @@ from odeify.training import (
 )
 
 MODES = ("ode", "drop")
+TRAIN = ("full", "lora")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 # Keys that change what a run prints or how fast, not what it computes: a resume may change them.
 _PRESENTATION = ("progress", "threads")
@@ -104,9 +111,15 @@ class Config:
     keep_layers: int | None = None  # M of mode 'drop'
     basis: str = "hat"  # mode 'ode': refit the weight functions to this basis first
     num_basis: int | None = None  # None: L (exact with the hat basis)
+    discrete_ends: int = 0  # mode 'ode': layers kept discrete at each end of the depth
+    train: str = "full"  # 'full' (every basis tensor) or 'lora' (continuous LoRA on them)
+    lora_r: int = 16
+    lora_alpha: float | None = None  # None: 2 r
+    lora_targets: list[str] | str = "all-linear"
     # step-count sampler (mode 'ode')
     low: int | None = None  # None: L // 3
     high: int | None = None  # None: 2 L
+    choices: list[int] | None = None  # draw from these counts instead of [low, high]
     draws: int = 1
     weighting: str = "inverse"  # 'inverse' (P(N) ~ 1/N) or 'uniform'
     full_every: int = 1  # N = L joins every full_every-th step; 0: never
@@ -187,6 +200,16 @@ def validate(cfg: Config) -> None:
         problems.append(f"mode: drop needs keep_layers = M >= 1, got {cfg.keep_layers!r}")
     if cfg.mode == "ode" and cfg.keep_layers is not None:
         problems.append("keep_layers is the depth of baseline (a); set mode: drop")
+    if cfg.train not in TRAIN:
+        problems.append(f"train must be one of {TRAIN}, got {cfg.train!r}")
+    if cfg.train == "lora" and not _is_count(cfg.lora_r):
+        problems.append(f"lora_r must be an integer >= 1, got {cfg.lora_r!r}")
+    if isinstance(cfg.discrete_ends, bool) or not isinstance(cfg.discrete_ends, int):
+        problems.append(f"discrete_ends must be an integer >= 0, got {cfg.discrete_ends!r}")
+    elif cfg.discrete_ends < 0:
+        problems.append(f"discrete_ends must be >= 0, got {cfg.discrete_ends}")
+    elif cfg.discrete_ends and cfg.mode == "drop":
+        problems.append("discrete_ends belongs to depth adaptation (mode: ode), not baseline (a)")
     if cfg.basis not in BASES:
         problems.append(f"basis must be one of {BASES}, got {cfg.basis!r}")
     if (cfg.max_steps is None) == (cfg.budget_flops is None):
@@ -199,6 +222,13 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and not _is_count(value):
             problems.append(f"{name} must be an integer >= 1 or null, got {value!r}")
+    if cfg.choices is not None:
+        if not isinstance(cfg.choices, list) or not cfg.choices:
+            problems.append(f"choices must be a list of step counts or null, got {cfg.choices!r}")
+        elif not all(map(_is_count, cfg.choices)):
+            problems.append(f"choices must be integers >= 1, got {cfg.choices!r}")
+        if cfg.low is not None or cfg.high is not None:
+            problems.append("set either low and high (a range) or choices (a list), not both")
     if _is_count(cfg.low) and _is_count(cfg.high) and cfg.low > cfg.high:
         problems.append(f"the step range is empty: low = {cfg.low} > high = {cfg.high}")
     for name in ("eval_steps", "curve_steps"):
@@ -272,7 +302,7 @@ def load_original(cfg: Config) -> tuple[nn.Module, Any]:
 
 def build(cfg: Config, original: nn.Module) -> tuple[nn.Module, nn.Module, StepSampler]:
     """(student, teacher, sampler). Consumes ``original``; only the student's weight functions
-    (basis tensors) are trainable."""
+    (basis tensors) are trainable, or with ``train: lora`` only the LoRA factors on them."""
     teacher = frozen_teacher(original)
     num_layers = ode_lib.get_block(teacher).ode.num_layers
     if cfg.mode == "drop":
@@ -283,20 +313,39 @@ def build(cfg: Config, original: nn.Module) -> tuple[nn.Module, nn.Module, StepS
             cfg.keep_layers, cfg.keep_layers, cfg.keep_layers, draws=1, full_every=0, seed=cfg.seed
         )
     else:
-        student = ode_lib.odeify(original, basis=cfg.basis, num_basis=cfg.num_basis, progress=False)
+        student = ode_lib.odeify(
+            original,
+            basis=cfg.basis,
+            num_basis=cfg.num_basis,
+            discrete_ends=cfg.discrete_ends,
+            progress=False,
+        )
+        choices = tuple(cfg.choices or ())
         sampler = StepSampler(
             num_layers,
-            cfg.low or max(1, num_layers // 3),
-            cfg.high or 2 * num_layers,
+            min(choices) if choices else cfg.low or max(1, num_layers // 3),
+            max(choices) if choices else cfg.high or 2 * num_layers,
             draws=cfg.draws,
             weighting=cfg.weighting,
             full_every=cfg.full_every,
             seed=cfg.seed,
+            choices=choices,
         )
+        shortest = min(choices) if choices else sampler.low
+        if shortest <= 2 * cfg.discrete_ends:
+            raise ValueError(
+                f"discrete_ends = {cfg.discrete_ends} needs every step count above "
+                f"{2 * cfg.discrete_ends}, but the sampler can draw {shortest}; raise low"
+            )
     block = ode_lib.get_block(student)
     trainable = {id(block.basis_tensor(name)) for name in block.names}
     for p in student.parameters():
-        p.requires_grad_(id(p) in trainable)
+        p.requires_grad_(cfg.train == "full" and id(p) in trainable)
+    if cfg.train == "lora":
+        from peft import get_peft_model
+
+        config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, model=student)
+        student = get_peft_model(student, config)
     return student.train(), teacher, sampler
 
 
@@ -393,7 +442,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     counts = default_counts(cfg, num_layers, curve=False)
     curve_counts = default_counts(cfg, num_layers, curve=True)
 
-    cost = CostModel.of(teacher)
+    cost = CostModel.of(teacher, train_factor=3.0 if cfg.train == "full" else 2.0)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     if cfg.max_steps is not None:
         total_steps = cfg.max_steps
@@ -421,6 +470,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     flops, seconds = extra.get("flops", 0.0), extra.get("seconds", 0.0)
 
     clip = [p for p in student.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in clip)
     bar = tqdm(
         range(start, total_steps),
         initial=start,
@@ -473,6 +523,9 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
             state = {"before": before, "flops": flops, "seconds": seconds}
             checkpoints.save(step + 1, student, optimizer, schedule, extra=state)
     bar.close()
+    if cfg.train == "lora":
+        student.save_pretrained(out / "adapter")
+        student = student.merge_and_unload()  # what is evaluated, checked and saved
 
     after = evaluate_depths(student, teacher, windows, counts, cfg.eval_batch_size, cfg.progress)
     final_curve = (
@@ -491,7 +544,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         )
     metrics.log(event="after", original=after["original"], steps=_flat(after))
     student_layers = ode_lib.get_block(student).ode.num_layers
-    check_steps = cfg.keep_layers if cfg.mode == "drop" else max(1, num_layers // 2)
+    half = max(num_layers // 2, 2 * cfg.discrete_ends + 1)  # the shortest grid it allows
+    check_steps = cfg.keep_layers if cfg.mode == "drop" else half
     results = {
         "mode": cfg.mode,
         "label": label(cfg, sampler),
@@ -500,7 +554,10 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "student_layers": student_layers,
         "basis": ode_lib.get_block(student).ode.basis,
         "num_basis": ode_lib.get_block(student).ode.num_basis,
-        "sampler": dataclasses.asdict(sampler),
+        "discrete_ends": ode_lib.get_block(student).ode.discrete_ends,
+        "train": cfg.train,
+        "trainable_parameters": trainable,
+        "sampler": {**dataclasses.asdict(sampler), "choices": list(sampler.choices)},
         "loss": dataclasses.asdict(weights),
         "heldout": cfg.heldout,
         "eval_tokens": after["tokens"],
@@ -533,12 +590,19 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 def label(cfg: Config, sampler: StepSampler) -> str:
     """A short description of a run for tables and legends."""
+    how = f", LoRA r = {cfg.lora_r}" if cfg.train == "lora" else ""
     if cfg.mode == "drop":
-        return f"(a) layer dropping to M = {cfg.keep_layers}, then distillation at M"
+        return f"(a) layer dropping to M = {cfg.keep_layers}, then distillation at M{how}"
     anchor = f", N = L every {sampler.full_every}" if sampler.full_every else ""
+    drawn = (
+        "{" + ", ".join(map(str, sampler.choices)) + "}"
+        if sampler.choices
+        else f"[{sampler.low}, {sampler.high}]"
+    )
+    ends = f", {cfg.discrete_ends} discrete at each end" if cfg.discrete_ends else ""
     return (
-        f"depth adaptation ({cfg.basis} K = {cfg.num_basis or sampler.num_layers}, N in "
-        f"[{sampler.low}, {sampler.high}] {sampler.weighting}{anchor})"
+        f"depth adaptation ({cfg.basis} K = {cfg.num_basis or sampler.num_layers}{ends}, N in "
+        f"{drawn} {sampler.weighting}{anchor}{how})"
     )
 
 

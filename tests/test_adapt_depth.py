@@ -72,10 +72,18 @@ def test_inverse_weighting_spends_equal_compute_per_step_count():
     assert drawn.mean() < np.mean([uniform.draw(s)[0] for s in range(2000)]) - 5
 
 
+def test_sampler_draws_only_the_chosen_counts():
+    sampler = StepSampler(num_layers=30, low=15, high=60, draws=3, choices=(60, 15, 20), seed=3)
+    drawn = [n for s in range(200) for n in sampler.draw(s)[1:]]
+    assert set(drawn) == {15, 20, 60} and sampler.choices == (15, 20, 60)
+    assert drawn.count(15) > drawn.count(60)  # inverse weighting: equal compute per count
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(low=9, high=4), "empty"),
+        (dict(choices=(4, 0)), "choices must be step counts"),
         (dict(low=0), "low must be"),
         (dict(high=True), "high must be"),
         (dict(weighting="log"), "weighting"),
@@ -404,6 +412,13 @@ def test_baseline_gets_the_same_budget_and_compare_tabulates(assets, adapted, tm
         (dict(heldout=["lear"]), ValueError, "lear.*not in corpus"),
         (dict(heldout=list(PLAYS)), ValueError, "every document is held out"),
         (dict(mode="drop", keep_layers=9), ValueError, "exceeds the depth"),
+        (dict(train="qlora"), ValueError, "train must be one of"),
+        (dict(train="lora", lora_r=0), ValueError, "lora_r must be"),
+        (dict(discrete_ends=-1), ValueError, "discrete_ends must be >= 0"),
+        (dict(mode="drop", keep_layers=2, discrete_ends=1), ValueError, "mode: ode"),
+        (dict(discrete_ends=1, low=2, high=8), ValueError, "can draw 2; raise low"),
+        (dict(choices=[2, 8], low=2), ValueError, "not both"),
+        (dict(choices=[0]), ValueError, "choices must be integers"),
         (dict(model="/no/such/model"), FileNotFoundError, "neither 'smollm2' nor a folder"),
     ],
 )
@@ -418,3 +433,34 @@ def test_an_odeified_model_and_unknown_keys_are_refused(assets, tmp_path):
         recipe.run(_config(assets, tmp_path / "run", model=str(assets / "ode")))
     with pytest.raises(ValueError, match="unknown config keys \\['stepz'\\]"):
         recipe.main(["--set", "stepz=3"])
+
+
+def test_lora_adaptation_trains_only_adapters_and_saves_the_merged_model(assets, tmp_path):
+    out = tmp_path / "lora"
+    results = recipe.run(
+        _config(assets, out, train="lora", lora_r=2, lr=1e-2, choices=[2], max_steps=10)
+    )
+    stock = odeify.odeify(recipe.load_original(_config(assets, out))[0], progress=False)
+    block = odeify.get_block(stock)
+    full = sum(block.basis_tensor(n).numel() for n in block.names)
+    assert 0 < results["trainable_parameters"] < full / 4 and results["train"] == "lora"
+    assert results["cost_model"]["train_factor"] == 2.0  # frozen weights: no weight gradients
+    assert results["after"]["2"]["kl"] < results["before"]["2"]["kl"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    merged = odeify.from_pretrained(out / "model").eval()  # a plain odeified model, LoRA merged
+    moved = odeify.get_block(merged)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert any(not torch.equal(moved.basis_tensor(n), block.basis_tensor(n)) for n in block.names)
+    assert results["materialize_check"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_discrete_ends_adaptation_keeps_the_end_layers_discrete(assets, tmp_path):
+    out = tmp_path / "ends"
+    settings = dict(discrete_ends=1, choices=[3], eval_steps=[3, 4, 8], curve_steps=[3])
+    results = recipe.run(_config(assets, out, lr=1e-3, max_steps=8, **settings))
+    assert results["discrete_ends"] == 1 and "1 discrete at each end" in results["label"]
+    assert results["before"]["4"]["kl"] < 1e-10  # still the original at N = L
+    assert results["after"]["3"]["kl"] < results["before"]["3"]["kl"]
+    model = odeify.from_pretrained(out / "model").eval()
+    assert odeify.get_block(model).ode.discrete_ends == 1
+    assert results["materialize_check"]["max_abs_logit_diff"] < 1e-4
