@@ -42,7 +42,8 @@ Features:
   after training a check that ``materialize(model, steps=M)`` equals the ODE model at M.
 - Outputs in ``out_dir``: ``metrics.jsonl`` (per step: each step count's loss parts, lr, tokens,
   FLOPs, seconds), ``results.json``, ``report.md`` (the table), ``perplexity.png`` (against
-  steps and against inference FLOPs per token), ``model/`` (``odeify.save_pretrained``), and
+  steps and against inference FLOPs per token), ``model/`` (``odeify.save_pretrained``; LoRA
+  merged into the weight functions), ``adapter/`` (``train: lora``: the peft adapter), and
   checkpoints (atomic, keep-last-N, trainable tensors only) that ``--resume`` continues exactly.
   ``--compare`` puts finished runs (adaptation, baselines) in one table and three plots.
 - Errors before any work: unknown config keys, bad option values, held-out documents that are

@@ -341,8 +341,10 @@ def test_the_adapted_model_materialises_at_any_depth(adapted, m):
         )
 
 
-def test_resume_continues_exactly(assets, adapted, tmp_path, monkeypatch):
-    cfg = _config(assets, tmp_path / "run")
+@pytest.mark.parametrize("train", ["full", "lora"])
+def test_resume_continues_exactly(assets, adapted, tmp_path, monkeypatch, train):
+    overrides = dict(train="lora", lora_r=2) if train == "lora" else {}
+    cfg = _config(assets, tmp_path / "run", **overrides)
     real, calls = recipe.adapt_step, []
 
     def crash_at_third_step(*args, **kwargs):
@@ -359,6 +361,9 @@ def test_resume_continues_exactly(assets, adapted, tmp_path, monkeypatch):
         recipe.run(cfg)
     resumed = recipe.run(cfg, resume=True)
     unbroken, out = adapted
+    if train == "lora":
+        out = tmp_path / "unbroken"
+        unbroken = recipe.run(_config(assets, out, **overrides))
     assert resumed["after"] == unbroken["after"]
     assert resumed["train_flops"] == unbroken["train_flops"]
 
