@@ -469,3 +469,12 @@ def test_discrete_ends_adaptation_keeps_the_end_layers_discrete(assets, tmp_path
     model = odeify.from_pretrained(out / "model").eval()
     assert odeify.get_block(model).ode.discrete_ends == 1
     assert results["materialize_check"]["max_abs_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("adapt-*.yaml")),
+    ids=str,
+)
+def test_shipped_configs_are_valid(path):
+    recipe.validate(recipe.load_config(recipe.Config, str(path), {}))
