@@ -62,8 +62,12 @@ def plot_sweep(
     title: str,
     reference: dict[str, float] | None = None,
     xlabel: str = "solver steps N",
+    styles: dict[str, dict] | None = None,
 ) -> Path:
     """Perplexity against steps on a log axis, one line per curve, dashed lines for references.
+
+    ``styles`` maps a curve's label to matplotlib keywords (color, linestyle, marker), so many
+    curves can share a color per run and a line style per variant instead of cycling colors.
 
     Example:
         >>> plot_sweep({"hat basis": {15: 3.5e6, 30: 24.6}}, "ppl.png", "SmolLM2", {"original": 24.6})   # doctest: +SKIP
@@ -80,11 +84,11 @@ def plot_sweep(
     fig, ax = plt.subplots(figsize=(6.4, height), dpi=120)
     for label, curve in curves.items():
         xs = sorted(curve)
-        ax.plot(xs, [curve[x] for x in xs], marker="o", label=label)
+        style = {"marker": "o", **(styles or {}).get(label, {})}
+        ax.plot(xs, [curve[x] for x in xs], label=label, **style)
     for i, (label, value) in enumerate((reference or {}).items()):
-        ax.axhline(
-            value, linestyle="--", color=f"C{i + len(curves)}", label=f"{label} ({value:.2f})"
-        )
+        color = "k" if styles else f"C{i + len(curves)}"
+        ax.axhline(value, linestyle="--", color=color, label=f"{label} ({value:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity (log scale)")

@@ -608,6 +608,10 @@ def label(cfg: Config, sampler: StepSampler) -> str:
 
 
 # ------------------------------------------------------------------------------------ report
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "x", "D", "v")
+
+
 def report_table(runs: list[dict]) -> str:
     """A Markdown table of finished runs: perplexity and KL per step count, before and after,
     against the original's perplexity, with each run's training budget."""
@@ -643,9 +647,10 @@ def report_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _curves(runs: list[dict], x: str) -> dict[str, dict]:
-    curves = {}
-    for r in runs:
+def _curves(runs: list[dict], x: str) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(curves, styles): one color per run, solid after training and dotted before."""
+    curves, styles = {}, {}
+    for i, r in enumerate(runs):
         cost = r["cost_model"]
         for when in ("before", "after"):
             if r["mode"] == "drop" and when == "before":
@@ -658,8 +663,14 @@ def _curves(runs: list[dict], x: str) -> dict[str, dict]:
                     else 2 * (int(n) * cost["layer_params"] + cost["head_params"]) / 1e9
                 )
                 points[key] = value["perplexity"]
-            curves[f"{r['label']}: {when}"] = points
-    return curves
+            name = f"{r['label']}: {when}"
+            curves[name] = points
+            styles[name] = {
+                "color": f"C{i}",
+                "linestyle": "-" if when == "after" else ":",
+                "marker": "o" if when == "after" else "x",
+            }
+    return curves, styles
 
 
 def plot_runs(runs: list[dict], out: Path) -> list[Path]:
@@ -667,24 +678,30 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
     GFLOPs per token) of finished runs, the original's perplexity as a dashed line."""
     reference = {f"original (N = {runs[0]['layers']})": runs[0]["original_perplexity"]}
     title = f"{Path(str(runs[0]['model'])).name}, held-out {', '.join(runs[0]['heldout'])}"
+    by_steps, styles = _curves(runs, "steps")
+    by_flops, _ = _curves(runs, "flops")
     return [
-        plot_sweep(_curves(runs, "steps"), out / "perplexity.png", title, reference),
+        plot_sweep(by_steps, out / "perplexity.png", title, reference, styles=styles),
         plot_sweep(
-            _curves(runs, "flops"),
+            by_flops,
             out / "perplexity_flops.png",
             title,
             reference,
             xlabel="inference GFLOPs per token",
+            styles=styles,
         ),
     ]
 
 
 def plot_budget(run_dirs: list[Path], out: Path) -> Path | None:
     """``perplexity_budget.png``: held-out perplexity against training PFLOPs from the curves
-    the runs logged (``eval_every``), one line per (run, step count)."""
+    the runs logged (``eval_every``), one line per (run, step count): one color per step count,
+    one line style and marker per run."""
     curves: dict[str, dict] = {}
+    styles: dict[str, dict] = {}
+    colors: dict[int, str] = {}
     reference = None
-    for folder in run_dirs:
+    for i, folder in enumerate(run_dirs):
         results = json.loads((folder / "results.json").read_text())
         for record in Metrics(folder / "metrics.jsonl").read():
             if record.get("event") != "curve":
@@ -693,6 +710,11 @@ def plot_budget(run_dirs: list[Path], out: Path) -> Path | None:
             for n, value in record["steps"].items():
                 name = f"{results['label']}: N = {n}"
                 curves.setdefault(name, {})[record["flops"] / 1e15] = value["perplexity"]
+                styles[name] = {
+                    "color": colors.setdefault(int(n), f"C{len(colors)}"),
+                    "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+                    "marker": _MARKERS[i % len(_MARKERS)],
+                }
     if not curves:
         return None
     return plot_sweep(
@@ -701,6 +723,7 @@ def plot_budget(run_dirs: list[Path], out: Path) -> Path | None:
         "perplexity during training (curve windows)",
         reference,
         xlabel="training PFLOPs",
+        styles=styles,
     )
 
 
