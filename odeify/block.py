@@ -158,7 +158,10 @@ class ODEBlock(nn.Module):
         else:
             state = (key, self._param_state())
             if self._weight_cache is None or self._weight_cache[0] != state:
-                with torch.no_grad():
+                # Built in the parameters' dtype even under autocast: the cache outlives the
+                # autocast region (a bf16 training step, then an fp32 evaluation on the same grid).
+                device = next(iter(self.basis.parameters())).device
+                with torch.no_grad(), torch.autocast(device.type, enabled=False):
                     grid = self._combine(self.coefficients(times), None, base)
                     transposed = frozenset(n for n in grid if self.family.is_transposed(n))
                     for name in transposed:

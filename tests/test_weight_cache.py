@@ -132,3 +132,13 @@ def test_a_parametrised_basis_tensor_is_never_served_stale(model):
     before = _run(model)
     shift.delta = 0.1
     assert not torch.allclose(_run(model), before)
+
+
+def test_weights_cached_under_autocast_serve_a_full_precision_forward(model):
+    # Frozen weights are cached in training too (a LoRA step); a bf16 autocast step must not
+    # leave bf16 weights behind for the fp32 evaluation that follows on the same grid.
+    expected = _run(model, ode_steps=3)
+    get_block(model)._weight_cache = None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(IDS, use_cache=False, ode_steps=3)
+    torch.testing.assert_close(_run(model, ode_steps=3), expected, rtol=0, atol=0)
