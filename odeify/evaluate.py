@@ -101,6 +101,6 @@ def plot_sweep(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # a legend under the axes may be wider than them
     plt.close(fig)
     return path

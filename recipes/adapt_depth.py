@@ -693,22 +693,23 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
     ]
 
 
-def plot_budget(run_dirs: list[Path], out: Path) -> Path | None:
+def plot_budget(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path | None:
     """``perplexity_budget.png``: held-out perplexity against training PFLOPs from the curves
     the runs logged (``eval_every``), one line per (run, step count): one color per step count,
-    one line style and marker per run."""
+    one line style and marker per run. ``labels`` name the runs (default: their own labels)."""
     curves: dict[str, dict] = {}
     styles: dict[str, dict] = {}
     colors: dict[int, str] = {}
     reference = None
     for i, folder in enumerate(run_dirs):
-        results = json.loads((folder / "results.json").read_text())
+        run_label = json.loads((folder / "results.json").read_text())["label"]
+        run_label = labels[i] if labels else run_label
         for record in Metrics(folder / "metrics.jsonl").read():
             if record.get("event") != "curve":
                 continue
             reference = reference or {"original": record["original"]}
             for n, value in record["steps"].items():
-                name = f"{results['label']}: N = {n}"
+                name = f"{run_label}: N = {n}"
                 curves.setdefault(name, {})[record["flops"] / 1e15] = value["perplexity"]
                 styles[name] = {
                     "color": colors.setdefault(int(n), f"C{len(colors)}"),
@@ -736,12 +737,16 @@ def compare(run_dirs: list[str], out: str) -> str:
     runs = [json.loads((f / "results.json").read_text()) for f in folders]
     if len({(r["model"], tuple(r["heldout"]), r["eval_tokens"]) for r in runs}) > 1:
         raise ValueError("--compare needs runs of one model evaluated on the same held-out text")
+    if len({r["label"] for r in runs}) < len(runs):
+        # Runs of one config at other budgets: tell them apart (and keep their curves apart).
+        for r in runs:
+            r["label"] += f", {r['train_flops'] / 1e15:.2g} PFLOP"
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     table = report_table(runs)
     (target / "report.md").write_text(table)
     plot_runs(runs, target)
-    plot_budget(folders, target)
+    plot_budget(folders, target, [r["label"] for r in runs])
     return table
 
 

@@ -399,6 +399,8 @@ def test_baseline_gets_the_same_budget_and_compare_tabulates(assets, adapted, tm
     assert "(a) layer dropping to M = 2" in table and "depth adaptation" in table
     for name in ("report.md", "perplexity.png", "perplexity_flops.png", "perplexity_budget.png"):
         assert (tmp_path / "cmp" / name).exists(), name
+    again = recipe.compare([str(out), str(out)], str(tmp_path / "twice"))  # same label twice
+    assert f"every 1), {results['train_flops'] / 1e15:.2g} PFLOP | 4 |" in again
 
 
 @pytest.mark.parametrize(
