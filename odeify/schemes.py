@@ -178,6 +178,22 @@ def spans(steps: int, num_layers: int, ends: int = 0) -> list[float]:
     return [1] * ends + [middle] * (steps - 2 * ends) + [1] * ends
 
 
+def _layer_bounds(steps: int, num_layers: int, ends: int) -> list[float]:
+    """Where the steps begin and end, in layers of the original: every layer boundary at the
+    ends is an exact integer l, so its time l / L is the very float the hat basis has a node at."""
+    spans(steps, num_layers, ends)  # checks that steps > 2 ends
+    middle, inner = steps - 2 * ends, num_layers - 2 * ends
+    bounds = []
+    for i in range(steps + 1):
+        if i <= ends:
+            bounds.append(float(i))
+        elif i >= steps - ends:
+            bounds.append(float(num_layers - (steps - i)))
+        else:
+            bounds.append(ends + inner * (i - ends) / middle)
+    return bounds
+
+
 def stage_times(
     scheme: Scheme, steps: int, num_layers: int | None = None, ends: int = 0
 ) -> tuple[list[float], list[int]]:
@@ -195,18 +211,7 @@ def stage_times(
     if ends == 0:
         flat = [(i + c) / steps for i in range(steps) for c in scheme.offsets]
     else:
-        # Boundaries in layer units first, so every layer boundary is an exact integer l and its
-        # time l / L is the very float the hat basis has a node at.
-        spans(steps, num_layers, ends)  # checks steps > 2 ends
-        middle = steps - 2 * ends
-        bounds = [
-            float(i)
-            if i <= ends
-            else float(num_layers - (steps - i))
-            if i >= steps - ends
-            else ends + (num_layers - 2 * ends) * (i - ends) / middle
-            for i in range(steps + 1)
-        ]
+        bounds = _layer_bounds(steps, num_layers, ends)
         flat = [
             (bounds[i] + c * (bounds[i + 1] - bounds[i])) / num_layers
             for i in range(steps)

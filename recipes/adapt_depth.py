@@ -332,11 +332,10 @@ def build(cfg: Config, original: nn.Module) -> tuple[nn.Module, nn.Module, StepS
             seed=cfg.seed,
             choices=choices,
         )
-        shortest = min(choices) if choices else sampler.low
-        if shortest <= 2 * cfg.discrete_ends:
+        if sampler.low <= 2 * cfg.discrete_ends:
             raise ValueError(
                 f"discrete_ends = {cfg.discrete_ends} needs every step count above "
-                f"{2 * cfg.discrete_ends}, but the sampler can draw {shortest}; raise low"
+                f"{2 * cfg.discrete_ends}, but the sampler can draw {sampler.low}; raise low"
             )
     block = ode_lib.get_block(student)
     trainable = {id(block.basis_tensor(name)) for name in block.names}
@@ -442,6 +441,11 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     curve_windows = windows[torch.linspace(0, len(windows) - 1, cfg.curve_windows).long().unique()]
     counts = default_counts(cfg, num_layers, curve=False)
     curve_counts = default_counts(cfg, num_layers, curve=True)
+    if min(counts + curve_counts) <= 2 * cfg.discrete_ends:
+        raise ValueError(
+            f"discrete_ends = {cfg.discrete_ends} needs every step count above "
+            f"{2 * cfg.discrete_ends}; eval_steps / curve_steps ask for {min(counts + curve_counts)}"
+        )
 
     cost = CostModel.of(teacher, train_factor=3.0 if cfg.train == "full" else 2.0)
     tokens_per_step = cfg.batch_size * cfg.seq_len

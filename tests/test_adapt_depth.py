@@ -424,6 +424,7 @@ def test_baseline_gets_the_same_budget_and_compare_tabulates(assets, adapted, tm
         (dict(discrete_ends=-1), ValueError, "discrete_ends must be >= 0"),
         (dict(mode="drop", keep_layers=2, discrete_ends=1), ValueError, "mode: ode"),
         (dict(discrete_ends=1, low=2, high=8), ValueError, "can draw 2; raise low"),
+        (dict(discrete_ends=1, low=3, high=8), ValueError, "eval_steps / curve_steps ask for 2"),
         (dict(choices=[2, 8], low=2), ValueError, "not both"),
         (dict(choices=[0]), ValueError, "choices must be integers"),
         (dict(model="/no/such/model"), FileNotFoundError, "neither 'smollm2' nor a folder"),
