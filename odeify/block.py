@@ -306,7 +306,8 @@ class ODEBlock(nn.Module):
         return int(counts.max()), counts
 
     def step(self, x: Tensor, run: _Run, i: int) -> Tensor:
-        """Step i of a native scheme: the state at t = i / N to the state at t = (i + 1) / N.
+        """Step i of a native scheme: the state at t = i / N to the state at t = (i + 1) / N
+        (with ``discrete_ends``, between the boundaries of :func:`odeify.schemes.spans`).
 
         With per-sample step counts N_b, sample b steps by 1 / N_b on its own grid with its own
         weights, and leaves its state unchanged once i >= N_b.
