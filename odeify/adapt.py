@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from .adapters import family_for
 from .api import get_block, odeify
 from .block import ODEBlock
+from .schemes import layer_bounds
 
 __all__ = [
     "CostModel",
@@ -147,15 +148,8 @@ def matching(steps: int, num_layers: int, ends: int = 0) -> list[tuple[int, int]
         >>> matching(6, 30, ends=2)
         [(1, 1), (2, 2), (3, 15), (4, 28), (5, 29), (6, 30)]
     """
-    pairs, middle, inner = [], steps - 2 * ends, num_layers - 2 * ends
-    for j in range(1, steps + 1):
-        if j <= ends:
-            pairs.append((j, j))
-        elif j >= steps - ends:
-            pairs.append((j, num_layers - (steps - j)))
-        elif (j - ends) * inner % middle == 0:
-            pairs.append((j, ends + (j - ends) * inner // middle))
-    return pairs
+    bounds = layer_bounds(steps, num_layers, ends)
+    return [(j, int(b)) for j, b in enumerate(bounds) if j >= 1 and b == int(b)]
 
 
 # ---------------------------------------------------------------------------------- recording

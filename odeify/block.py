@@ -275,11 +275,9 @@ class ODEBlock(nn.Module):
         if solver.native is not None:
             scheme = solver.native
             if per_sample is None:
-                run.times, run.index = stage_times(scheme, steps, self.ode.num_layers, ends)
+                run.times, run.index = stage_times(scheme, steps, run.num_layers, ends)
                 if ends:
-                    run.sizes = [
-                        s / self.ode.num_layers for s in spans(steps, run.num_layers, ends)
-                    ]
+                    run.sizes = [s / run.num_layers for s in spans(steps, run.num_layers, ends)]
                 run.weights = self.grid_weights((scheme.name, steps, ends), run.times)
                 grid = (scheme.name, steps)
             else:

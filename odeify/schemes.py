@@ -178,9 +178,15 @@ def spans(steps: int, num_layers: int, ends: int = 0) -> list[float]:
     return [1] * ends + [middle] * (steps - 2 * ends) + [1] * ends
 
 
-def _layer_bounds(steps: int, num_layers: int, ends: int) -> list[float]:
-    """Where the steps begin and end, in layers of the original: every layer boundary at the
-    ends is an exact integer l, so its time l / L is the very float the hat basis has a node at."""
+def layer_bounds(steps: int, num_layers: int, ends: int = 0) -> list[float]:
+    """Where the N steps begin and end, in layers of the original (0 to L). A boundary that
+    falls on a layer is the exact integer l, so its time l / L is the very float the hat basis
+    has a node at (exact integer division is exact in floating point too).
+
+    Example:
+        >>> layer_bounds(4, 6, ends=1)
+        [0.0, 1.0, 3.0, 5.0, 6.0]
+    """
     spans(steps, num_layers, ends)  # checks that steps > 2 ends
     middle, inner = steps - 2 * ends, num_layers - 2 * ends
     bounds = []
@@ -211,7 +217,7 @@ def stage_times(
     if ends == 0:
         flat = [(i + c) / steps for i in range(steps) for c in scheme.offsets]
     else:
-        bounds = _layer_bounds(steps, num_layers, ends)
+        bounds = layer_bounds(steps, num_layers, ends)
         flat = [
             (bounds[i] + c * (bounds[i + 1] - bounds[i])) / num_layers
             for i in range(steps)
