@@ -63,11 +63,13 @@ def plot_sweep(
     reference: dict[str, float] | None = None,
     xlabel: str = "solver steps N",
     styles: dict[str, dict] | None = None,
+    ylim: tuple[float, float] | None = None,
 ) -> Path:
     """Perplexity against steps on a log axis, one line per curve, dashed lines for references.
 
     ``styles`` maps a curve's label to matplotlib keywords (color, linestyle, marker), so many
     curves can share a color per run and a line style per variant instead of cycling colors.
+    ``ylim`` cuts the axis to a range of interest (points outside are off the plot).
 
     Example:
         >>> plot_sweep({"hat basis": {15: 3.5e6, 30: 24.6}}, "ppl.png", "SmolLM2", {"original": 24.6})   # doctest: +SKIP
@@ -88,8 +90,15 @@ def plot_sweep(
         ax.plot(xs, [curve[x] for x in xs], label=label, **style)
     for i, (label, value) in enumerate((reference or {}).items()):
         color = "k" if styles else f"C{i + len(curves)}"
-        ax.axhline(value, linestyle="--", color=color, label=f"{label} ({value:.2f})")
+        linestyle = ("--", ":", "-.")[i % 3]
+        ax.axhline(value, linestyle=linestyle, color=color, label=f"{label} ({value:.2f})")
     ax.set_yscale("log")
+    if ylim:
+        # A cut axis spans less than a decade: plain numbers read better than powers of ten.
+        ax.set_ylim(*ylim)
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title)

@@ -5,7 +5,7 @@ distillation from its frozen original (issue 6), and the layer-dropping baseline
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-drop15.yaml   # baseline (a)
     python recipes/adapt_depth.py --config ... --set max_steps=20 --set out_dir=runs/try
     python recipes/adapt_depth.py --config ... --resume        # continue the run in out_dir
-    python recipes/adapt_depth.py --compare runs/adapt runs/drop15 --out benchmarks/figures/adapt
+    python recipes/adapt_depth.py --compare runs/adapt runs/drop15 --names C "(a)" --out benchmarks/figures/adapt
 
 Features:
 - Model: ``smollm2`` (the bundled SmolLM2-135M-Instruct) or a folder with a stock transformers
@@ -41,11 +41,14 @@ Features:
   perplexity at ``curve_steps`` on ``curve_windows`` windows (the curve against tokens seen);
   after training a check that ``materialize(model, steps=M)`` equals the ODE model at M.
 - Outputs in ``out_dir``: ``metrics.jsonl`` (per step: each step count's loss parts, lr, tokens,
-  FLOPs, seconds), ``results.json``, ``report.md`` (the table), ``perplexity.png`` (against
-  steps and against inference FLOPs per token), ``model/`` (``odeify.save_pretrained``; LoRA
-  merged into the weight functions), ``adapter/`` (``train: lora``: the peft adapter), and
-  checkpoints (atomic, keep-last-N, trainable tensors only) that ``--resume`` continues exactly.
-  ``--compare`` puts finished runs (adaptation, baselines) in one table and three plots.
+  FLOPs, seconds), ``results.json``, ``report.md`` (the table), plots of perplexity against
+  steps (``perplexity.png``, before and after; ``perplexity_after.png``, after only on an axis
+  cut to the targets' range) and against inference FLOPs per token (``perplexity_flops.png``),
+  ``model/`` (``odeify.save_pretrained``; LoRA merged into the weight functions), ``adapter/``
+  (``train: lora``: the peft adapter), and checkpoints (atomic, keep-last-N, trainable tensors
+  only) that ``--resume`` continues exactly. ``--compare`` puts finished runs (adaptation,
+  baselines) in one table and the same plots, plus ``perplexity_budget.png`` (the curves
+  against training FLOPs); ``--names`` gives the runs short names for the legends.
 - Errors before any work: unknown config keys, bad option values, held-out documents that are
   not in the corpus, a run folder from another config (or a run there and no ``--resume``).
 """
@@ -678,12 +681,18 @@ def _curves(runs: list[dict], x: str) -> tuple[dict[str, dict], dict[str, dict]]
 
 
 def plot_runs(runs: list[dict], out: Path) -> list[Path]:
-    """``perplexity.png`` (against solver steps) and ``perplexity_flops.png`` (against inference
-    GFLOPs per token) of finished runs, the original's perplexity as a dashed line."""
-    reference = {f"original (N = {runs[0]['layers']})": runs[0]["original_perplexity"]}
+    """``perplexity.png`` (against solver steps, before and after) and ``perplexity_flops.png``
+    (against inference GFLOPs per token) of finished runs, and ``perplexity_after.png``: after
+    training only, on an axis cut to 0.8x-4x the original's perplexity (the range the targets
+    are in), with the original and 1.5x it as reference lines."""
+    original = runs[0]["original_perplexity"]
+    reference = {f"original (N = {runs[0]['layers']})": original}
     title = f"{Path(str(runs[0]['model'])).name}, held-out {', '.join(runs[0]['heldout'])}"
     by_steps, styles = _curves(runs, "steps")
     by_flops, _ = _curves(runs, "flops")
+    after = {k.removesuffix(": after"): k for k in by_steps if k.endswith(": after")}
+    after_styles = {short: styles[k] for short, k in after.items()}
+    after = {short: by_steps[k] for short, k in after.items()}
     return [
         plot_sweep(by_steps, out / "perplexity.png", title, reference, styles=styles),
         plot_sweep(
@@ -693,6 +702,14 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
             reference,
             xlabel="inference GFLOPs per token",
             styles=styles,
+        ),
+        plot_sweep(
+            after,
+            out / "perplexity_after.png",
+            f"{title}: after training",
+            {**reference, "1.5x the original": 1.5 * original},
+            styles=after_styles,
+            ylim=(0.8 * original, 4 * original),
         ),
     ]
 
@@ -732,9 +749,20 @@ def plot_budget(run_dirs: list[Path], out: Path, labels: list[str] | None = None
     )
 
 
-def compare(run_dirs: list[str], out: str) -> str:
-    """One table (``report.md``) and the plots of several finished runs, written to ``out``."""
+def compare(run_dirs: list[str], out: str, names: list[str] | None = None) -> str:
+    """One table (``report.md``) and the plots of several finished runs, written to ``out``.
+
+    ``names`` (one per run) replace the runs' long labels in the table and the legends; the
+    table then lists what each name stands for.
+
+    Example:
+        >>> compare(["runs/adapt-smollm2", "runs/adapt-smollm2-drop15"], "cmp", ["C", "(a)"])  # doctest: +SKIP
+    """
     folders = [Path(d) for d in run_dirs]
+    if names is not None and len(names) != len(folders):
+        raise ValueError(
+            f"--names gave {len(names)} names for {len(folders)} runs: give one per run, in order"
+        )
     for folder in folders:
         if not (folder / "results.json").exists():
             raise FileNotFoundError(f"{folder} holds no finished run (no results.json)")
@@ -745,9 +773,14 @@ def compare(run_dirs: list[str], out: str) -> str:
         # Runs of one config at other budgets: tell them apart (and keep their curves apart).
         for r in runs:
             r["label"] += f", {r['train_flops'] / 1e15:.2g} PFLOP"
+    key = ""
+    if names:
+        key = "\n" + "".join(f"- {n}: {r['label']}\n" for n, r in zip(names, runs, strict=True))
+        for n, r in zip(names, runs, strict=True):
+            r["label"] = n
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    table = report_table(runs)
+    table = report_table(runs) + key
     (target / "report.md").write_text(table)
     plot_runs(runs, target)
     plot_budget(folders, target, [r["label"] for r in runs])
@@ -765,11 +798,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | str:
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="tabulate finished runs")
     parser.add_argument("--out", help="where --compare writes its table and plots")
+    parser.add_argument("--names", nargs="+", help="short names of the --compare runs, in order")
     args = parser.parse_args(argv)
     if args.compare:
         if not args.out:
             parser.error("--compare needs --out")
-        table = compare(args.compare, args.out)
+        table = compare(args.compare, args.out, args.names)
         print(table)
         return table
     cfg = load_config(Config, args.config, parse_overrides(args.set))

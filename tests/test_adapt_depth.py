@@ -397,8 +397,14 @@ def test_baseline_gets_the_same_budget_and_compare_tabulates(assets, adapted, tm
     assert drop["optimizer_steps"] > results["optimizer_steps"]  # cheaper steps, more of them
     table = recipe.compare([str(out), str(tmp_path / "drop")], str(tmp_path / "cmp"))
     assert "(a) layer dropping to M = 2" in table and "depth adaptation" in table
-    for name in ("report.md", "perplexity.png", "perplexity_flops.png", "perplexity_budget.png"):
+    plots = ("perplexity.png", "perplexity_flops.png", "perplexity_after.png")
+    for name in ("report.md", *plots, "perplexity_budget.png"):
         assert (tmp_path / "cmp" / name).exists(), name
+    named = recipe.compare([str(out), str(tmp_path / "drop")], str(tmp_path / "named"), ["C", "a"])
+    assert "| C | 4 |" in named and "| a | 2 |" in named  # short names in the rows
+    assert "- a: (a) layer dropping to M = 2" in named  # and what each stands for
+    with pytest.raises(ValueError, match="2 names for 1 runs"):
+        recipe.compare([str(out)], str(tmp_path / "bad"), ["C", "a"])
     again = recipe.compare([str(out), str(out)], str(tmp_path / "twice"))  # same label twice
     assert f"every 1), {results['train_flops'] / 1e15:.2g} PFLOP | 4 |" in again
 
