@@ -655,7 +655,7 @@ def report_table(runs: list[dict]) -> str:
 
 
 def _curves(runs: list[dict], x: str) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(curves, styles): one color per run, solid after training and dotted before."""
+    """(curves, styles): one color per run, solid (or dashed) after training, dotted before."""
     curves, styles = {}, {}
     for i, r in enumerate(runs):
         cost = r["cost_model"]
@@ -672,10 +672,11 @@ def _curves(runs: list[dict], x: str) -> tuple[dict[str, dict], dict[str, dict]]
                 points[key] = value["perplexity"]
             name = f"{r['label']}: {when}"
             curves[name] = points
+            # Ten colors, then dashed lines; the baselines' points are squares.
             styles[name] = {
-                "color": f"C{i}",
-                "linestyle": "-" if when == "after" else ":",
-                "marker": "o" if when == "after" else "x",
+                "color": f"C{i % 10}",
+                "linestyle": (("-", "--")[i // 10 % 2]) if when == "after" else ":",
+                "marker": "x" if when == "before" else "s" if r["mode"] == "drop" else "o",
             }
     return curves, styles
 
