@@ -691,9 +691,10 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
     title = f"{Path(str(runs[0]['model'])).name}, held-out {', '.join(runs[0]['heldout'])}"
     by_steps, styles = _curves(runs, "steps")
     by_flops, _ = _curves(runs, "flops")
-    after = {k.removesuffix(": after"): k for k in by_steps if k.endswith(": after")}
-    after_styles = {short: styles[k] for short, k in after.items()}
-    after = {short: by_steps[k] for short, k in after.items()}
+    after = {k.removesuffix(": after"): v for k, v in by_steps.items() if k.endswith(": after")}
+    after_styles = {
+        k.removesuffix(": after"): v for k, v in styles.items() if k.endswith(": after")
+    }
     return [
         plot_sweep(by_steps, out / "perplexity.png", title, reference, styles=styles),
         plot_sweep(
@@ -715,17 +716,15 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
     ]
 
 
-def plot_budget(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path | None:
+def plot_budget(run_dirs: list[Path], out: Path, labels: list[str]) -> Path | None:
     """``perplexity_budget.png``: held-out perplexity against training PFLOPs from the curves
     the runs logged (``eval_every``), one line per (run, step count): one color per step count,
-    one line style and marker per run. ``labels`` name the runs (default: their own labels)."""
+    one line style and marker per run. ``labels`` name the runs, one per folder."""
     curves: dict[str, dict] = {}
     styles: dict[str, dict] = {}
     colors: dict[int, str] = {}
     reference = None
-    for i, folder in enumerate(run_dirs):
-        run_label = json.loads((folder / "results.json").read_text())["label"]
-        run_label = labels[i] if labels else run_label
+    for i, (folder, run_label) in enumerate(zip(run_dirs, labels, strict=True)):
         for record in Metrics(folder / "metrics.jsonl").read():
             if record.get("event") != "curve":
                 continue
