@@ -165,10 +165,8 @@ def _times_arg(text: str) -> int | list[float]:
     return values
 
 
-def cmd_analyze(args) -> int:
-    from . import get_block, odeify
-    from .analysis import lyapunov, spectra
-    from .analysis.report import write_report
+def _analysis_inputs(args):
+    """(model, tokenizer, ids, is_odeified, device) of ``odeify analyze``, every input checked."""
     from .loading import load_model
 
     try:
@@ -196,8 +194,14 @@ def cmd_analyze(args) -> int:
             f"the text has {ids.numel()} tokens but {args.model} reads at most {context}: pass a "
             "shorter --text (Lyapunov exponents need the whole text in one forward pass)"
         )
-    model.to(device)
-    start = time.perf_counter()
+    return model.to(device), tokenizer, ids, ode, device
+
+
+def _analyse(args, model, ids, ode: bool):
+    """(spectra over t, the original layers' spectra or None, Lyapunov exponents)."""
+    from . import get_block, odeify
+    from .analysis import lyapunov, spectra
+
     try:
         layers = None
         if not ode:
@@ -208,14 +212,24 @@ def cmd_analyze(args) -> int:
                 f"{get_block(model).ode.num_layers} steps) for the spectra over t and the Lyapunov "
                 "exponents; the original layers' spectra are drawn as markers"
             )
-        block = get_block(model)
         spectrum = spectra(model, times=args.times)
         lam = lyapunov(
             model, ids, steps=args.steps, scheme=args.scheme, k=args.top_k, refine=args.refine
         )
     except ValueError as error:
         raise SystemExit(f"odeify analyze: {error}") from None
+    return spectrum, layers, lam
+
+
+def cmd_analyze(args) -> int:
+    from . import get_block
+    from .analysis.report import write_report
+
+    model, tokenizer, ids, ode, device = _analysis_inputs(args)
+    start = time.perf_counter()
+    spectrum, layers, lam = _analyse(args, model, ids, ode)
     seconds = time.perf_counter() - start
+    block = get_block(model)
     tokens = [tokenizer.decode([i]) for i in ids.tolist()]
     meta = {
         "model": args.model,
@@ -225,14 +239,13 @@ def cmd_analyze(args) -> int:
         "device": str(device),
         "seconds": round(seconds, 2),
     }
-    title = f"{Path(args.model).name}: {ids.numel()} tokens"
     written = write_report(
         args.out,
         spectra=spectrum,
         layers=layers,
         lyapunov=lam,
         tokens=tokens,
-        title=title,
+        title=f"{Path(args.model).name}: {ids.numel()} tokens",
         meta=meta,
     )
     qk = spectrum.summary("qk")["radius"]
@@ -248,12 +261,7 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="odeify", description="Continuous-depth (neural-ODE) transformers."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="odeify a model and save it")
     p.add_argument("source", help="'smollm2' (bundled), a transformers folder, or a .gguf file")
     p.add_argument("out", help="output folder")
@@ -261,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_options(p)
     p.set_defaults(func=cmd_convert)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity at several step counts, with a plot")
     p.add_argument(
         "model", help="an odeified folder, or any source 'convert' takes (odeified in memory)"
@@ -286,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the ODE model (KV-cached)")
     p.add_argument("model", help="an odeified folder, or any source 'convert' takes")
     p.add_argument("--prompt", required=True)
@@ -297,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_generate)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the main job: SmolLM2 on Shakespeare, fidelity and retargeting"
     )
@@ -308,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_steps_list, default=[10, 15, 20, 24, 30, 36, 45, 60])
     p.set_defaults(func=cmd_demo)
 
+
+def _add_analyze(sub) -> None:
     p = sub.add_parser(
         "analyze", help="QK/OV spectra over t and per-token Lyapunov exponents, as a report"
     )
@@ -345,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_analyze)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="odeify", description="Continuous-depth (neural-ODE) transformers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_convert, _add_eval, _add_generate, _add_demo, _add_analyze):
+        add(sub)
     return parser
 
 

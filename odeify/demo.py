@@ -1,9 +1,9 @@
 """The main job on the bundled defaults: SmolLM2-135M on Shakespeare.
 
 Convert, check fidelity at N = L, sweep the step count, and write a plot and a report. It shows
-honestly what DESIGN.md section 4 measured: a converted pretrained model reproduces the original
-at N = L, and training-free retargeting to other step counts degrades (pretrained layers are not
-smooth in depth); depth adaptation (recipes/adapt_depth.py) is what makes it retargetable.
+honestly what holds for a converted pretrained model: it reproduces the original at N = L, and
+training-free retargeting to other step counts degrades (pretrained layers are not smooth in
+depth); depth adaptation (recipes/adapt_depth.py) is what makes it retargetable.
 """
 
 from __future__ import annotations
@@ -109,9 +109,8 @@ original = {results["max_abs_logit_diff_at_L"]:.2e}; greedy tokens equal: {resul
 |---|---|---|
 {rows}
 
-Training-free retargeting degrades, as DESIGN.md section 4 measured: the pretrained layers are
-not a smooth function of depth, so W(t) between layers is a blend the model never saw. Depth
-adaptation (recipes/adapt_depth.py) trains the weight functions so other step counts work.
+Training-free retargeting degrades: the pretrained layers are not a smooth function of depth,
+so W(t) between layers is a blend the model never saw. Depth adaptation (recipes/adapt_depth.py) trains the weight functions so other step counts work.
 
 Greedy continuation of "{PROMPT}"
 - original / odeified at N = L: {results["greedy_original"]!r}
