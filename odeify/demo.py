@@ -110,7 +110,8 @@ original = {results["max_abs_logit_diff_at_L"]:.2e}; greedy tokens equal: {resul
 {rows}
 
 Training-free retargeting degrades: the pretrained layers are not a smooth function of depth,
-so W(t) between layers is a blend the model never saw. Depth adaptation (recipes/adapt_depth.py) trains the weight functions so other step counts work.
+so W(t) between layers is a blend the model never saw. Depth adaptation
+(recipes/adapt_depth.py) trains the weight functions so other step counts work.
 
 Greedy continuation of "{PROMPT}"
 - original / odeified at N = L: {results["greedy_original"]!r}
