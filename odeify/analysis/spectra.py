@@ -135,9 +135,9 @@ def spectra(
         chunk: times per batch (bounds memory: one chunk holds 4 weight matrices per time).
 
     Example:
-        >>> s = spectra(odeify(smollm2), times=64)   # doctest: +SKIP
-        >>> s.qk.shape                                # [times, heads, head_dim]; doctest: +SKIP
-        torch.Size([64, 9, 64])
+        >>> s = spectra(model, times=8)   # an odeified GPT-2 with 2 heads of 16 dimensions
+        >>> s.qk.shape                    # [times, heads, head_dim]
+        torch.Size([8, 2, 16])
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")

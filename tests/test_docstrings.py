@@ -1,0 +1,54 @@
+"""Every docstring example of the library runs and prints what it says.
+
+Examples run in a namespace with a few small objects they may use by name (``model``: an
+odeified 4-layer GPT-2; ``base``: a stock one; ``ids``: a batch of token ids), in a fresh
+working directory, so an example that saves a folder leaves nothing behind.
+"""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+import torch
+
+import odeify
+import odeify.adapters
+
+# odeify.adapters is installed from another folder (see pyproject), so it is walked on its own.
+MODULES = sorted(
+    name
+    for package in (odeify, odeify.adapters)
+    for _, name, _ in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+) + ["odeify", "odeify.adapters"]
+
+
+def _namespace() -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=97, n_positions=64)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(config).eval()
+    model = odeify.odeify(GPT2LMHeadModel(config).eval(), progress=False)
+    return {
+        "torch": torch,
+        "odeify": odeify.odeify,
+        "base": base,
+        "model": model,
+        "ids": torch.randint(0, config.vocab_size, (2, 16)),
+    }
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(name)
+    tests = [t for t in doctest.DocTestFinder().find(module) if t.examples]
+    if not tests:
+        pytest.skip(f"{name} has no docstring examples")
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in tests:
+        test.globs = {**test.globs, **_namespace()}
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} docstring example(s) of {name} failed (see above)"
