@@ -109,7 +109,8 @@ def layer_shapes(model: nn.Module) -> dict[str, torch.Size]:
     that every block has the same parameters and that each lies in a declared weight group.
 
     Example:
-        >>> layer_shapes(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2)))["attn.c_attn.weight"]
+        >>> shapes = layer_shapes(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2)))
+        >>> shapes["attn.c_attn.weight"]   # Conv1D's [8, 24], as [out, in]
         torch.Size([24, 8])
     """
     family, stack = family_for(model), block_stack(model)
