@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from .adapters import family_for
 from .block import ODEBlock
@@ -161,7 +162,7 @@ def layer_samples(
 
 
 # ----------------------------------------------------------------------------- stock models
-def set_num_layers(config, depth: int) -> None:
+def set_num_layers(config: PretrainedConfig, depth: int) -> None:
     """Make a transformers config describe ``depth`` layers: ``num_hidden_layers`` and, where
     the config has them, ``layer_types`` (one type for every layer, as odeify requires).
 
@@ -175,7 +176,7 @@ def set_num_layers(config, depth: int) -> None:
         config.layer_types = [config.layer_types[0]] * depth
 
 
-def _stock_config(config, depth: int):
+def _stock_config(config: PretrainedConfig, depth: int) -> PretrainedConfig:
     config = copy.deepcopy(config)
     if hasattr(config, "odeify"):
         delattr(config, "odeify")
@@ -183,7 +184,7 @@ def _stock_config(config, depth: int):
     return config
 
 
-def _from_config(config) -> nn.Module:
+def _from_config(config: PretrainedConfig) -> nn.Module:
     import transformers
 
     architecture = (config.architectures or ["AutoModelForCausalLM"])[0]
@@ -222,7 +223,7 @@ def _fill_layers(plain: nn.Module, layer: LayerState, scales: Sequence[float] | 
 
 
 def stock_model(
-    source,
+    source: nn.Module | PretrainedConfig,
     depth: int,
     layer: LayerState | None = None,
     scales: Sequence[float] | None = None,
