@@ -13,7 +13,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
-from odeify.family import Family, Step
+from odeify.family import AttentionLayout, Family, Projection, Step
 from odeify.weights import Weights
 
 
@@ -76,7 +76,7 @@ def _mlp(x: Tensor, w: Weights, step: Step) -> Tensor:
     return F.dropout(h, p=config.resid_pdrop, training=step.module.training)
 
 
-GPT2 = Family(
+FAMILY = Family(
     name="gpt2",
     model_types=("gpt2",),
     stack="h",
@@ -97,8 +97,17 @@ GPT2 = Family(
         "mlp.c_fc": "fc",
         "mlp.c_proj": "mlp_out",
     },
+    norms=("ln_1", "ln_2"),
+    linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     output_projections=("attn.c_proj", "mlp.c_proj"),
     transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    # c_attn, transposed to [3d, d]: its rows are q, k, v stacked.
+    attention_layout=AttentionLayout(
+        q=Projection("attn.c_attn.weight", 0, 3),
+        k=Projection("attn.c_attn.weight", 1, 3),
+        v=Projection("attn.c_attn.weight", 2, 3),
+        o=Projection("attn.c_proj.weight"),
+    ),
     attention=_attention,
     mlp=_mlp,
     check_config=_check_config,

@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from odeify.family import Family, Step
+from odeify.family import AttentionLayout, Family, Projection, Step
 from odeify.weights import Weights
 
 
@@ -84,7 +84,7 @@ def _mlp(x: Tensor, w: Weights, step: Step) -> Tensor:
     return w.linear("mlp.down_proj", act(w.linear("mlp.gate_proj", h)) * w.linear("mlp.up_proj", h))
 
 
-LLAMA = Family(
+FAMILY = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
     stack="layers",
@@ -110,7 +110,23 @@ LLAMA = Family(
         "mlp.up_proj": "up",
         "mlp.down_proj": "down",
     },
+    norms=("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm"),
+    linears=(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ),
     output_projections=("self_attn.o_proj", "mlp.down_proj"),
+    attention_layout=AttentionLayout(
+        q=Projection("self_attn.q_proj.weight"),
+        k=Projection("self_attn.k_proj.weight"),
+        v=Projection("self_attn.v_proj.weight"),
+        o=Projection("self_attn.o_proj.weight"),
+    ),
     attention=_attention,
     mlp=_mlp,
     check_config=_check_config,

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapters import family_for
 from .api import get_block, odeify
 from .block import ODEBlock
-from .schemes import layer_bounds
+from .schemes import layer_bounds, spans
+from .surgery import block_stack, is_odeified, layer_samples, stock_model
 
 __all__ = [
     "CostModel",
@@ -232,7 +232,7 @@ def frozen_teacher(model: nn.Module) -> nn.Module:
         >>> teacher = frozen_teacher(stock_model)   # doctest: +SKIP
     """
     teacher = copy.deepcopy(model)
-    if not any(isinstance(m, ODEBlock) for m in teacher.modules()):
+    if not is_odeified(teacher):
         odeify(teacher, progress=False)
     block = get_block(teacher)
     if block.ode.basis != "hat" or block.ode.num_basis != block.ode.num_layers:
@@ -371,34 +371,18 @@ def drop_layers(model: nn.Module, keep: int) -> nn.Module:
         >>> plain.config.num_hidden_layers          # doctest: +SKIP
         15
     """
-    if any(isinstance(m, ODEBlock) for m in model.modules()):
+    if is_odeified(model):
         raise ValueError("drop_layers takes the original (stock) model, not an odeified one")
-    family = family_for(model)
-    base = getattr(model, "base_model", model)
-    stack = getattr(base, family.stack)
-    num_layers = len(stack)
+    num_layers = len(block_stack(model))
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= num_layers:
         raise ValueError(f"keep must be an integer in [1, {num_layers}], got {keep!r}")
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and keep != num_layers:
         raise ValueError(
             "scale_attn_by_inverse_layer_idx ties each layer to its index; dropping layers changes it"
         )
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = keep
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[0]] * keep
-    plain = type(model)(config).to(dtype=model.dtype, device=next(model.parameters()).device)
-    prefix = next(name for name, module in model.named_modules() if module is stack) + "."
-    outer = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
-    plain.load_state_dict(outer, strict=False)
-    scale = num_layers / keep
-    for i, layer in enumerate(getattr(getattr(plain, "base_model", plain), family.stack)):
-        source = stack[i * num_layers // keep].state_dict()
-        for name, value in source.items():
-            if name.rsplit(".", 1)[0] in family.output_projections:
-                source[name] = value * scale
-        layer.load_state_dict(source)
-    return plain.train(model.training)
+    samples = layer_samples(model, layers=[i * num_layers // keep for i in range(keep)])
+    layer = lambda i: {name: s[i] for name, s in samples.items()}
+    return stock_model(model, keep, layer, spans(keep, num_layers))
 
 
 # ---------------------------------------------------------------------------------------- cost

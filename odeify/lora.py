@@ -42,64 +42,39 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapters import FAMILIES
+from .adapters import FAMILIES, family_for
 from .api import get_block
 from .block import ODEBlock, _ParamTree
+from .surgery import is_odeified, layer_shapes
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-
-def _is_norm(prefix: str) -> bool:
-    leaf = prefix.rsplit(".", 1)[-1]
-    return "norm" in leaf or leaf.startswith("ln_")
-
-
-# Without a model to inspect, "all-linear" means the matrix modules of every supported family.
+# Without a model to inspect, "all-linear" means the linears of every supported family.
 _LINEAR_LEAVES = sorted(
-    {
-        prefix.rsplit(".", 1)[-1]
-        for family in FAMILIES.values()
-        for prefix in family.groups
-        if not _is_norm(prefix)
-    }
+    {linear.rsplit(".", 1)[-1] for family in FAMILIES.values() for linear in family.linears}
 )
 
 
-def _is_odeified(model: nn.Module) -> bool:
-    return any(isinstance(m, ODEBlock) for m in model.modules())
+def _matrices(family, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """{linear: (out, in)} of the declared linears among parameter ``shapes``, in their order."""
+    return {
+        name[: -len(".weight")]: tuple(shape)
+        for name, shape in shapes.items()
+        if name.endswith(".weight") and name[: -len(".weight")] in family.linears
+    }
 
 
 def _stock_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{name inside a block: (out, in)} of the Linear / Conv1D layers of a stock model's blocks."""
-    from transformers.pytorch_utils import Conv1D
-
-    from .adapters import family_for
-
-    stack = family_for(model).stack
-    out = {}
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        # Inside the stack means "<...>.<stack>.<index>.<module>": the LM head is not a target.
-        if stack not in parts[:-2] or not parts[parts.index(stack) + 1].isdigit():
-            continue
-        inner = ".".join(parts[parts.index(stack) + 2 :])
-        if isinstance(module, nn.Linear):
-            out[inner] = (module.out_features, module.in_features)
-        elif isinstance(module, Conv1D):
-            out[inner] = (module.nf, module.weight.shape[0])
-    return out
+    """{name inside a block: (out, in)} of the linears of a stock model's blocks."""
+    return _matrices(family_for(model), layer_shapes(model))
 
 
 def _block_matrices(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{module name inside the block: (out, in)} of every weight matrix of the ODE block."""
     block = get_block(model)
-    return {
-        name[: -len(".weight")]: tuple(block.basis_tensor(name).shape[1:])
-        for name in block.names
-        if name.endswith(".weight") and block.basis_tensor(name).dim() == 3
-    }
+    return _matrices(block.family, {n: block.basis_tensor(n).shape[1:] for n in block.names})
 
 
 def _check_rank(r) -> None:
@@ -179,7 +154,7 @@ def lora_config(
             target_parameters=[f"{leaf}.weight" for leaf in leaves],
             **kwargs,
         )
-    if _is_odeified(model):
+    if is_odeified(model):
         chosen = _resolve(_block_matrices(model), targets, r, "the ODE block")
         return LoraConfig(
             r=r,
@@ -213,7 +188,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, **kwargs):
         )
     saved = json.loads(config_file.read_text())
     continuous = bool(saved.get("target_parameters"))
-    if continuous != _is_odeified(model):
+    if continuous != is_odeified(model):
         kind = (
             "a continuous adapter (on ODE basis tensors)" if continuous else "a per-layer adapter"
         )

@@ -93,15 +93,11 @@ def adamw(
         >>> [g["weight_decay"] for g in opt.param_groups]
         [0.1, 0.0]
     """
-    from .block import ODEBlock
+    from .surgery import find_block
 
     # The block's own basis tensors, not what peft hangs under them (LoRA factors are matrices).
-    basis_ids = {
-        id(m.basis_tensor(name))
-        for m in model.modules()
-        if isinstance(m, ODEBlock)
-        for name in m.names
-    }
+    block = find_block(model)
+    basis_ids = set() if block is None else {id(block.basis_tensor(n)) for n in block.names}
     decay, keep = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -9,17 +9,14 @@ CLI is ``odeify analyze``.
 """
 
 from .benettin import FlowExponents, finite_time_lyapunov, jvp_tangent, vjp_adjoint
-from .heads import LAYOUTS, AttentionLayout, HeadShape, Projection
+from .heads import HeadShape
 from .lyapunov import Lyapunov, lyapunov
 from .spectra import Spectra, spectra
 
 __all__ = [
-    "LAYOUTS",
-    "AttentionLayout",
     "FlowExponents",
     "HeadShape",
     "Lyapunov",
-    "Projection",
     "Spectra",
     "finite_time_lyapunov",
     "jvp_tangent",

@@ -1,14 +1,13 @@
-"""Where each family keeps its attention projections, and the per-head weights at a set of times.
+"""The per-head attention weights of a model at a set of times.
 
-The layout is data: one :class:`AttentionLayout` per adapter name, saying which parameter (in
-odeify's ``[out, in]`` layout) holds W_Q, W_K, W_V and W_O and, for fused projections like
-GPT-2's ``c_attn``, which row block. Everything else (head counts, GQA groups) comes from the
-Hugging Face config. To analyse a new family, add its layout to ``LAYOUTS``.
+Which parameter (in odeify's ``[out, in]`` layout) holds W_Q, W_K, W_V and W_O, and for fused
+projections like GPT-2's ``c_attn`` which row block, is the family's declared
+``attention_layout`` (:class:`odeify.family.AttentionLayout`, in the adapter). Everything else
+(head counts, GQA groups) comes from the Hugging Face config.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,48 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import family_for
-from ..api import get_block
 from ..block import ODEBlock
-
-
-@dataclass(frozen=True)
-class Projection:
-    """Rows ``part`` of ``parts`` equal row blocks of the ``[out, in]`` weight ``name``."""
-
-    name: str
-    part: int = 0
-    parts: int = 1
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """The four attention projections of one block, as named parameters.
-
-    q, k, v map the residual stream to heads (rows: head-major, ``head_dim`` rows per head);
-    o maps the concatenated heads back (columns: head-major).
-    """
-
-    q: Projection
-    k: Projection
-    v: Projection
-    o: Projection
-
-
-LAYOUTS: dict[str, AttentionLayout] = {
-    # GPT-2's Conv1D c_attn, stored transposed to [3d, d]: rows are q, k, v stacked.
-    "gpt2": AttentionLayout(
-        q=Projection("attn.c_attn.weight", 0, 3),
-        k=Projection("attn.c_attn.weight", 1, 3),
-        v=Projection("attn.c_attn.weight", 2, 3),
-        o=Projection("attn.c_proj.weight"),
-    ),
-    "llama": AttentionLayout(
-        q=Projection("self_attn.q_proj.weight"),
-        k=Projection("self_attn.k_proj.weight"),
-        v=Projection("self_attn.v_proj.weight"),
-        o=Projection("self_attn.o_proj.weight"),
-    ),
-}
+from ..family import Projection
+from ..surgery import block_stack, find_block, layer_samples
 
 
 @dataclass(frozen=True)
@@ -118,21 +78,8 @@ def check_times(times: int | Sequence[float]) -> list[float]:
     return values
 
 
-def layout_of(family_name: str) -> AttentionLayout:
-    if family_name not in LAYOUTS:
-        raise ValueError(
-            f"no attention layout for family {family_name!r}; add one to LAYOUTS in "
-            "odeify/analysis/heads.py (which parameters hold W_Q, W_K, W_V, W_O)"
-        )
-    return LAYOUTS[family_name]
-
-
 def _rows(weight: Tensor, projection: Projection) -> Tensor:
     return weight.chunk(projection.parts, dim=-2)[projection.part]
-
-
-def _parameter(module: nn.Module, name: str) -> Tensor:
-    return functools.reduce(getattr, name.split("."), module)
 
 
 def _odeified(block: ODEBlock, names: set[str], times: list[float]) -> dict[str, Tensor]:
@@ -142,10 +89,7 @@ def _odeified(block: ODEBlock, names: set[str], times: list[float]) -> dict[str,
 
 
 def _discrete(model: nn.Module, names: set[str], times: list[float]) -> dict[str, Tensor]:
-    family = family_for(model)
-    base = getattr(model, "base_model", model)
-    stack = getattr(base, family.stack)
-    depth = len(stack)
+    depth = len(block_stack(model))
     layers = []
     for t in times:
         layer = round(t * depth)
@@ -155,21 +99,8 @@ def _discrete(model: nn.Module, names: set[str], times: list[float]) -> dict[str
                 f"(l = 0..{depth - 1}); t = {t} is not one. Pass times=None (its layers), an "
                 f"integer dividing {depth}, or odeify the model to evaluate between layers"
             )
-        layers.append(stack[layer])
-
-    def sample(layer: nn.Module, name: str) -> Tensor:
-        w = _parameter(layer, name).detach()
-        return w.t() if family.is_transposed(name) else w
-
-    return {name: torch.stack([sample(layer, name) for layer in layers]) for name in names}
-
-
-def _block_of(model: nn.Module) -> ODEBlock | None:
-    return next((m for m in model.modules() if isinstance(m, ODEBlock)), None)
-
-
-def _depth(model: nn.Module) -> int:
-    return len(getattr(getattr(model, "base_model", model), family_for(model).stack))
+        layers.append(layer)
+    return layer_samples(model, layers, names)
 
 
 def resolve_times(model: nn.Module, times: int | Sequence[float] | None) -> list[float]:
@@ -182,14 +113,14 @@ def resolve_times(model: nn.Module, times: int | Sequence[float] | None) -> list
     """
     if times is not None:
         return check_times(times)
-    return uniform_times(64 if _block_of(model) is not None else _depth(model))
+    return uniform_times(64 if find_block(model) is not None else len(block_stack(model)))
 
 
 def describe(model: nn.Module) -> str:
     """Where the weights come from, in words (for plots and reports)."""
-    block = _block_of(model)
+    block = find_block(model)
     if block is None:
-        return f"discrete ({_depth(model)} layers)"
+        return f"discrete ({len(block_stack(model))} layers)"
     ode = block.ode
     return f"odeified ({ode.basis} basis, K = {ode.num_basis}, L = {ode.num_layers})"
 
@@ -203,14 +134,11 @@ def head_weights(model: nn.Module, times: int | Sequence[float] | None = None) -
         >>> w.q.shape                                    # doctest: +SKIP
         torch.Size([2, 576, 576])
     """
-    family = family_for(model)
-    layout = layout_of(family.name)
+    layout = family_for(model).attention_layout
     shape = HeadShape.of(model.config)
     grid = resolve_times(model, times)
-    names = {p.name for p in (layout.q, layout.k, layout.v, layout.o)}
-    if _block_of(model) is not None:
-        weights = _odeified(get_block(model), names, grid)
-    else:
-        weights = _discrete(model, names, grid)
-    q, k, v, o = (_rows(weights[p.name], p) for p in (layout.q, layout.k, layout.v, layout.o))
+    names = {p.name for p in layout.projections()}
+    block = find_block(model)
+    weights = _discrete(model, names, grid) if block is None else _odeified(block, names, grid)
+    q, k, v, o = (_rows(weights[p.name], p) for p in layout.projections())
     return HeadWeights(torch.tensor(grid, dtype=torch.float64), q, k, v, o, shape, describe(model))

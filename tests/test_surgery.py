@@ -1,0 +1,227 @@
+"""odeify.surgery on tiny GPT-2 and Llama models: the block stack, odeified or not, the stock-model
+builder, and the family declarations it reads (checked against the real modules)."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel, Qwen2Config
+from transformers.pytorch_utils import Conv1D
+
+from odeify import adapters, materialize, odeify, save_pretrained
+from odeify.adapt import drop_layers
+from odeify.block import ODEBlock
+from odeify.family import Family, Projection
+from odeify.surgery import (
+    block_stack,
+    find_block,
+    is_odeified,
+    is_odeified_folder,
+    layer_samples,
+    layer_shapes,
+    stock_model,
+)
+
+IDS = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def stock(request, make_gpt2, make_llama):
+    return make_gpt2() if request.param == "gpt2" else make_llama(num_hidden_layers=4)
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS, use_cache=False).logits
+
+
+def test_block_stack_is_the_declared_attribute(stock):
+    family = adapters.family_for(stock)
+    assert block_stack(stock) is getattr(stock.base_model, family.stack)
+    assert block_stack(stock.base_model) is block_stack(stock)
+    odeify(stock, progress=False)
+    (block,) = block_stack(stock)
+    assert isinstance(block, ODEBlock) and find_block(stock) is block
+
+
+def test_block_stack_refuses_a_model_without_one():
+    model = GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2))
+    model.h = nn.Sequential()
+    with pytest.raises(ValueError, match="no block stack at .h"):
+        block_stack(model)
+
+
+def test_is_odeified_on_models_and_folders(stock, tmp_path):
+    assert not is_odeified(stock) and find_block(stock) is None
+    stock.save_pretrained(tmp_path / "stock")
+    model = odeify(copy.deepcopy(stock), progress=False)
+    assert is_odeified(model)
+    save_pretrained(model, tmp_path / "ode")
+    assert is_odeified_folder(tmp_path / "ode") and is_odeified_folder(str(tmp_path / "ode"))
+    assert not is_odeified_folder(tmp_path / "stock")
+    assert not is_odeified_folder(tmp_path / "missing")
+
+
+def test_layer_samples_are_the_layers_in_out_in_layout(stock):
+    family, stack = adapters.family_for(stock), block_stack(stock)
+    samples = layer_samples(stock, layers=[3, 1])
+    shapes = layer_shapes(stock)
+    for name, sample in samples.items():
+        assert sample.shape == (2, *shapes[name])
+        for row, layer in zip(sample, (3, 1), strict=True):
+            p = stack[layer].get_parameter(name)
+            assert torch.equal(row, p.t() if family.is_transposed(name) else p)
+    with pytest.raises(ValueError, match="odeified"):
+        layer_samples(odeify(stock, progress=False))
+
+
+def test_materialize_at_l_is_the_original_to_the_bit(stock):
+    plain = materialize(odeify(copy.deepcopy(stock), progress=False), steps=4)
+    assert type(plain) is type(stock) and plain.config.to_dict() == stock.config.to_dict()
+    _same_state(plain, stock)
+    assert torch.equal(_logits(plain), _logits(stock))
+
+
+def test_drop_layers_at_half_depth_is_materialize_at_half_depth(stock):
+    dropped = drop_layers(stock, 2)
+    plain = materialize(odeify(copy.deepcopy(stock), progress=False), steps=2)
+    assert dropped.config.num_hidden_layers == 2
+    _same_state(dropped, plain)
+
+
+def test_stock_model_from_a_config_leaves_the_config_alone():
+    config = Qwen2Config(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2
+    )
+    config.architectures = ["Qwen2ForCausalLM"]
+    config.odeify = {"num_layers": 3}
+    skeleton = stock_model(config, 1)
+    assert type(skeleton).__name__ == "Qwen2ForCausalLM"
+    assert len(block_stack(skeleton)) == 1 and skeleton.config.num_hidden_layers == 1
+    assert skeleton.config.layer_types == ["full_attention"]
+    assert not hasattr(skeleton.config, "odeify")
+    assert config.num_hidden_layers == 3 and len(config.layer_types) == 3 and config.odeify
+
+
+def test_stock_model_checks_the_layer_state(stock):
+    samples = layer_samples(stock)
+    partial = lambda i: {n: s[i] for n, s in list(samples.items())[1:]}
+    with pytest.raises(ValueError, match="layer 0 was given"):
+        stock_model(stock, 2, partial)
+
+
+# ----------------------------------------------------------------------- family declarations
+def _declarations(family: Family) -> dict:
+    return {f.name: getattr(family, f.name) for f in dataclasses.fields(Family)}
+
+
+@pytest.mark.parametrize("missing", ["norms", "linears", "attention_layout", "stack"])
+def test_an_adapter_missing_a_declaration_is_named(missing):
+    fields = _declarations(adapters.FAMILIES["gpt2"])
+    del fields[missing]
+    with pytest.raises(TypeError, match=missing):
+        Family(**fields)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"norms": ("ln_1",)}, r"groups names \['ln_2'\], not declared norms or linears"),
+        ({"norms": ("ln_1", "ln_2", "ln_3")}, r"norms names \['ln_3'\], not modules in groups"),
+        (
+            {"linears": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj", "ln_1")},
+            r"\[.ln_1.\] are declared both norms and linears",
+        ),
+        ({"output_projections": ("ln_2",)}, r"output_projections names \['ln_2'\]"),
+        ({"transposed": ("ln_1",)}, r"transposed names \['ln_1'\]"),
+        (
+            {
+                "attention_layout": dataclasses.replace(
+                    adapters.FAMILIES["gpt2"].attention_layout, o=Projection("attn.c_proj.bias")
+                )
+            },
+            r"attention_layout names \['attn.c_proj.bias'\], not linear weights",
+        ),
+    ],
+)
+def test_an_inconsistent_adapter_is_refused(change, message):
+    with pytest.raises(ValueError, match=f"gpt2 adapter: {message}"):
+        dataclasses.replace(adapters.FAMILIES["gpt2"], **change)
+
+
+def test_a_parameter_outside_the_groups_is_named():
+    with pytest.raises(KeyError, match="'mlp.gate.weight' belongs to no weight group"):
+        adapters.FAMILIES["gpt2"].group_of("mlp.gate.weight")
+
+
+# Every model type of every family, built tiny; Qwen3 brings the per-head q/k norms.
+MODEL_TYPES = [(f.name, t) for f in adapters.FAMILIES.values() for t in f.model_types]
+
+
+def _tiny(model_type: str) -> nn.Module:
+    if model_type == "gpt2":
+        return GPT2Model(GPT2Config(n_layer=2, n_embd=16, n_head=2))
+    import transformers
+
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    config = getattr(transformers, f"{names[model_type]}Config")(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    return getattr(transformers, f"{names[model_type]}Model")(config)
+
+
+@pytest.mark.parametrize("family_name, model_type", MODEL_TYPES)
+def test_declared_layout_matches_the_real_block(family_name, model_type):
+    model = _tiny(model_type)
+    family = adapters.family_for(model)
+    assert family.name == family_name and model_type in family.model_types
+    block = block_stack(model)[0]
+    params = dict(block.named_parameters())
+    for name in params:  # every block parameter is in a group, of a norm or a linear
+        assert family.module_of(name) in (*family.norms, *family.linears)
+    for prefix in family.groups:
+        if prefix + ".weight" not in params:
+            continue  # declared for another model type of the family (Qwen3's q/k norms)
+        module = block.get_submodule(prefix)
+        is_linear = isinstance(module, (nn.Linear, Conv1D))
+        assert is_linear == (prefix in family.linears), prefix
+        assert (prefix in family.transposed) == isinstance(module, Conv1D), prefix
+    for projection in family.attention_layout.projections():
+        assert projection.name in params
+        assert params[projection.name].dim() == 2
+    assert set(family.output_projections) <= {family.module_of(n) for n in params}
+
+
+@pytest.mark.parametrize("family", adapters.FAMILIES.values(), ids=lambda f: f.name)
+def test_every_declared_module_exists_in_some_model_type(family):
+    present = set()
+    for model_type in family.model_types:
+        present |= {
+            family.module_of(n) for n, _ in block_stack(_tiny(model_type))[0].named_parameters()
+        }
+    assert present == set(family.groups)
+
+
+def test_layer_shapes_refuse_blocks_that_differ():
+    model = LlamaModel(
+        LlamaConfig(
+            hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2
+        )
+    )
+    model.layers[1].mlp.up_proj = nn.Linear(16, 8, bias=False)
+    with pytest.raises(ValueError, match="block 1 has different parameters"):
+        layer_shapes(model)
