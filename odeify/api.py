@@ -11,11 +11,12 @@ from torch import nn
 
 from .adapters import family_for
 from .bases import default_num_basis, make_basis
-from .block import ODEBlock, _get
-from .config import ODEConfig
+from .block import ODEBlock
+from .config import ODEConfig, ODESettings
 from .diffeqformer import random_init
 from .family import Family
-from .schemes import check_sample_steps, check_solver, check_steps, spans, stage_times
+from .schemes import check_steps, resolve_solver, spans, stage_times
+from .weight_function import WeightFunction, _get
 
 _INITS = ("fit", "random", "none")
 
@@ -147,7 +148,7 @@ def odeify(
         steps=steps,
         **options,
     )
-    check_solver(ode.scheme)
+    resolve_solver(ode.scheme)
     if steps is not None:
         check_steps(steps)
     probe = make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
@@ -168,22 +169,15 @@ def odeify(
     elif init == "random":
         random_init(block, samples)
     block.train(model.training)
-    setattr(base, family.stack, nn.ModuleList([block]))
-    model.config.odeify = ode.to_dict()
+    setattr(base, family.stack, nn.ModuleList([block]))  # its settings are model.config.odeify
     return model
 
 
 def _set(model: nn.Module, steps, scheme: str | None) -> tuple:
-    block = get_block(model)
-    if scheme is not None:
-        check_solver(scheme)
-    if isinstance(steps, (torch.Tensor, list, tuple)):
-        steps = check_sample_steps(steps)
-    elif steps is not None:
-        spans(check_steps(steps), block.ode.num_layers, block.ode.discrete_ends)
-    before = (block.ode.steps, block.ode.scheme)
-    block.ode.steps = block.ode.steps if steps is None else steps
-    block.ode.scheme = block.ode.scheme if scheme is None else scheme
+    ode = get_block(model).ode
+    before = (ode.steps, ode.scheme)
+    changes = {"steps": steps, "scheme": scheme}
+    ode.update(**{key: value for key, value in changes.items() if value is not None})
     return before
 
 
@@ -198,7 +192,6 @@ def set_steps(model: nn.Module, steps: int | None = None, scheme: str | None = N
             "set_steps saves one step count; use odeify.steps(...) for per-sample counts"
         )
     _set(model, steps, scheme)
-    model.config.odeify = get_block(model).ode.to_dict()
     return model
 
 
@@ -221,8 +214,7 @@ def steps(model: nn.Module, steps, scheme: str | None = None) -> Iterator[nn.Mod
     try:
         yield model
     finally:
-        block = get_block(model)
-        block.ode.steps, block.ode.scheme = before
+        get_block(model).ode.update(steps=before[0], scheme=before[1])
 
 
 @torch.no_grad()
@@ -236,9 +228,10 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
         >>> plain.config.num_hidden_layers                # doctest: +SKIP
         18
     """
-    block = get_block(model)
+    weight_fn: WeightFunction = get_block(model)
+    ode, family = ODESettings(model.config), family_for(model)
     count = check_steps(steps)
-    family, num_layers = block.family, block.ode.num_layers
+    num_layers = ode.num_layers
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and count != num_layers:
         raise ValueError(
             "scale_attn_by_inverse_layer_idx scales layer l by 1 / (l + 1), which a stock model "
@@ -251,7 +244,7 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[0]] * count
     plain = type(model)(config).to(
-        device=block.basis_tensor(block.names[0]).device, dtype=model.dtype
+        device=weight_fn.basis_tensor(weight_fn.names[0]).device, dtype=model.dtype
     )
     _, stack = _stack_of(model, family)
     prefix = next(name for name, module in model.named_modules() if module is stack) + "."
@@ -261,12 +254,12 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
         raise RuntimeError(
             f"materialize: state mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    ends = block.ode.discrete_ends
-    times, _ = stage_times(check_solver("sequential").native, count, num_layers, ends)
-    weights = block.weights_at(times)
+    ends = ode.discrete_ends
+    times, _ = stage_times(resolve_solver("sequential").native, count, num_layers, ends)
+    weights = weight_fn.weights_at(times)
     scales = spans(count, num_layers, ends)
     for i, layer in enumerate(_stack_of(plain, family)[1]):
-        for name in block.names:
+        for name in weight_fn.names:
             w = weights[name][i]
             if name.rsplit(".", 1)[0] in family.output_projections and scales[i] != 1.0:
                 w = w * scales[i]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..adapters import family_for
 from ..api import get_block
 from ..block import ODEBlock
+from ..weight_function import WeightFunction
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,10 @@ def _parameter(module: nn.Module, name: str) -> Tensor:
     return functools.reduce(getattr, name.split("."), module)
 
 
-def _odeified(block: ODEBlock, names: set[str], times: list[float]) -> dict[str, Tensor]:
+def _odeified(weight_fn: WeightFunction, names: set[str], times: list[float]) -> dict[str, Tensor]:
     # Only the attention projections: the MLP at 64 times would cost gigabytes for nothing.
     with torch.no_grad():
-        return block.weights_at(times, names=sorted(names))
+        return weight_fn.weights_at(times, names=sorted(names))
 
 
 def _discrete(model: nn.Module, names: set[str], times: list[float]) -> dict[str, Tensor]:
