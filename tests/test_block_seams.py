@@ -50,9 +50,12 @@ def test_recording_gives_the_hidden_states_transformers_reports_at_n_equals_l(
     final_norm = model.transformer.ln_f if family == "gpt2" else model.model.norm
     with torch.no_grad():
         torch.testing.assert_close(final_norm(states[-1]), hidden[-1], rtol=0, atol=0)
-    with block.recording(), pytest.raises(RuntimeError, match="already being recorded"):
-        with block.recording():
-            pass
+    with (
+        block.recording(),
+        pytest.raises(RuntimeError, match="already being recorded"),
+        block.recording(),
+    ):
+        pass
 
 
 def test_recorded_states_stay_in_the_autograd_graph(make_llama):

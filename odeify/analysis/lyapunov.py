@@ -45,7 +45,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..api import get_block
 from ..block import Call, ODEBlock
-from .benettin import finite_time_lyapunov, jvp_tangent, random_subspace, vjp_adjoint
+from .benettin import FlowExponents, finite_time_lyapunov, jvp_tangent, random_subspace, vjp_adjoint
 
 DIAGONAL_ATTENTION = "odeify_diagonal_tangent"
 
@@ -239,6 +239,29 @@ def _native_run(model: nn.Module, ids: Tensor, steps: int | None, scheme: str | 
     return call.x.detach().squeeze(0), call.run
 
 
+def _flow_exponents(
+    block: ODEBlock, x0: Tensor, run, columns: int, refine: int, seed: int, progress: bool
+) -> FlowExponents:
+    """The Benettin recursion over the run's step maps, tangents routed to their own token."""
+
+    def step(i: int, x: Tensor) -> Tensor:
+        return block.step(x.unsqueeze(0), run, i).squeeze(0)
+
+    q0 = random_subspace(x0.shape[:1], x0.shape[-1], columns, seed=seed, device=x0.device)
+    with diagonal_routing(block.config):
+        return finite_time_lyapunov(
+            jvp_tangent(step),
+            x0,
+            q0,
+            run.steps,
+            duration=1.0,
+            adjoint=vjp_adjoint(step),
+            refine=refine,
+            progress=progress,
+            desc=f"lyapunov ({x0.shape[0]} tokens, {run.steps} steps, {columns} tangents)",
+        )
+
+
 def lyapunov(
     model: nn.Module,
     ids,
@@ -280,27 +303,10 @@ def lyapunov(
     block = _block_of(model)
     ids = _check_arguments(model, block, ids, k, oversample)
     x0, run = _native_run(model, ids, steps, scheme)
-
-    def step(i: int, x: Tensor) -> Tensor:
-        return block.step(x.unsqueeze(0), run, i).squeeze(0)
-
-    hidden = x0.shape[-1]
     # Extra columns only help the Ritz values of a refined subspace; the Gram-Schmidt exponents
     # of the first k columns do not depend on later ones.
-    columns = min(hidden, k + oversample) if refine else k
-    q0 = random_subspace(x0.shape[:1], hidden, columns, seed=seed, device=x0.device)
-    with diagonal_routing(block.config):
-        result = finite_time_lyapunov(
-            jvp_tangent(step),
-            x0,
-            q0,
-            run.steps,
-            duration=1.0,
-            adjoint=vjp_adjoint(step),
-            refine=refine,
-            progress=progress,
-            desc=f"lyapunov ({ids.numel()} tokens, {run.steps} steps, {columns} tangents)",
-        )
+    columns = min(x0.shape[-1], k + oversample) if refine else k
+    result = _flow_exponents(block, x0, run, columns, refine, seed, progress)
     return Lyapunov(
         exponents=result.exponents[:, :k].cpu(),
         residual=result.residual[:, :k].cpu(),
