@@ -283,6 +283,9 @@ class _Run:
         self.sizes: list[float] = []  # each step's size, when the grid is not uniform
         self.weights: list[Weights] = []
         self.per_sample: Tensor | None = None  # [B] step counts when samples have their own grids
+        # Basis tensors with the low-rank update of this call (steps read them per sample and in
+        # torchdiffeq, possibly again in backward, after the forward has emptied the slot).
+        self.basis = block.adapted_basis()
         # What transformers' output_hidden_states / output_attentions asked to collect, if anything.
         self.collected = None if torch.compiler.is_compiling() else _active_collector.get()
         self.stages = solver.native.stages if solver.native is not None else 1
@@ -338,7 +341,7 @@ class _PerSampleStepField(_StepField):
         run, block = self.run, self.run.block
         offset = run.solver.native.offsets[stage]
         t = ((self.i + offset) / run.per_sample.double()).clamp(max=1.0)
-        w = PerSampleWeights(block.coefficients(t), block.basis_tensor, block.group)
+        w = PerSampleWeights(block.coefficients(t), run.basis, block.group)
         return w, run.stage(t, self.i * run.stages + stage)
 
 
@@ -351,7 +354,8 @@ class _TorchdiffeqField(nn.Module):
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         block = self.block
-        w = Weights({name: value[0] for name, value in block.weights_at(t).items()})
+        grid = block._combine(block.coefficients(t), None, self.run.basis)
+        w = Weights({name: value[0] for name, value in grid.items()})
         step = self.run.stage(float(t.detach()), 0)
         return (
             block.family.attention(x, w, step) + block.family.mlp(x, w, step)

@@ -109,8 +109,21 @@ class WeightFunction(nn.Module):
     # ------------------------------------------------------------------------------ evaluating
     def basis_tensor(self, name: str) -> Tensor:
         """P_k of one parameter, [K, *shape], plus the low-rank update while one is set."""
+        return self._adapted(name, self._low_rank)
+
+    def adapted_basis(self) -> Callable[[str], Tensor]:
+        """``basis_tensor`` with the low-rank updates set now, for work done after the slot is
+        emptied: a checkpointed step recomputed in backward, the adjoint's backward solve.
+
+        Example:
+            >>> lookup = block.adapted_basis()       # inside the forward   # doctest: +SKIP
+            >>> lookup("mlp.c_fc.weight").shape      # later, same update    # doctest: +SKIP
+        """
+        return functools.partial(self._adapted, low_rank=self._low_rank)
+
+    def _adapted(self, name: str, low_rank: Mapping[str, Sequence[Factor]]) -> Tensor:
         basis = _get(self.basis, name)
-        for lhs, rhs, scaling in self._low_rank.get(name, ()):
+        for lhs, rhs, scaling in low_rank.get(name, ()):
             basis = torch.baddbmm(basis, lhs, rhs, alpha=scaling)
         return basis
 
@@ -159,6 +172,7 @@ class WeightFunction(nn.Module):
             >>> wf.set_low_rank({"fc.weight": [(b, a, 2.0)]}, state="adapter-1")   # doctest: +SKIP
             >>> wf.set_low_rank()                                                  # doctest: +SKIP
         """
+        # A new dict, never mutated: adapted_basis() holds on to the one of its moment.
         self._low_rank = {name: tuple(terms) for name, terms in (factors or {}).items()}
         self._low_rank_state = state
 

@@ -151,3 +151,26 @@ def test_the_ode_settings_live_once_in_the_parent_config(make_gpt2, tmp_path):
         torch.testing.assert_close(
             loaded(IDS, use_cache=False).logits, model(IDS, use_cache=False).logits
         )
+
+
+def test_the_low_rank_update_outlives_the_forward_for_a_recomputed_step(make_llama):
+    """A checkpointed per-sample step is recomputed in backward, after the forward has emptied
+    the slot; it must see the same LoRA update the forward saw."""
+    from peft import get_peft_model
+
+    from odeify import lora_config
+
+    base, grads = make_llama(), []
+    for remat in (False, True):
+        model = odeify(copy.deepcopy(base), progress=False, checkpoint_steps=remat)
+        model = get_peft_model(model, lora_config(r=2))
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_" in name:
+                    p.normal_(0, 0.5)
+        model.train()
+        model(IDS, labels=IDS, use_cache=False, ode_steps=torch.tensor([2, 3])).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if ".lora_B" in n})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-5)
