@@ -13,7 +13,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
-from odeify.family import AttentionLayout, Family, Projection, Step
+from odeify.family import AttentionLayout, Family, Projection, Stage
 from odeify.weights import Weights
 
 
@@ -25,7 +25,7 @@ def _check_config(config) -> None:
         )
 
 
-def _scaling(config, step: Step) -> float:
+def _scaling(config, step: Stage) -> float:
     head_dim = config.hidden_size // config.num_attention_heads
     scaling = head_dim**-0.5 if config.scale_attn_weights else 1.0
     if config.scale_attn_by_inverse_layer_idx:
@@ -43,7 +43,7 @@ def _upcast_attention(q, k, v, mask, scaling, dropout, training):
     return torch.matmul(probs, v).transpose(1, 2), probs
 
 
-def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
+def _attention(x: Tensor, w: Weights, step: Stage) -> Tensor:
     config = step.module.config
     d, n_head = config.hidden_size, config.num_attention_heads
     h = w.layer_norm("ln_1", x, config.layer_norm_epsilon)
@@ -69,7 +69,7 @@ def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
     return F.dropout(out, p=config.resid_pdrop, training=step.module.training)
 
 
-def _mlp(x: Tensor, w: Weights, step: Step) -> Tensor:
+def _mlp(x: Tensor, w: Weights, step: Stage) -> Tensor:
     config = step.module.config
     h = w.layer_norm("ln_2", x, config.layer_norm_epsilon)
     h = w.linear("mlp.c_proj", ACT2FN[config.activation_function](w.linear("mlp.c_fc", h)))

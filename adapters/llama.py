@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from odeify.family import AttentionLayout, Family, Projection, Step
+from odeify.family import AttentionLayout, Family, Projection, Stage
 from odeify.weights import Weights
 
 
@@ -45,7 +45,7 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
+def _attention(x: Tensor, w: Weights, step: Stage) -> Tensor:
     config = step.module.config
     eps, head_dim = config.rms_norm_eps, _head_dim(config)
     h = w.rms_norm("input_layernorm", x, eps)
@@ -77,7 +77,7 @@ def _attention(x: Tensor, w: Weights, step: Step) -> Tensor:
     return w.linear("self_attn.o_proj", out.reshape(*x.shape[:-1], -1).contiguous())
 
 
-def _mlp(x: Tensor, w: Weights, step: Step) -> Tensor:
+def _mlp(x: Tensor, w: Weights, step: Stage) -> Tensor:
     config = step.module.config
     h = w.rms_norm("post_attention_layernorm", x, config.rms_norm_eps)
     act = ACT2FN[config.hidden_act]

@@ -41,7 +41,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .api import get_block, odeify
-from .block import ODEBlock
 from .schemes import layer_bounds, spans
 from .surgery import block_stack, is_odeified, layer_samples, stock_model
 
@@ -158,9 +157,9 @@ def recording(model: nn.Module) -> Iterator[list[Tensor]]:
     """Record the hidden state after every solver step of the model's forward calls.
 
     The ODE block's forward is ``bind`` followed by ``step`` for each step (see
-    :meth:`ODEBlock.bind`); this wraps the block's ``step`` for the duration of the ``with``
-    block, so the states stay in the autograd graph (hidden-state matching backpropagates
-    through them). Native fixed-grid schemes only.
+    :meth:`ODEBlock.bind`); this is the block's own :meth:`ODEBlock.recording` for the duration
+    of the ``with`` block, so the states stay in the autograd graph (hidden-state matching
+    backpropagates through them). Native fixed-grid schemes only.
 
     Example:
         >>> with recording(model) as states:          # doctest: +SKIP
@@ -168,21 +167,8 @@ def recording(model: nn.Module) -> Iterator[list[Tensor]]:
         >>> len(states)                               # doctest: +SKIP
         30
     """
-    block = get_block(model)
-    if "step" in block.__dict__:
-        raise RuntimeError("this model's ODE block is already being recorded")
-    states: list[Tensor] = []
-
-    def step(x: Tensor, run, i: int) -> Tensor:
-        out = ODEBlock.step(block, x, run, i)
-        states.append(out)
-        return out
-
-    block.step = step
-    try:
+    with get_block(model).recording() as states:
         yield states
-    finally:
-        del block.step
 
 
 # ------------------------------------------------------------------------------------- losses

@@ -11,10 +11,10 @@ from torch import nn
 from .adapters import family_for
 from .bases import default_num_basis, make_basis
 from .block import ODEBlock
-from .config import ODEConfig
+from .config import ODEConfig, ODESettings
 from .diffeqformer import random_init
 from .family import Family
-from .schemes import check_sample_steps, check_solver, check_steps, spans, stage_times
+from .schemes import check_steps, resolve_solver, spans, stage_times
 from .surgery import (
     block_stack,
     find_block,
@@ -24,6 +24,7 @@ from .surgery import (
     replace_stack,
     stock_model,
 )
+from .weight_function import WeightFunction
 
 _INITS = ("fit", "random", "none")
 
@@ -95,8 +96,7 @@ def odeify(
     ode = _ode_config(model, family, basis, num_basis, scheme, steps, basis_kwargs, init, options)
     block = _new_block(model, family, ode, init, progress)
     block.train(model.training)
-    replace_stack(model, nn.ModuleList([block]))
-    model.config.odeify = ode.to_dict()
+    replace_stack(model, nn.ModuleList([block]))  # its settings are model.config.odeify
     return model
 
 
@@ -132,7 +132,7 @@ def _ode_config(
         steps=steps,
         **options,
     )
-    check_solver(ode.scheme)
+    resolve_solver(ode.scheme)
     if steps is not None:
         check_steps(steps)
     probe = make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
@@ -159,16 +159,10 @@ def _new_block(
 
 
 def _set(model: nn.Module, steps, scheme: str | None) -> tuple:
-    block = get_block(model)
-    if scheme is not None:
-        check_solver(scheme)
-    if isinstance(steps, (torch.Tensor, list, tuple)):
-        steps = check_sample_steps(steps)
-    elif steps is not None:
-        spans(check_steps(steps), block.ode.num_layers, block.ode.discrete_ends)
-    before = (block.ode.steps, block.ode.scheme)
-    block.ode.steps = block.ode.steps if steps is None else steps
-    block.ode.scheme = block.ode.scheme if scheme is None else scheme
+    ode = get_block(model).ode
+    before = (ode.steps, ode.scheme)
+    changes = {"steps": steps, "scheme": scheme}
+    ode.update(**{key: value for key, value in changes.items() if value is not None})
     return before
 
 
@@ -183,7 +177,6 @@ def set_steps(model: nn.Module, steps: int | None = None, scheme: str | None = N
             "set_steps saves one step count; use odeify.steps(...) for per-sample counts"
         )
     _set(model, steps, scheme)
-    model.config.odeify = get_block(model).ode.to_dict()
     return model
 
 
@@ -206,8 +199,7 @@ def steps(model: nn.Module, steps, scheme: str | None = None) -> Iterator[nn.Mod
     try:
         yield model
     finally:
-        block = get_block(model)
-        block.ode.steps, block.ode.scheme = before
+        get_block(model).ode.update(steps=before[0], scheme=before[1])
 
 
 @torch.no_grad()
@@ -221,17 +213,18 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
         >>> plain.config.num_hidden_layers                # doctest: +SKIP
         18
     """
-    block = get_block(model)
+    weight_fn: WeightFunction = get_block(model)
+    ode = ODESettings(model.config)
     count = check_steps(steps)
-    num_layers = block.ode.num_layers
+    num_layers = ode.num_layers
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and count != num_layers:
         raise ValueError(
             "scale_attn_by_inverse_layer_idx scales layer l by 1 / (l + 1), which a stock model "
             f"with {count} layers cannot express for an ODE of depth {num_layers}; materialise at "
             f"steps={num_layers} or use a config without it"
         )
-    ends = block.ode.discrete_ends
-    times, _ = stage_times(check_solver("sequential").native, count, num_layers, ends)
-    weights = block.weights_at(times)
+    ends = ode.discrete_ends
+    times, _ = stage_times(resolve_solver("sequential").native, count, num_layers, ends)
+    weights = weight_fn.weights_at(times)
     layer = lambda i: {name: w[i] for name, w in weights.items()}
     return stock_model(model, count, layer, spans(count, num_layers, ends))

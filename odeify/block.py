@@ -1,242 +1,139 @@
 """The ODE block: one module that replaces a stack of L blocks with the flow of
-dx/dt = L * (A(x; W(t)) + M(x; W(t))) on t in [0, 1], with W(t) = sum_k c_k(t) P_k.
+dx/dt = L * (A(x; W(t)) + M(x; W(t))) on t in [0, 1].
+
+The block is a :class:`odeify.weight_function.WeightFunction` (W(t), its fit and its grid cache
+live there; subclassing keeps the saved keys, see that module) and adds the integration: it
+binds the parent model's layer call, steps native schemes or bridges to torchdiffeq, dispatches
+per-sample step counts, claims the KV cache and feeds transformers' ``output_hidden_states``.
+Two documented modes let other code watch the flow without patching it: :meth:`ODEBlock.recording`
+(the state after every step) and :meth:`ODEBlock.capture` (the bound call, without integrating).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 from torchdiffeq import odeint, odeint_adjoint
-from tqdm.auto import tqdm
 
 # Private to transformers (pinned at 5.23): how its output_hidden_states hooks collect states.
 from transformers.utils.output_capturing import _active_collector
 
-from .bases import make_basis
-from .config import ODEConfig
-from .family import Family, Step
-from .schemes import Solver, check_sample_steps, check_solver, check_steps, spans, stage_times
+from . import lora_hooks
+from .config import ODEConfig, ODESettings
+from .family import Family, Stage
+from .schemes import Solver, check_sample_steps, check_steps, resolve_solver, spans, stage_times
+from .weight_function import WeightFunction
 from .weights import PerSampleWeights, Weights
 
 # Keyword arguments of the parent's layer call that the block consumes itself.
 _CONSUMED = ("use_cache", "encoder_attention_mask")
 
 
-class _ParamTree(nn.Module):
-    """Nested modules mirroring the original block's parameter names (``attn.c_attn.weight``)."""
+@dataclass
+class Call:
+    """One forward call seen in :meth:`ODEBlock.capture` mode: the arguments the parent model
+    passed and what :meth:`ODEBlock.bind` made of them (the initial state and the run)."""
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{name}: {list(p.shape)}" for name, p in self._parameters.items())
-
-
-def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
-    *path, leaf = name.split(".")
-    module = root
-    for part in path:
-        if not hasattr(module, part):
-            module.add_module(part, _ParamTree())
-        module = getattr(module, part)
-    module.register_parameter(leaf, value)
+    args: tuple
+    kwargs: dict
+    x: Tensor
+    run: _Run
 
 
-def _get(root: nn.Module, name: str) -> Tensor:
-    # Looked up on every call: peft's parametrisations replace the attribute, not the Parameter.
-    return functools.reduce(getattr, name.split("."), root)
-
-
-class ODEBlock(nn.Module):
+class ODEBlock(WeightFunction):
     """A continuous-depth replacement of a model's whole block stack.
 
     It sits where the stack was (a ModuleList of length one), is called by the parent model the
     way its layers were, and integrates from t = 0 to 1 with the configured scheme and steps.
     Build it with :func:`odeify.odeify`; this class is not public API.
 
-    Basis tensors live under ``block.basis`` with the original names and shape [K, *shape] (linear
-    weights always [K, out, in]); time bases under ``block.time_basis`` (one per weight group when
-    learned, one shared otherwise).
+    Its settings are ``config.odeify`` in the parent's config (the constructor writes them there);
+    ``block.ode`` is the typed view of that dict (:class:`odeify.config.ODESettings`).
     """
 
     def __init__(
         self, family: Family, config, ode: ODEConfig, shapes: dict[str, torch.Size], dtype, device
     ):
-        super().__init__()
-        self.family, self.config, self.ode = family, config, ode
+        super().__init__(
+            shapes,
+            ode.basis,
+            ode.num_basis,
+            ode.num_layers,
+            ode.basis_kwargs,
+            family.group_of,
+            transposed=[name for name in shapes if family.is_transposed(name)],
+            dtype=dtype,
+            device=device,
+        )
+        self.family, self.config = family, config
+        config.odeify = ode.to_dict()  # the one copy of the settings, saved with the model
         for key, value in family.attention_attrs(config).items():
             setattr(self, key, value)
         self.layer_idx = 0
         self.gradient_checkpointing = False  # transformers' gradient_checkpointing_enable() sets it
-        self.names = tuple(shapes)
-        probe = make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
-        groups = sorted({family.group_of(n) for n in self.names}) if probe.learned else ["shared"]
-        self.time_basis = nn.ModuleDict(
-            {
-                g: make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
-                for g in groups
-            }
-        ).to(device)
-        self.group = {n: family.group_of(n) if probe.learned else "shared" for n in self.names}
-        self.basis = _ParamTree()
-        for name, shape in shapes.items():
-            _set_param(
-                self.basis,
-                name,
-                nn.Parameter(torch.empty(ode.num_basis, *shape, dtype=dtype, device=device)),
-            )
-        self.fit_residuals: dict[str, float] = {}
-        self._weight_cache = None
+        self._recorded: list[Tensor] | None = None  # filled inside recording()
+        self._captured: list[Call] | None = None  # filled inside capture()
+        lora_hooks.attach(self)
 
-    # ----------------------------------------------------------------------------------- weights
-    def basis_tensor(self, name: str) -> Tensor:
-        """P_k of one parameter, [K, *shape], with the active LoRA update added when a peft
-        adapter is live (inside the forward; see :mod:`odeify.lora`)."""
-        basis = _get(self.basis, name)
-        for lhs, rhs, scaling in self.__dict__.get("_odeify_lora_factors", {}).get(name, ()):
-            basis = torch.baddbmm(basis, lhs, rhs, alpha=scaling)
-        return basis
+    @property
+    def ode(self) -> ODESettings:
+        """The ODE settings: a typed, validated view of ``config.odeify``."""
+        return ODESettings(self.config)
 
-    def coefficients(self, times) -> dict[str, Tensor]:
-        """c(t) of every time basis for times given as a list of floats or a tensor: {group: [n, K]}."""
-        t64 = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
-        out = {}
-        for group, basis in self.time_basis.items():
-            device = next(iter(self.basis.parameters())).device
-            t = t64.to(device, torch.float32) if basis.learned else t64
-            out[group] = basis(t).to(device)
-        return out
+    # ---------------------------------------------------------------------------- observing
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[Tensor]]:
+        """Record the state after every native solver step of the forward calls in the block.
 
-    def weights_at(self, times, names=None) -> dict[str, Tensor]:
-        """W(t) at every time for every parameter (or those in ``names``): {name: [n, *shape]},
-        one matmul per parameter.
+        The states are the ones the integration continues from, so they stay in the autograd
+        graph (hidden-state matching backpropagates through them); at N = L they are the
+        original model's per-layer outputs. Torchdiffeq schemes record nothing.
 
         Example:
-            >>> block = odeify.get_block(model)                    # doctest: +SKIP
-            >>> block.weights_at([0.0, 0.5])["attn.c_attn.weight"].shape   # doctest: +SKIP
-            torch.Size([2, 2304, 768])
+            >>> with block.recording() as states:          # doctest: +SKIP
+            ...     logits = model(ids).logits
+            >>> len(states)                                # doctest: +SKIP
+            30
         """
-        return self._combine(self.coefficients(times), names, self.basis_tensor)
+        if self._recorded is not None:
+            raise RuntimeError("this model's ODE block is already being recorded")
+        self._recorded = []
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
 
-    def _combine(self, coeffs: dict[str, Tensor], names, lookup) -> dict[str, Tensor]:
-        out = {}
-        for name in self.names if names is None else names:
-            basis = lookup(name)
-            c = coeffs[self.group[name]].to(basis.dtype)
-            out[name] = (c @ basis.reshape(basis.shape[0], -1)).view(c.shape[0], *basis.shape[1:])
-        return out
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[Call]]:
+        """Capture mode: each forward call inside the block binds its arguments, appends a
+        :class:`Call` (the arguments, ``x0`` and the run) and returns x0 without integrating, so
+        the parent's forward finishes at the cost of its embeddings and head. Analysis code then
+        steps the flow itself with :meth:`step`. Pass ``use_cache=False``: bind claims a cache.
 
-    def _own_parameters(self) -> list[Tensor]:
-        # The basis and time units, not the LoRA factors peft hangs under the basis
-        # ("<module>.lora_A.<adapter>.weight"): those enter the grid as separate low-rank terms,
-        # so frozen base weights stay cacheable under LoRA.
-        return [
-            p for n, p in self.named_parameters() if ".lora_A." not in n and ".lora_B." not in n
-        ]
-
-    def _reusable(self) -> bool:
-        if not self.ode.cache_weights or torch.compiler.is_compiling():
-            return False
-        if any(parametrize.is_parametrized(m) for m in self.basis.modules()):
-            return False  # a parametrised basis tensor depends on more than the basis
-        return not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in self._own_parameters())
-        )
-
-    def _param_state(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._own_parameters())
-
-    def grid_weights(self, key, times: list[float]) -> list[Weights]:
-        """Weights of each grid time. Outside training, and under LoRA with a frozen base, the
-        base weights are kept until a parameter changes (in-place updates bump a parameter's
-        version) or the grid changes; an active LoRA update rides along as low-rank factors."""
-        base = functools.partial(_get, self.basis)
-        if not self._reusable():
-            weights = self._split(self._combine(self.coefficients(times), None, base))
-        else:
-            state = (key, self._param_state())
-            if self._weight_cache is None or self._weight_cache[0] != state:
-                # Built in the parameters' dtype even under autocast: the cache outlives the
-                # autocast region (a bf16 training step, then an fp32 evaluation on the same grid).
-                device = next(iter(self.basis.parameters())).device
-                with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                    grid = self._combine(self.coefficients(times), None, base)
-                    transposed = frozenset(n for n in grid if self.family.is_transposed(n))
-                    for name in transposed:
-                        grid[name] = grid[name].mT.contiguous()
-                    self._weight_cache = (state, self._split(grid, transposed))
-            weights = self._weight_cache[1]
-        factors = self.__dict__.get("_odeify_lora_factors")
-        return self._with_lora(weights, times, factors) if factors else weights
-
-    def _with_lora(self, weights: list[Weights], times: list[float], factors) -> list[Weights]:
-        """Each grid time's weights with dW(t) = sum_k c_k(t) s B_k A_k kept factored: only the k
-        with c_k(t) != 0 (one or two for the hat basis), so the step costs what LoRA on a stock
-        layer costs and no gradient of a full weight matrix is formed."""
-        coeffs = self.coefficients(times)
-        out = [Weights(w.tensors, w.transposed, {}) for w in weights]
-        for name, terms in factors.items():
-            c = coeffs[self.group[name]]
-            live = (c != 0).cpu()
-            for j, w in enumerate(out):
-                ks = live[j].nonzero().flatten().to(c.device)
-                pairs = w.lora.setdefault(name, [])
-                for lhs, rhs, scaling in terms:
-                    scale = (c[j, ks] * scaling).to(lhs.dtype).view(-1, 1, 1)
-                    b = (lhs[ks] * scale).permute(1, 0, 2).reshape(lhs.shape[1], -1)
-                    pairs.append((rhs[ks].reshape(-1, rhs.shape[-1]), b))
-        return out
-
-    def _split(
-        self, grid: dict[str, Tensor], transposed: frozenset[str] = frozenset()
-    ) -> list[Weights]:
-        # unbind, not indexing: its backward stacks the gradients once, where indexing would
-        # scatter each time's gradient into a zero tensor of the whole grid (quadratic in N).
-        columns = {name: w.unbind(0) for name, w in grid.items()}
-        n = next(iter(grid.values())).shape[0]
-        return [
-            Weights({name: col[j] for name, col in columns.items()}, transposed) for j in range(n)
-        ]
-
-    def _apply(self, fn, *args, **kwargs):
-        self._weight_cache = None  # .to(), .half(), .cuda() replace parameter storage
-        return super()._apply(fn, *args, **kwargs)
-
-    # ----------------------------------------------------------------------------------- fitting
-    @torch.no_grad()
-    def fit(self, samples: dict[str, Tensor], progress: bool = True) -> dict[str, float]:
-        """Least-squares fit of the basis tensors to layer samples {name: [L, *shape]} at t = l / L.
-
-        Returns (and stores in ``fit_residuals``) each parameter's relative residual
-        ||W(t_l) - p_l|| / ||p_l|| over the layers, measured through the model's own weight path.
+        Example:
+            >>> with torch.no_grad(), block.capture() as calls:   # doctest: +SKIP
+            ...     model(ids, use_cache=False, ode_steps=12)
+            >>> x, run = calls[0].x, calls[0].run                  # doctest: +SKIP
+            >>> x = block.step(x, run, 0)                          # doctest: +SKIP
         """
-        num_layers = self.ode.num_layers
-        layer_times = [layer / num_layers for layer in range(num_layers)]
-        coeffs = self.coefficients(layer_times)
-        for name in tqdm(self.names, desc="fitting W(t)", disable=not progress, leave=False):
-            target = samples[name]
-            basis = self.basis_tensor(name)
-            c = coeffs[self.group[name]].double().cpu()
-            flat = target.reshape(num_layers, -1)
-            if c.shape[0] == c.shape[1] and torch.equal(c, torch.eye(c.shape[0], dtype=c.dtype)):
-                solution = flat  # the hat basis at its own nodes: a copy, bit-exact
-            else:
-                solution = torch.linalg.lstsq(c, flat.double().cpu()).solution
-            basis.copy_(solution.reshape(basis.shape).to(basis.dtype))
-        fitted = self.weights_at(layer_times)
-        self.fit_residuals = {
-            name: _relative_error(fitted[name].float(), samples[name].float())
-            for name in self.names
-        }
-        self._weight_cache = None
-        return self.fit_residuals
+        if self._captured is not None:
+            raise RuntimeError("this model's ODE block is already capturing its calls")
+        self._captured = []
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
 
     # ---------------------------------------------------------------------------------- forward
     def solver(self, scheme: str | None = None, steps=None) -> tuple[Solver, int | Tensor]:
         """The validated scheme and step count of a call: an int, or per-sample counts [B]."""
-        solver = check_solver(self.ode.scheme if scheme is None else scheme)
+        solver = resolve_solver(self.ode.scheme if scheme is None else scheme)
         steps = self.ode.resolved_steps if steps is None else steps
         if isinstance(steps, (Tensor, list, tuple)):
             return solver, check_sample_steps(steps)
@@ -247,7 +144,7 @@ class ODEBlock(nn.Module):
         mask, cache and, for native schemes, the weights of the grid.
 
         ``forward`` is ``bind`` followed by ``step`` for i < run.steps; analysis code that needs
-        the states between steps captures the call with a forward pre-hook and does the same.
+        the states between steps gets the bound call from :meth:`capture` and does the same.
         """
         bound = dict(zip(self.family.call_signature, args, strict=False))
         bound.update(kwargs)
@@ -278,7 +175,9 @@ class ODEBlock(nn.Module):
                 run.times, run.index = stage_times(scheme, steps, run.num_layers, ends)
                 if ends:
                     run.sizes = [s / run.num_layers for s in spans(steps, run.num_layers, ends)]
-                run.weights = self.grid_weights((scheme.name, steps, ends), run.times)
+                run.weights = self.grid_weights(
+                    (scheme.name, steps, ends), run.times, cache=self.ode.cache_weights
+                )
                 grid = (scheme.name, steps)
             else:
                 run.per_sample = per_sample.to(x.device)
@@ -320,6 +219,9 @@ class ODEBlock(nn.Module):
 
     def forward(self, *args, **kwargs) -> Tensor:
         x, run = self.bind(*args, **kwargs)
+        if self._captured is not None:
+            self._captured.append(Call(args, kwargs, x, run))
+            return x
         record = run.collected is not None and "hidden_states" in run.collected
         if record:
             _record_hidden(run.collected, x)
@@ -335,6 +237,8 @@ class ODEBlock(nn.Module):
                 x = checkpoint(self.step, x, run, i, use_reentrant=False)
             else:
                 x = self.step(x, run, i)
+            if self._recorded is not None:
+                self._recorded.append(x)
             if record:
                 _record_hidden(run.collected, x)
         return x
@@ -379,12 +283,15 @@ class _Run:
         self.sizes: list[float] = []  # each step's size, when the grid is not uniform
         self.weights: list[Weights] = []
         self.per_sample: Tensor | None = None  # [B] step counts when samples have their own grids
+        # Basis tensors with the low-rank update of this call (steps read them per sample and in
+        # torchdiffeq, possibly again in backward, after the forward has emptied the slot).
+        self.basis = block.adapted_basis()
         # What transformers' output_hidden_states / output_attentions asked to collect, if anything.
         self.collected = None if torch.compiler.is_compiling() else _active_collector.get()
         self.stages = solver.native.stages if solver.native is not None else 1
 
-    def step(self, t: float, slot: int) -> Step:
-        return Step(
+    def stage(self, t: float, slot: int) -> Stage:
+        return Stage(
             t,
             slot,
             self.cache,
@@ -405,11 +312,11 @@ class _StepField:
     def __init__(self, run: _Run, i: int):
         self.run, self.i, self.num_layers = run, i, run.num_layers
 
-    def _at(self, stage: int) -> tuple[Weights, Step]:
+    def _at(self, stage: int) -> tuple[Weights, Stage]:
         run = self.run
         slot = self.i * run.stages + stage
         j = run.index[slot]
-        return run.weights[j], run.step(run.times[j], slot)
+        return run.weights[j], run.stage(run.times[j], slot)
 
     def attention(self, x: Tensor, stage: int) -> Tensor:
         w, step = self._at(stage)
@@ -430,12 +337,12 @@ class _PerSampleStepField(_StepField):
 
     __slots__ = ()
 
-    def _at(self, stage: int) -> tuple[PerSampleWeights, Step]:
+    def _at(self, stage: int) -> tuple[PerSampleWeights, Stage]:
         run, block = self.run, self.run.block
         offset = run.solver.native.offsets[stage]
         t = ((self.i + offset) / run.per_sample.double()).clamp(max=1.0)
-        w = PerSampleWeights(block.coefficients(t), block.basis_tensor, block.group)
-        return w, run.step(t, self.i * run.stages + stage)
+        w = PerSampleWeights(block.coefficients(t), run.basis, block.group)
+        return w, run.stage(t, self.i * run.stages + stage)
 
 
 class _TorchdiffeqField(nn.Module):
@@ -447,8 +354,9 @@ class _TorchdiffeqField(nn.Module):
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         block = self.block
-        w = Weights({name: value[0] for name, value in block.weights_at(t).items()})
-        step = self.run.step(float(t.detach()), 0)
+        grid = block._combine(block.coefficients(t), None, self.run.basis)
+        w = Weights({name: value[0] for name, value in grid.items()})
+        step = self.run.stage(float(t.detach()), 0)
         return (
             block.family.attention(x, w, step) + block.family.mlp(x, w, step)
         ) * self.run.num_layers
@@ -459,12 +367,6 @@ def _record_hidden(collected: dict, x: Tensor) -> None:
     after each step (so at N = L, exactly the original's per-layer hidden states)."""
     states, selection = collected["hidden_states"], collected.get("_hidden_states_layers")
     states.append(x if selection is None or len(states) in selection else None)
-
-
-def _relative_error(approx: Tensor, exact: Tensor) -> float:
-    norm = exact.norm()
-    diff = (approx - exact).norm()
-    return float(diff / norm) if norm > 0 else float(diff)
 
 
 def _claim_cache(cache, grid: tuple, slots: int, new_tokens: int) -> None:

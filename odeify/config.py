@@ -1,10 +1,18 @@
-"""The ODE settings of an odeified model: one dataclass, saved in the model's config.json."""
+"""The ODE settings of an odeified model: their schema (:class:`ODEConfig`) and the typed view
+(:class:`ODESettings`) through which the one copy, the dict ``config.odeify`` that
+``save_pretrained`` writes into config.json, is read and changed.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from torch import Tensor
+
+from .schemes import check_sample_steps, check_steps, resolve_solver, spans
 
 # Bumped whenever the saved layout changes; `from_pretrained` refuses other versions.
 FORMAT_VERSION = 1
@@ -102,3 +110,71 @@ class ODEConfig:
                 f"of odeify (this one reads format version {FORMAT_VERSION})"
             )
         return cls(**data)
+
+
+class ODESettings:
+    """The ODE settings of one odeified model: a typed, validated view of ``config.odeify``.
+
+    The dict under ``"odeify"`` in the model's Hugging Face config is the one copy of the
+    settings (``save_pretrained`` writes it, :func:`odeify.from_pretrained` reads it). This view
+    reads the fields of :class:`ODEConfig` from it as attributes, and every change, attribute
+    assignment included, goes through :meth:`update`, which validates before it writes. The ODE
+    block's ``ode`` is such a view of its parent's config.
+
+    Example:
+        >>> from transformers import GPT2Config
+        >>> config = GPT2Config()
+        >>> config.odeify = ODEConfig(family="gpt2", num_layers=12).to_dict()
+        >>> settings = ODESettings(config)
+        >>> settings.update(steps=6, scheme="rk4")
+        >>> settings.resolved_steps, config.odeify["scheme"]
+        (6, 'rk4')
+    """
+
+    def __init__(self, config) -> None:
+        object.__setattr__(self, "_config", config)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.update(**{name: value})
+
+    def update(self, **changes: Any) -> None:
+        """Validate and apply changes of fields: a scheme must resolve, a step count must be an
+        integer grid the discrete ends fit in (or per-sample counts, a 1-D integer tensor)."""
+        data = self._config.odeify
+        if "scheme" in changes:
+            resolve_solver(changes["scheme"])
+        steps = changes.get("steps")
+        if isinstance(steps, (Tensor, list, tuple)):
+            changes["steps"] = check_sample_steps(steps)
+        elif steps is not None:
+            merged = {**data, **changes}
+            spans(check_steps(steps), merged["num_layers"], merged["discrete_ends"])
+        ODEConfig.from_dict({**data, **changes})  # known fields, and the dataclass's own checks
+        data.update(changes)
+
+    @property
+    def resolved_steps(self) -> int:
+        steps = self._config.odeify["steps"]
+        return self._config.odeify["num_layers"] if steps is None else steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._config.odeify)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (ODESettings, ODEConfig)):
+            return self.to_dict() == other.to_dict()
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"ODESettings({self._config.odeify!r})"
+
+
+def _field(name: str, doc: str) -> property:
+    return property(lambda self: self._config.odeify[name], doc=doc)
+
+
+for _f in dataclasses.fields(ODEConfig):
+    setattr(ODESettings, _f.name, _field(_f.name, _f.metadata.get("help", "")))
+del _f

@@ -12,13 +12,15 @@ import math
 import torch
 from torch import Tensor
 
+from .weight_function import WeightFunction
+
 # Share of each matrix's variance (averaged over the integration grid) that varies with t.
 TIME_FRACTION = 0.5
 
 
 @torch.no_grad()
 def random_init(
-    block, samples: dict[str, Tensor], time_fraction: float = TIME_FRACTION
+    block: WeightFunction, samples: dict[str, Tensor], time_fraction: float = TIME_FRACTION
 ) -> dict[str, float]:
     """Initialise an ODE block with the learned Fourier unit as a DiffEqFormer to pretrain.
 
@@ -56,7 +58,8 @@ def random_init(
     """
     if not 0.0 <= time_fraction <= 1.0:
         raise ValueError(f"time_fraction must be in [0, 1], got {time_fraction}")
-    grid = [i / block.ode.num_layers for i in range(block.ode.num_layers)]
+    num_layers = next(iter(samples.values())).shape[0]
+    grid = [i / num_layers for i in range(num_layers)]
     spread = {
         group: float((c[:, 1:].float() ** 2).sum(1).mean())
         for group, c in block.coefficients(grid).items()
@@ -75,6 +78,5 @@ def random_init(
         varying = torch.randn(basis.shape[0] - 1, *basis.shape[1:], device=basis.device)
         varying *= scale * math.sqrt(time_fraction / max(spread[block.group[name]], 1e-12))
         basis[0].copy_(constant)
-        basis[1:].copy_(varying)
-    block._weight_cache = None
+        basis[1:].copy_(varying)  # in place: the versions it bumps invalidate the grid cache
     return spread

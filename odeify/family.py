@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 
 @dataclass
-class Step:
-    """What one sub-update needs besides the hidden states and the weights."""
+class Stage:
+    """One stage of a solver step: what a sub-update needs besides the hidden states and weights."""
 
     t: float | Tensor  # the time of this stage ([B] when every sample has its own grid)
     slot: int  # KV-cache slot of this (step, stage)
@@ -80,8 +80,8 @@ class Family:
     linears: tuple[str, ...]  # the modules in ``groups`` that are linears (a matrix, maybe a bias)
     output_projections: tuple[str, ...]  # the last linear of A and of M: scaled by L / N
     attention_layout: AttentionLayout  # where W_Q, W_K, W_V, W_O are
-    attention: Callable[[Tensor, Any, Step], Tensor]
-    mlp: Callable[[Tensor, Any, Step], Tensor]
+    attention: Callable[[Tensor, Any, Stage], Tensor]
+    mlp: Callable[[Tensor, Any, Stage], Tensor]
     check_config: Callable[[Any], None]
     attention_attrs: Callable[[Any], dict[str, Any]]  # attributes attention interfaces read
     transposed: tuple[str, ...] = ()  # linears holding weight as [in, out] (GPT-2's Conv1D)

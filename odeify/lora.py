@@ -15,28 +15,23 @@ Standard peft calls work on an odeified model::
     again = PeftModel.from_pretrained(odeify.from_pretrained("base-ode"), "adapter")
     plain = again.merge_and_unload()                                 # an odeified model again
 
-How the update reaches the block: peft applies a ``target_parameters`` adapter only while the
-module that owns the parameter is being called (it registers a parametrisation around that
-call). The ODE block never calls its basis modules; it reads the tensors by attribute. So this
-module gives every ODE block that receives a peft wrapper a forward pre-hook and post-hook. The
-pre-hook reads each live adapter's factors (peft's ``get_delta_factors``: dB_k = s B_k A_k) and
-hands them to the block, which on the fixed grid applies ``sum_k c_k(t) s B_k (A_k x)`` beside
-the cached frozen W(t), over the k with c_k(t) != 0 only: one or two for the hat basis, so a
-step costs what LoRA on a stock layer costs (``benchmarks/measure_finetune.py steptime``).
-Forming W + dW instead would compute a full-size weight gradient per step, about 1.3x the step
-time. Per-sample step counts and torchdiffeq read ``basis_tensor``, which adds the full dB_k.
-Wrappers peft cannot factor (one basis tensor, K = 1) fall back to peft's own parametrisation
-for the forward. The hooks also drop the block's weight cache when the adapter state changes
-(``set_adapter``, ``disable_adapter()``, merging), which leaves the parameters' versions alone.
-They are installed from a module-registration hook, so nothing needs calling by hand.
+How the update reaches the block: the ODE block's forward hooks (:mod:`odeify.lora_hooks`,
+attached by its constructor) read each live adapter's factors (peft's ``get_delta_factors``:
+dB_k = s B_k A_k) into the weight function's low-rank slot, and the block applies
+``sum_k c_k(t) s B_k (A_k x)`` beside the cached frozen W(t) on the fixed grid, over the k with
+c_k(t) != 0 only: one or two for the hat basis, so a step costs what LoRA on a stock layer costs
+(``benchmarks/measure_finetune.py steptime``). Forming W + dW instead would compute a full-size
+weight gradient per step, about 1.3x the step time. Per-sample step counts and torchdiffeq read
+``basis_tensor``, which adds the full dB_k. Wrappers peft cannot factor (one basis tensor, K = 1)
+fall back to peft's own parametrisation for the forward. The adapter state (``set_adapter``,
+``disable_adapter()``, merging) keys the block's weight cache, since it leaves the parameters'
+versions alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,8 +39,8 @@ from torch import nn
 
 from .adapters import FAMILIES, family_for
 from .api import get_block
-from .block import ODEBlock, _ParamTree
 from .surgery import is_odeified, layer_shapes
+from .weight_function import _ParamTree
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -257,76 +252,3 @@ def _expected_shape(model: nn.Module, key: str, r: int | None) -> tuple[int | No
     if leaf.startswith("B."):
         return (rows, rank)
     return None
-
-
-# ------------------------------------------------------------------------- activating the update
-def _wrappers(block: ODEBlock) -> list[tuple[str, nn.Module]]:
-    """(basis module path, wrapper) of every peft ParamWrapper under the block's basis."""
-    layer = sys.modules.get("peft.tuners.lora.layer")  # no peft imported: no wrappers to find
-    if layer is None:
-        return []
-    return [
-        (name.replace(".base_layer", ""), m)
-        for name, m in block.basis.named_modules()
-        if isinstance(m, layer.ParamWrapper)
-    ]
-
-
-def _adapter_state(wrappers: list[tuple[str, nn.Module]]) -> tuple:
-    # What decides the adapted weights besides parameter values; the weight cache keys on
-    # parameter versions, which set_adapter / disable_adapter() / merging leave alone.
-    return tuple(
-        (id(w), tuple(w.active_adapters), w.disable_adapters, w.merged) for _, w in wrappers
-    )
-
-
-def _before(block: ODEBlock, args, kwargs) -> None:
-    wrappers = _wrappers(block)
-    state = _adapter_state(wrappers)
-    if state != block.__dict__.get("_odeify_lora_state", ()):
-        block._weight_cache = None
-        block.__dict__["_odeify_lora_state"] = state
-    if not wrappers:
-        return
-    factors: dict[str, list] = {}
-    stack, entered = contextlib.ExitStack(), False
-    try:
-        for path, w in wrappers:
-            if w.disable_adapters or w.merged:
-                continue
-            adapters = [a for a in w.active_adapters if a in w.lora_A]
-            if w.num_experts > 1 and w.get_param().dim() == 3:
-                # Kept as factors: the block adds sum_k c_k(t) s B_k A_k x per step (cheap) instead
-                # of forming W + dW for all K and a full-size weight gradient.
-                name = f"{path}.{w.parameter_name}"
-                factors.setdefault(name, []).extend(w.get_delta_factors(a) for a in adapters)
-            elif adapters:
-                # The context a ParamWrapper's own forward runs its base layer in (peft 0.21).
-                stack.enter_context(w._activate_lora(w.active_adapters))
-                entered = True
-    except BaseException:
-        stack.close()
-        raise
-    block.__dict__["_odeify_lora_factors"] = factors
-    block.__dict__["_odeify_lora_active"] = stack if entered else None
-
-
-def _after(block: ODEBlock, args, kwargs, output) -> None:
-    block.__dict__.pop("_odeify_lora_factors", None)
-    stack = block.__dict__.pop("_odeify_lora_active", None)
-    if stack is not None:
-        stack.close()
-
-
-def _on_register(parent: nn.Module, name: str, child: nn.Module | None) -> None:
-    # Every ODE block gets the hooks when it is put into its model (odeify, from_pretrained);
-    # copies of the model carry them along.
-    if isinstance(child, ODEBlock) and not child.__dict__.get("_odeify_lora_hooks"):
-        child.register_forward_pre_hook(_before, with_kwargs=True)
-        child.register_forward_hook(_after, with_kwargs=True, always_call=True)
-        child.__dict__["_odeify_lora_hooks"] = True
-
-
-if not getattr(nn.modules.module, "_odeify_lora_registered", False):
-    nn.modules.module.register_module_module_registration_hook(_on_register)
-    nn.modules.module._odeify_lora_registered = True

@@ -107,11 +107,11 @@ class Solver:
         return self.native is not None or self.method in _TORCHDIFFEQ_FIXED
 
 
-def check_solver(name: str) -> Solver:
+def resolve_solver(name: str) -> Solver:
     """Resolve a scheme name: native names first, then torchdiffeq's (``"torchdiffeq:rk4"`` forces it).
 
     Example:
-        >>> check_solver("rk4").native.stages, check_solver("dopri5").method
+        >>> resolve_solver("rk4").native.stages, resolve_solver("dopri5").method
         (4, 'dopri5')
     """
     if not isinstance(name, str):

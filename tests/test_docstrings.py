@@ -1,8 +1,9 @@
 """Every docstring example of the library runs and prints what it says.
 
 Examples run in a namespace with a few small objects they may use by name (``model``: an
-odeified 4-layer GPT-2; ``base``: a stock one; ``ids``: a batch of token ids), in a fresh
-working directory, so an example that saves a folder leaves nothing behind.
+odeified 4-layer GPT-2; ``base``: a stock one; ``ids``: a batch of token ids; the transformers
+GPT-2 and Llama classes), in a fresh working directory, so an example that saves a folder leaves
+nothing behind.
 """
 
 import doctest
@@ -13,18 +14,17 @@ import pytest
 import torch
 
 import odeify
-import odeify.adapters
 
 # odeify.adapters is installed from another folder (see pyproject), so it is walked on its own.
 MODULES = sorted(
     name
-    for package in (odeify, odeify.adapters)
+    for package in (odeify, importlib.import_module("odeify.adapters"))
     for _, name, _ in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
 ) + ["odeify", "odeify.adapters"]
 
 
 def _namespace() -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     config = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=97, n_positions=64)
     torch.manual_seed(0)
@@ -32,6 +32,10 @@ def _namespace() -> dict:
     model = odeify.odeify(GPT2LMHeadModel(config).eval(), progress=False)
     return {
         "torch": torch,
+        "GPT2Config": GPT2Config,
+        "GPT2LMHeadModel": GPT2LMHeadModel,
+        "LlamaConfig": LlamaConfig,
+        "LlamaForCausalLM": LlamaForCausalLM,
         "odeify": odeify.odeify,
         "base": base,
         "model": model,

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import family_for
-from ..block import ODEBlock
 from ..family import Projection
 from ..surgery import block_stack, find_block, layer_samples
+from ..weight_function import WeightFunction
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,10 @@ def _rows(weight: Tensor, projection: Projection) -> Tensor:
     return weight.chunk(projection.parts, dim=-2)[projection.part]
 
 
-def _odeified(block: ODEBlock, names: set[str], times: list[float]) -> dict[str, Tensor]:
+def _odeified(weight_fn: WeightFunction, names: set[str], times: list[float]) -> dict[str, Tensor]:
     # Only the attention projections: the MLP at 64 times would cost gigabytes for nothing.
     with torch.no_grad():
-        return block.weights_at(times, names=sorted(names))
+        return weight_fn.weights_at(times, names=sorted(names))
 
 
 def _discrete(model: nn.Module, names: set[str], times: list[float]) -> dict[str, Tensor]:

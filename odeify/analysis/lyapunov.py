@@ -44,14 +44,10 @@ from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..api import get_block
-from ..block import ODEBlock
-from .benettin import finite_time_lyapunov, jvp_tangent, random_subspace, vjp_adjoint
+from ..block import Call, ODEBlock
+from .benettin import FlowExponents, finite_time_lyapunov, jvp_tangent, random_subspace, vjp_adjoint
 
 DIAGONAL_ATTENTION = "odeify_diagonal_tangent"
-
-
-class _Captured(Exception):
-    """Raised by the pre-hook to stop the parent forward once the block's call is recorded."""
 
 
 def _diagonal_attention(
@@ -112,32 +108,27 @@ def diagonal_routing(config) -> Iterator[None]:
         config._attn_implementation = before
 
 
+def _first_call(model: nn.Module, ids: Tensor, **kwargs) -> Call:
+    """The ODE block's first call in ``model(ids, use_cache=False, **kwargs)``, run in the
+    block's capture mode (bound, not integrated: the parent forward finishes cheaply)."""
+    block = get_block(model)
+    with torch.no_grad(), block.capture() as calls:
+        model(ids, use_cache=False, **kwargs)
+    if not calls:
+        raise RuntimeError(f"{type(model).__name__}'s forward never called its ODE block")
+    return calls[0]
+
+
 def capture_call(model: nn.Module, ids: Tensor) -> tuple[tuple, dict]:
     """The positional and keyword arguments the parent model passes to its ODE block for ``ids``
-    (masks, positions, RoPE), recorded by a forward pre-hook; the forward stops there.
+    (masks, positions, RoPE), recorded in the block's capture mode.
 
     Example:
         >>> args, kwargs = capture_call(model, ids)            # doctest: +SKIP
         >>> x0, run = get_block(model).bind(*args, **kwargs)   # doctest: +SKIP
     """
-    block = get_block(model)
-    captured: dict[str, tuple] = {}
-
-    def hook(module, args, kwargs):
-        captured["call"] = (args, kwargs)
-        raise _Captured
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    if "call" not in captured:
-        raise RuntimeError(f"{type(model).__name__}'s forward never called its ODE block")
-    return captured["call"]
+    call = _first_call(model, ids)
+    return call.args, call.kwargs
 
 
 @dataclass
@@ -219,6 +210,58 @@ def _block_of(model: nn.Module) -> ODEBlock:
         ) from None
 
 
+def _check_arguments(model: nn.Module, block: ODEBlock, ids, k: int, oversample: int) -> Tensor:
+    """The token ids on the block's device, after checking the model and the sizes."""
+    if model.training:
+        raise ValueError(
+            "the model is in training mode (dropout makes the flow random): call model.eval()"
+        )
+    device = block.basis_tensor(block.names[0]).device
+    ids = _check_ids(model, ids).to(device)
+    hidden = model.config.hidden_size
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= hidden:
+        raise ValueError(f"k must be an integer between 1 and the hidden size {hidden}, got {k!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
+    return ids
+
+
+def _native_run(model: nn.Module, ids: Tensor, steps: int | None, scheme: str | None):
+    """x(0) of the sequence and the bound run of a native scheme at ``steps`` / ``scheme``."""
+    grid = {k: v for k, v in (("ode_steps", steps), ("ode_scheme", scheme)) if v is not None}
+    call = _first_call(model, ids[None], **grid)
+    if call.run.solver.native is None:
+        raise ValueError(
+            f"scheme {call.run.solver.name!r} is integrated by torchdiffeq, which has no step map "
+            "to differentiate; pass a native fixed-grid scheme: sequential, euler, midpoint, "
+            "heun or rk4"
+        )
+    return call.x.detach().squeeze(0), call.run
+
+
+def _flow_exponents(
+    block: ODEBlock, x0: Tensor, run, columns: int, refine: int, seed: int, progress: bool
+) -> FlowExponents:
+    """The Benettin recursion over the run's step maps, tangents routed to their own token."""
+
+    def step(i: int, x: Tensor) -> Tensor:
+        return block.step(x.unsqueeze(0), run, i).squeeze(0)
+
+    q0 = random_subspace(x0.shape[:1], x0.shape[-1], columns, seed=seed, device=x0.device)
+    with diagonal_routing(block.config):
+        return finite_time_lyapunov(
+            jvp_tangent(step),
+            x0,
+            q0,
+            run.steps,
+            duration=1.0,
+            adjoint=vjp_adjoint(step),
+            refine=refine,
+            progress=progress,
+            desc=f"lyapunov ({x0.shape[0]} tokens, {run.steps} steps, {columns} tangents)",
+        )
+
+
 def lyapunov(
     model: nn.Module,
     ids,
@@ -258,48 +301,12 @@ def lyapunov(
         >>> lam.exponents.shape, lam.largest.argmax()                               # doctest: +SKIP
     """
     block = _block_of(model)
-    if model.training:
-        raise ValueError(
-            "the model is in training mode (dropout makes the flow random): call model.eval()"
-        )
-    device = block.basis_tensor(block.names[0]).device
-    ids = _check_ids(model, ids).to(device)
-    hidden = model.config.hidden_size
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= hidden:
-        raise ValueError(f"k must be an integer between 1 and the hidden size {hidden}, got {k!r}")
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
-    args, kwargs = capture_call(model, ids[None])
-    kwargs = dict(kwargs, ode_steps=steps, ode_scheme=scheme)
-    with torch.no_grad():
-        x0, run = block.bind(*args, **kwargs)
-    if run.solver.native is None:
-        raise ValueError(
-            f"scheme {run.solver.name!r} is integrated by torchdiffeq, which has no step map "
-            "to differentiate; pass a native fixed-grid scheme: sequential, euler, midpoint, "
-            "heun or rk4"
-        )
-
-    def step(i: int, x: Tensor) -> Tensor:
-        return block.step(x.unsqueeze(0), run, i).squeeze(0)
-
-    x0 = x0.detach().squeeze(0)
+    ids = _check_arguments(model, block, ids, k, oversample)
+    x0, run = _native_run(model, ids, steps, scheme)
     # Extra columns only help the Ritz values of a refined subspace; the Gram-Schmidt exponents
     # of the first k columns do not depend on later ones.
-    columns = min(hidden, k + oversample) if refine else k
-    q0 = random_subspace(x0.shape[:1], hidden, columns, seed=seed, device=device)
-    with diagonal_routing(block.config):
-        result = finite_time_lyapunov(
-            jvp_tangent(step),
-            x0,
-            q0,
-            run.steps,
-            duration=1.0,
-            adjoint=vjp_adjoint(step),
-            refine=refine,
-            progress=progress,
-            desc=f"lyapunov ({ids.numel()} tokens, {run.steps} steps, {columns} tangents)",
-        )
+    columns = min(x0.shape[-1], k + oversample) if refine else k
+    result = _flow_exponents(block, x0, run, columns, refine, seed, progress)
     return Lyapunov(
         exponents=result.exponents[:, :k].cpu(),
         residual=result.residual[:, :k].cpu(),

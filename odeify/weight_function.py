@@ -1,0 +1,292 @@
+"""The weight function W(t) = sum_k c_k(t) P_k of a continuous-depth block.
+
+A :class:`WeightFunction` holds the basis tensors P_k of every block parameter (``basis``, under
+the original parameter names, [K, *shape]; linear weights always [K, out, in]) and the time
+bases c(t) (``time_basis``: one per weight group when learned, one shared otherwise). It
+evaluates W at any times, fits the P_k to layer samples by least squares, and keeps the weights
+of the current integration grid cached until a parameter, the grid or the adapter state changes.
+
+Low-rank updates dB_k = s B_k A_k of the basis tensors (continuous LoRA, see :mod:`odeify.lora`)
+have one declared slot, set through :meth:`WeightFunction.set_low_rank`: while it is filled,
+``basis_tensor`` and ``weights_at`` include the full update and ``grid_weights`` carries it as
+factors beside the cached frozen weights.
+
+The ODE block (:class:`odeify.block.ODEBlock`) *is* a weight function (it subclasses this): the
+checkpoints' keys, parameter names and peft's ``target_parameters`` are paths from the block,
+``<stack>.0.basis.<name>`` and ``<stack>.0.time_basis.<group>...``, which composition would
+lengthen by one module level and so break saved models and adapters. Code that needs only the
+weights (``materialize``, ``diffeqformer.random_init``, the spectra) is typed against this class.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .bases import make_basis
+from .weights import Weights
+
+# One low-rank update of a basis tensor [K, out, in]: (B [K, out, r], A [K, r, in], s), i.e.
+# dB_k = s B_k A_k, as peft's ``ParamWrapper.get_delta_factors`` returns it.
+Factor = tuple[Tensor, Tensor, float]
+
+
+class _ParamTree(nn.Module):
+    """Nested modules mirroring the original block's parameter names (``attn.c_attn.weight``)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: {list(p.shape)}" for name, p in self._parameters.items())
+
+
+def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    *path, leaf = name.split(".")
+    module = root
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, _ParamTree())
+        module = getattr(module, part)
+    module.register_parameter(leaf, value)
+
+
+def _get(root: nn.Module, name: str) -> Tensor:
+    # Looked up on every call: peft's parametrisations replace the attribute, not the Parameter.
+    return functools.reduce(getattr, name.split("."), root)
+
+
+class WeightFunction(nn.Module):
+    """Every parameter of a block as a function of depth time, p(t) = sum_k c_k(t) P_k.
+
+    Args:
+        shapes: {parameter name: shape at one time}, linear weights as [out, in].
+        basis, num_basis, num_layers, basis_kwargs: the time basis (see
+            :func:`odeify.bases.make_basis`); fixed bases span the layer times l / L.
+        group_of: the weight group of a parameter name (a learned basis has one unit per group).
+        transposed: parameters the grid cache stores as [in, out] (GPT-2's Conv1D layout).
+
+    Example:
+        >>> wf = WeightFunction({"fc.weight": torch.Size([3, 2])}, "hat", 4, 4, {}, lambda n: "mlp")
+        >>> wf.weights_at([0.0, 0.5])["fc.weight"].shape
+        torch.Size([2, 3, 2])
+    """
+
+    def __init__(
+        self,
+        shapes: Mapping[str, torch.Size],
+        basis: str,
+        num_basis: int,
+        num_layers: int,
+        basis_kwargs: Mapping,
+        group_of: Callable[[str], str],
+        transposed: Collection[str] = (),
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.names = tuple(shapes)
+        learned = make_basis(basis, num_basis, num_layers, **basis_kwargs).learned
+        self.group = {n: group_of(n) if learned else "shared" for n in self.names}
+        self.time_basis = nn.ModuleDict(
+            {
+                g: make_basis(basis, num_basis, num_layers, **basis_kwargs)
+                for g in sorted(set(self.group.values()))
+            }
+        ).to(device)
+        self.basis = _ParamTree()
+        for name, shape in shapes.items():
+            value = torch.empty(num_basis, *shape, dtype=dtype, device=device)
+            _set_param(self.basis, name, nn.Parameter(value))
+        self.fit_residuals: dict[str, float] = {}
+        self._transposed = frozenset(transposed)
+        self._low_rank: dict[str, tuple[Factor, ...]] = {}
+        self._low_rank_state: Hashable = ()
+        self._weight_cache = None
+
+    # ------------------------------------------------------------------------------ evaluating
+    def basis_tensor(self, name: str) -> Tensor:
+        """P_k of one parameter, [K, *shape], plus the low-rank update while one is set."""
+        return self._adapted(name, self._low_rank)
+
+    def adapted_basis(self) -> Callable[[str], Tensor]:
+        """``basis_tensor`` with the low-rank updates set now, for work done after the slot is
+        emptied: a checkpointed step recomputed in backward, the adjoint's backward solve.
+
+        Example:
+            >>> lookup = block.adapted_basis()       # inside the forward   # doctest: +SKIP
+            >>> lookup("mlp.c_fc.weight").shape      # later, same update    # doctest: +SKIP
+        """
+        return functools.partial(self._adapted, low_rank=self._low_rank)
+
+    def _adapted(self, name: str, low_rank: Mapping[str, Sequence[Factor]]) -> Tensor:
+        basis = _get(self.basis, name)
+        for lhs, rhs, scaling in low_rank.get(name, ()):
+            basis = torch.baddbmm(basis, lhs, rhs, alpha=scaling)
+        return basis
+
+    def coefficients(self, times) -> dict[str, Tensor]:
+        """c(t) of every time basis for times given as a list of floats or a tensor: {group: [n, K]}."""
+        t64 = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
+        device = next(iter(self.basis.parameters())).device
+        out = {}
+        for group, basis in self.time_basis.items():
+            t = t64.to(device, torch.float32) if basis.learned else t64
+            out[group] = basis(t).to(device)
+        return out
+
+    def weights_at(self, times, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """W(t) at every time for every parameter (or those in ``names``): {name: [n, *shape]},
+        one matmul per parameter.
+
+        Example:
+            >>> block = odeify.get_block(model)                    # doctest: +SKIP
+            >>> block.weights_at([0.0, 0.5])["attn.c_attn.weight"].shape   # doctest: +SKIP
+            torch.Size([2, 2304, 768])
+        """
+        return self._combine(self.coefficients(times), names, self.basis_tensor)
+
+    def _combine(self, coeffs: dict[str, Tensor], names, lookup) -> dict[str, Tensor]:
+        out = {}
+        for name in self.names if names is None else names:
+            basis = lookup(name)
+            c = coeffs[self.group[name]].to(basis.dtype)
+            out[name] = (c @ basis.reshape(basis.shape[0], -1)).view(c.shape[0], *basis.shape[1:])
+        return out
+
+    # ---------------------------------------------------------------------------- low-rank slot
+    def set_low_rank(
+        self, factors: Mapping[str, Sequence[Factor]] | None = None, state: Hashable = ()
+    ) -> None:
+        """Set (or, with no arguments, clear) the low-rank updates of the basis tensors.
+
+        ``factors`` maps parameter names to updates (B [K, out, r], A [K, r, in], s) adding
+        s B_k A_k to P_k; ``state`` names the adapter configuration that produced them (which
+        adapters are active, disabled, merged): the grid cache is rebuilt when it changes, as
+        merging writes into the basis without bumping its versions. This is the slot's only
+        writer; :func:`odeify.lora_hooks.attach` calls it around every forward.
+
+        Example:
+            >>> wf.set_low_rank({"fc.weight": [(b, a, 2.0)]}, state="adapter-1")   # doctest: +SKIP
+            >>> wf.set_low_rank()                                                  # doctest: +SKIP
+        """
+        # A new dict, never mutated: adapted_basis() holds on to the one of its moment.
+        self._low_rank = {name: tuple(terms) for name, terms in (factors or {}).items()}
+        self._low_rank_state = state
+
+    # ------------------------------------------------------------------------------ grid cache
+    def _own_parameters(self) -> list[Tensor]:
+        # The basis and time units, not the LoRA factors peft hangs under the basis
+        # ("<module>.lora_A.<adapter>.weight"): those enter the grid as separate low-rank terms,
+        # so frozen base weights stay cacheable under LoRA.
+        return [
+            p for n, p in self.named_parameters() if ".lora_A." not in n and ".lora_B." not in n
+        ]
+
+    def _reusable(self) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if any(parametrize.is_parametrized(m) for m in self.basis.modules()):
+            return False  # a parametrised basis tensor depends on more than the basis
+        return not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self._own_parameters())
+        )
+
+    def _param_state(self) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._own_parameters())
+
+    def grid_weights(self, key: Hashable, times: list[float], cache: bool = True) -> list[Weights]:
+        """Weights of each grid time (``key`` names the grid). With ``cache``, outside training
+        and under LoRA with a frozen base, the base weights are kept until a parameter changes
+        (in-place updates bump a parameter's version), the grid or the adapter state changes;
+        a low-rank update rides along as factors."""
+        base = functools.partial(_get, self.basis)
+        if not (cache and self._reusable()):
+            weights = self._split(self._combine(self.coefficients(times), None, base))
+        else:
+            state = (key, self._low_rank_state, self._param_state())
+            if self._weight_cache is None or self._weight_cache[0] != state:
+                # Built in the parameters' dtype even under autocast: the cache outlives the
+                # autocast region (a bf16 training step, then an fp32 evaluation on the same grid).
+                device = next(iter(self.basis.parameters())).device
+                with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                    grid = self._combine(self.coefficients(times), None, base)
+                    transposed = self._transposed.intersection(grid)
+                    for name in transposed:
+                        grid[name] = grid[name].mT.contiguous()
+                    self._weight_cache = (state, self._split(grid, transposed))
+            weights = self._weight_cache[1]
+        return self._with_low_rank(weights, times) if self._low_rank else weights
+
+    def _with_low_rank(self, weights: list[Weights], times: list[float]) -> list[Weights]:
+        """Each grid time's weights with dW(t) = sum_k c_k(t) s B_k A_k kept factored: only the k
+        with c_k(t) != 0 (one or two for the hat basis), so the step costs what LoRA on a stock
+        layer costs and no gradient of a full weight matrix is formed."""
+        coeffs = self.coefficients(times)
+        out = [Weights(w.tensors, w.transposed, {}) for w in weights]
+        for name, terms in self._low_rank.items():
+            c = coeffs[self.group[name]]
+            live = (c != 0).cpu()
+            for j, w in enumerate(out):
+                ks = live[j].nonzero().flatten().to(c.device)
+                pairs = w.lora.setdefault(name, [])
+                for lhs, rhs, scaling in terms:
+                    scale = (c[j, ks] * scaling).to(lhs.dtype).view(-1, 1, 1)
+                    b = (lhs[ks] * scale).permute(1, 0, 2).reshape(lhs.shape[1], -1)
+                    pairs.append((rhs[ks].reshape(-1, rhs.shape[-1]), b))
+        return out
+
+    def _split(
+        self, grid: dict[str, Tensor], transposed: frozenset[str] = frozenset()
+    ) -> list[Weights]:
+        # unbind, not indexing: its backward stacks the gradients once, where indexing would
+        # scatter each time's gradient into a zero tensor of the whole grid (quadratic in N).
+        columns = {name: w.unbind(0) for name, w in grid.items()}
+        n = next(iter(grid.values())).shape[0]
+        return [
+            Weights({name: col[j] for name, col in columns.items()}, transposed) for j in range(n)
+        ]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._weight_cache = None  # .to(), .half(), .cuda() replace parameter storage
+        return super()._apply(fn, *args, **kwargs)
+
+    # --------------------------------------------------------------------------------- fitting
+    @torch.no_grad()
+    def fit(self, samples: Mapping[str, Tensor], progress: bool = True) -> dict[str, float]:
+        """Least-squares fit of the basis tensors to layer samples {name: [L, *shape]} at t = l / L.
+
+        Returns (and stores in ``fit_residuals``) each parameter's relative residual
+        ||W(t_l) - p_l|| / ||p_l|| over the layers, measured through the model's own weight path.
+
+        Example:
+            >>> wf.fit({"fc.weight": torch.randn(4, 3, 2)}, progress=False)   # doctest: +SKIP
+            {'fc.weight': 0.0}
+        """
+        num_layers = next(iter(samples.values())).shape[0]
+        layer_times = [layer / num_layers for layer in range(num_layers)]
+        coeffs = self.coefficients(layer_times)
+        for name in tqdm(self.names, desc="fitting W(t)", disable=not progress, leave=False):
+            basis = self.basis_tensor(name)
+            c = coeffs[self.group[name]].double().cpu()
+            flat = samples[name].reshape(num_layers, -1)
+            if c.shape[0] == c.shape[1] and torch.equal(c, torch.eye(c.shape[0], dtype=c.dtype)):
+                solution = flat  # the hat basis at its own nodes: a copy, bit-exact
+            else:
+                solution = torch.linalg.lstsq(c, flat.double().cpu()).solution
+            basis.copy_(solution.reshape(basis.shape).to(basis.dtype))
+        fitted = self.weights_at(layer_times)
+        self.fit_residuals = {
+            name: _relative_error(fitted[name].float(), samples[name].float())
+            for name in self.names
+        }
+        self._weight_cache = None
+        return self.fit_residuals
+
+
+def _relative_error(approx: Tensor, exact: Tensor) -> float:
+    norm = exact.norm()
+    diff = (approx - exact).norm()
+    return float(diff / norm) if norm > 0 else float(diff)

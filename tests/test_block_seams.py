@@ -1,0 +1,176 @@
+"""The ODE block's named seams: no global hooks at import, the recording and capture modes, the
+weight function's low-rank slot, and the ODE settings kept once, in the parent's config."""
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import odeify as odeify_module
+from odeify import get_block, odeify, set_steps, steps
+from odeify.config import ODESettings
+from odeify.weight_function import WeightFunction
+
+IDS = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_importing_odeify_registers_no_global_hooks():
+    script = textwrap.dedent(
+        """
+        import torch.nn.modules.module as m
+        names = [n for n in dir(m) if n.startswith("_global_") and n.endswith(("hooks", "called",
+                 "kwargs"))]
+        before = {n: dict(getattr(m, n)) for n in names}
+        import odeify, odeify.lora, odeify.lora_hooks, odeify.adapt, odeify.analysis
+        after = {n: dict(getattr(m, n)) for n in names}
+        assert "_global_module_registration_hooks" in names and "_global_forward_hooks" in names
+        changed = [n for n in names if before[n] != after[n]]
+        assert not changed, changed
+        print("ok", len(names))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_recording_gives_the_hidden_states_transformers_reports_at_n_equals_l(
+    make_gpt2, make_llama, family
+):
+    model = odeify(make_gpt2() if family == "gpt2" else make_llama(), progress=False)
+    block = get_block(model)
+    with torch.no_grad(), block.recording() as states:
+        hidden = model(IDS, use_cache=False, output_hidden_states=True).hidden_states
+    assert len(states) == block.ode.num_layers == len(hidden) - 1
+    for mine, theirs in zip(states[:-1], hidden[1:-1], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    final_norm = model.transformer.ln_f if family == "gpt2" else model.model.norm
+    with torch.no_grad():
+        torch.testing.assert_close(final_norm(states[-1]), hidden[-1], rtol=0, atol=0)
+    with (
+        block.recording(),
+        pytest.raises(RuntimeError, match="already being recorded"),
+        block.recording(),
+    ):
+        pass
+
+
+def test_recorded_states_stay_in_the_autograd_graph(make_llama):
+    model = odeify(make_llama(), progress=False).train()
+    block = get_block(model)
+    with block.recording() as states:
+        model(IDS, use_cache=False)
+    states[1].pow(2).sum().backward()
+    assert block.basis_tensor("mlp.down_proj.weight").grad.abs().sum() > 0
+
+
+def test_capture_records_what_bind_makes_of_the_call_and_skips_the_integration(make_llama):
+    model = odeify(make_llama(), progress=False)
+    block = get_block(model)
+    with torch.no_grad(), block.capture() as calls, block.recording() as states:
+        model(IDS, use_cache=False, ode_steps=5, ode_scheme="rk4")
+    assert len(calls) == 1 and states == []  # bound, never stepped
+    call = calls[0]
+    with torch.no_grad():
+        x0, run = block.bind(*call.args, **call.kwargs)
+    torch.testing.assert_close(call.x, x0, rtol=0, atol=0)
+    assert (call.run.steps, call.run.solver, call.run.times) == (5, run.solver, run.times)
+    assert call.run.index == run.index and len(call.run.weights) == len(run.weights)
+    for mine, theirs in zip(call.run.weights, run.weights, strict=True):
+        for name in block.names:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0)
+    with torch.no_grad():  # stepping the captured run is the model's own integration
+        x = call.x
+        for i in range(call.run.steps):
+            x = block.step(x, call.run, i)
+        with block.recording() as states:
+            model(IDS, use_cache=False, ode_steps=5, ode_scheme="rk4")
+    torch.testing.assert_close(x, states[-1], rtol=0, atol=0)
+
+
+def test_the_low_rank_slot_adds_to_the_basis_and_keys_the_grid_cache(make_gpt2):
+    block = get_block(odeify(make_gpt2(), progress=False))
+    assert isinstance(block, WeightFunction)
+    name = "mlp.c_fc.weight"
+    k, rows, cols = block.basis_tensor(name).shape
+    b, a = torch.randn(k, rows, 2), torch.randn(k, 2, cols)
+    plain = block.weights_at([0.5])[name]
+    with torch.no_grad():
+        cached = block.grid_weights("grid", [0.5])
+        assert block.grid_weights("grid", [0.5]) is cached  # same grid, same state: reused
+        block.set_low_rank({name: [(b, a, 0.5)]}, state="adapter")
+        adapted = block.weights_at([0.5])[name]
+        lifted = block.grid_weights("grid", [0.5])
+        block.set_low_rank()
+    c = block.coefficients([0.5])["shared"]
+    expected = plain + torch.einsum("nk,kor->nor", c, 0.5 * b @ a)
+    torch.testing.assert_close(adapted, expected, rtol=1e-5, atol=1e-5)
+    assert lifted is not cached and name in lifted[0].lora  # factors ride beside the grid
+    torch.testing.assert_close(block.weights_at([0.5])[name], plain, rtol=0, atol=0)
+
+
+def test_a_deep_copy_keeps_its_own_lora_hooks(make_llama):
+    model = odeify(make_llama(), progress=False)
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        block = get_block(m)
+        assert len(block._forward_pre_hooks) == 1 and len(block._forward_hooks) == 1
+    (hook,) = get_block(twin)._forward_pre_hooks.values()
+    assert hook.__self__ is not next(iter(get_block(model)._forward_pre_hooks.values())).__self__
+
+
+def test_the_ode_settings_live_once_in_the_parent_config(make_gpt2, tmp_path):
+    model = odeify(make_gpt2(), progress=False)
+    block = get_block(model)
+    assert isinstance(block.ode, ODESettings) and "odeify" not in vars(block)
+    set_steps(model, 3, scheme="heun")
+    assert (model.config.odeify["steps"], model.config.odeify["scheme"]) == (3, "heun")
+    assert (block.ode.steps, block.ode.scheme, block.ode.resolved_steps) == (3, "heun", 3)
+    block.ode.cache_weights = False  # an assignment is an update of the config's dict
+    assert model.config.odeify["cache_weights"] is False
+    model.config.odeify["rtol"] = 1e-5  # and the view reads the dict, no second copy
+    assert block.ode.rtol == 1e-5
+    with steps(model, 5, "rk4"):
+        assert model.config.odeify["steps"] == 5 and block.ode.scheme == "rk4"
+    assert (block.ode.steps, block.ode.scheme) == (3, "heun")
+    for bad, error in (({"scheme": "warp"}, ValueError), ({"steps": 0}, ValueError)):
+        with pytest.raises(error):
+            block.ode.update(**bad)
+    with pytest.raises(ValueError, match="unknown odeify settings"):
+        block.ode.warp_drive = True
+    assert (block.ode.steps, block.ode.scheme) == (3, "heun")  # refused changes change nothing
+
+    odeify_module.save_pretrained(model, tmp_path / "m")
+    loaded = odeify_module.from_pretrained(tmp_path / "m")
+    assert get_block(loaded).ode == block.ode
+    assert loaded.config.odeify == model.config.odeify
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(IDS, use_cache=False).logits, model(IDS, use_cache=False).logits
+        )
+
+
+def test_the_low_rank_update_outlives_the_forward_for_a_recomputed_step(make_llama):
+    """A checkpointed per-sample step is recomputed in backward, after the forward has emptied
+    the slot; it must see the same LoRA update the forward saw."""
+    from peft import get_peft_model
+
+    from odeify import lora_config
+
+    base, grads = make_llama(), []
+    for remat in (False, True):
+        model = odeify(copy.deepcopy(base), progress=False, checkpoint_steps=remat)
+        model = get_peft_model(model, lora_config(r=2))
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_" in name:
+                    p.normal_(0, 0.5)
+        model.train()
+        model(IDS, labels=IDS, use_cache=False, ode_steps=torch.tensor([2, 3])).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if ".lora_B" in n})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-5)
