@@ -399,6 +399,10 @@ class AdaptDepth:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def check(self) -> None:
+        """Every check of the config that needs no data and no model (one process)."""
+        validate(self.cfg)
+
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Adapt (or train baseline (a)) as configured; returns what ``results.json`` holds."""
         extra = self.setup(resume)

@@ -338,6 +338,10 @@ class Finetune:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def check(self) -> None:
+        """Every check of the config that needs no data and no model (one process)."""
+        validate(self.cfg)
+
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Fine-tune as configured; returns the summary also written to ``out_dir/summary.json``."""
         extra = self.setup(resume)

@@ -325,6 +325,10 @@ class Pretrain:
         self.cfg = cfg
         self.name = "DiffEqFormer" if cfg.ode else "baseline"
 
+    def check(self) -> None:
+        """Every check of the config that needs no data and no model (one process)."""
+        validate(self.cfg, world=1)
+
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train as configured; returns the summary also written to ``out_dir/summary.json``."""
         self.setup(resume)

@@ -87,8 +87,8 @@ def config_stamp(cfg, presentation: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def recipe_parser(description: str) -> argparse.ArgumentParser:
-    """The command line of every recipe: ``--config``, ``--set KEY=VALUE`` (repeatable) and
-    ``--resume``; a recipe adds its own flags to it.
+    """The command line of every recipe: ``--config``, ``--set KEY=VALUE`` (repeatable),
+    ``--resume`` and ``--check`` (validate the config, run nothing); a recipe adds its own flags.
 
     Example:
         >>> recipe_parser("demo").parse_args(["--set", "lr=0.1"]).set
@@ -100,6 +100,7 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+    parser.add_argument("--check", action="store_true", help="validate the config and stop")
     return parser
 
 
@@ -110,7 +111,8 @@ def launch(
     description: str = "",
     parser: argparse.ArgumentParser | None = None,
 ) -> Any:
-    """Parse a recipe's command line, build its config and run it: ``recipe(cfg).run(resume)``.
+    """Parse a recipe's command line, build its config and run it: ``recipe(cfg).run(resume)``;
+    with ``--check``, ``recipe(cfg).check()`` and the config is returned.
 
     The process group torchrun started (if any) is torn down afterwards, also on an error.
 
@@ -121,6 +123,9 @@ def launch(
 
     args = (parser or recipe_parser(description)).parse_args(argv)
     cfg = load_config(config_cls, args.config, parse_overrides(args.set))
+    if args.check:
+        recipe(cfg).check()
+        return cfg
     try:
         return recipe(cfg).run(resume=args.resume)
     finally:
