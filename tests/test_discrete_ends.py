@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import odeify
-from odeify.adapt import matching, recording
+from odeify.train.distill import matching, recording
 from odeify.schemes import SCHEMES, spans, stage_times
 
 
