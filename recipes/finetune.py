@@ -360,6 +360,11 @@ class Finetune:
         return self.report(before, timing)
 
     # ------------------------------------------------------------------------------- setup
+    def prepare(self, base: nn.Module) -> nn.Module:
+        """The model to train, from the loaded base: :func:`prepare` (a subclass may train
+        another form)."""
+        return prepare(self.cfg, base)
+
     def setup(self, resume: bool) -> dict:
         """Everything before training; returns the resumed checkpoint's extra state."""
         cfg = self.cfg
@@ -381,7 +386,7 @@ class Finetune:
         seed_everything(cfg.seed)
         train_docs, valid_docs = data.split(data.corpus(cfg.corpus), cfg.heldout, spec=cfg.corpus)
         base, self.tokenizer = load_base(cfg)
-        self.raw = prepare(cfg, base)
+        self.raw = self.prepare(base)
         del base  # the discrete form trains a materialised copy: the ODE model can go
         self.num_layers = depth(self.raw)
         self.sampler = sampler(cfg, self.num_layers)
