@@ -196,16 +196,16 @@ def _run_label(config: dict) -> str:
     return _label(config) + f", lr {config['lr']:g}, seed {config.get('seed', 0)}"
 
 
-def report(runs: list[Path], figures: Path) -> str:
-    """Validation curves against tokens, perplexity against solver steps, and a markdown table."""
+def _plot_curves(runs: list[Path], figures: Path) -> list[tuple]:
+    """``pretrain_curves.png`` (validation at N = L and smoothed training loss against tokens);
+    returns one row per run: (label, summary, final perplexities, L, late loss drop, steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    sweep, rows = {}, []
+    rows = []
     for run in runs:
         records, summary, config = _read(run)
         label, depth = _run_label(config), config["n_layer"]
@@ -226,12 +226,11 @@ def report(runs: list[Path], figures: Path) -> str:
             color=ax.lines[-1].get_color(),
         )
         ppl = {int(k): v for k, v in summary["final"]["perplexity"].items()}
-        sweep[label] = ppl
         last = evals[-1]["val_loss"][str(depth)]
-        before = [r for r in evals if r["step"] <= 0.8 * evals[-1]["step"]][-1]["val_loss"][
-            str(depth)
-        ]
-        rows.append((label, summary, ppl, depth, before - last, evals[-1]["step"]))
+        late = [r for r in evals if r["step"] <= 0.8 * evals[-1]["step"]][-1]
+        rows.append(
+            (label, summary, ppl, depth, late["val_loss"][str(depth)] - last, evals[-1]["step"])
+        )
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("loss (dots: validation at N = L; lines: training)")
     ax.set_title("Pretraining on Shakespeare, held-out plays")
@@ -240,12 +239,10 @@ def report(runs: list[Path], figures: Path) -> str:
     fig.tight_layout()
     fig.savefig(figures / "pretrain_curves.png")
     plt.close(fig)
-    plot_sweep(
-        {k: v for k, v in sweep.items() if len(v) > 1},
-        figures / "pretrain_retarget.png",
-        "DiffEqFormer: validation perplexity against solver steps",
-        reference={k: next(iter(v.values())) for k, v in sweep.items() if len(v) == 1},
-    )
+    return rows
+
+
+def _table(rows: list[tuple]) -> str:
     lines = [
         "| model | parameters (non-embedding) | tokens/s (own run) | peak RSS MiB | val ppl at N = L | loss drop over the last 20% |",
         "|---|---|---|---|---|---|",
@@ -266,6 +263,20 @@ def report(runs: list[Path], figures: Path) -> str:
             f"| {label} | " + " | ".join(f"{ppl[n]:.3f}" if n in ppl else "" for n in counts) + " |"
         )
     return "\n".join(lines)
+
+
+def report(runs: list[Path], figures: Path) -> str:
+    """Validation curves against tokens, perplexity against solver steps, and a markdown table."""
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = _plot_curves(runs, figures)
+    sweep = {label: ppl for label, _, ppl, *_ in rows}
+    plot_sweep(
+        {k: v for k, v in sweep.items() if len(v) > 1},
+        figures / "pretrain_retarget.png",
+        "DiffEqFormer: validation perplexity against solver steps",
+        reference={k: next(iter(v.values())) for k, v in sweep.items() if len(v) == 1},
+    )
+    return _table(rows)
 
 
 def main() -> None:

@@ -161,19 +161,9 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def validate(cfg: Config, world: int = 1) -> None:
-    """Every check that needs no model and no data, so a bad config fails at once."""
+def _model_problems(cfg: Config) -> list[str]:
+    """What is wrong with the model, training and basis options."""
     problems = []
-    budget = cfg.budget_flops
-    if budget is not None and not isinstance(budget, float):
-        # YAML 1.1 reads 1.5e15 (no sign in the exponent) as a string, 300000 as an int.
-        try:
-            cfg.budget_flops = float(budget) if not isinstance(budget, bool) else None
-        except (TypeError, ValueError):
-            cfg.budget_flops = None
-        if cfg.budget_flops is None:
-            problems.append(f"budget_flops takes a number, got {budget!r}")
-            cfg.budget_flops = budget
     if cfg.mode not in MODES:
         problems.append(f"mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.mode == "drop" and not _is_count(cfg.keep_layers):
@@ -192,6 +182,12 @@ def validate(cfg: Config, world: int = 1) -> None:
         problems.append("discrete_ends belongs to depth adaptation (mode: ode), not baseline (a)")
     if cfg.basis not in BASES:
         problems.append(f"basis must be one of {BASES}, got {cfg.basis!r}")
+    return problems
+
+
+def _sampler_problems(cfg: Config) -> list[str]:
+    """What is wrong with the budget and the step-count sampler options."""
+    problems = []
     if (cfg.max_steps is None) == (cfg.budget_flops is None):
         problems.append("set exactly one of max_steps and budget_flops")
     if cfg.max_steps is not None and not _is_count(cfg.max_steps):
@@ -211,6 +207,12 @@ def validate(cfg: Config, world: int = 1) -> None:
             problems.append("set either low and high (a range) or choices (a list), not both")
     if _is_count(cfg.low) and _is_count(cfg.high) and cfg.low > cfg.high:
         problems.append(f"the step range is empty: low = {cfg.low} > high = {cfg.high}")
+    return problems
+
+
+def _run_problems(cfg: Config, world: int) -> list[str]:
+    """What is wrong with the evaluation, data and output options."""
+    problems = []
     for name in ("eval_steps", "curve_steps"):
         values = getattr(cfg, name)
         if values is not None and (
@@ -233,6 +235,23 @@ def validate(cfg: Config, world: int = 1) -> None:
         problems.append(f"autocast must be one of {sorted(AUTOCAST)}, got {cfg.autocast!r}")
     if not cfg.heldout:
         problems.append("heldout must name the evaluation documents (e.g. plays)")
+    return problems
+
+
+def validate(cfg: Config, world: int = 1) -> None:
+    """Every check that needs no model and no data, so a bad config fails at once."""
+    problems = []
+    budget = cfg.budget_flops
+    if budget is not None and not isinstance(budget, float):
+        # YAML 1.1 reads 1.5e15 (no sign in the exponent) as a string, 300000 as an int.
+        try:
+            cfg.budget_flops = float(budget) if not isinstance(budget, bool) else None
+        except (TypeError, ValueError):
+            cfg.budget_flops = None
+        if cfg.budget_flops is None:
+            problems.append(f"budget_flops takes a number, got {budget!r}")
+            cfg.budget_flops = budget
+    problems += _model_problems(cfg) + _sampler_problems(cfg) + _run_problems(cfg, world)
     try:
         LossWeights(cfg.kl, cfg.lm, cfg.hidden, cfg.temperature)
     except ValueError as e:

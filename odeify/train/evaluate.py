@@ -89,43 +89,47 @@ def sweep(
     device = next(model.parameters()).device
     if dist is not None:
         windows = windows.tensor_split(dist.world)[dist.rank]
-    autocast = autocast or contextlib.nullcontext
-    ode = _odeified(model)
-    nll, kl = dict.fromkeys(counts, 0.0), dict.fromkeys(counts, 0.0)
-    teacher_nll, tokens = 0.0, 0
+    # Sums over tokens in Python floats (double), every key from the start: each rank reduces
+    # the same keys in the same order, also one with no windows.
+    totals: dict = {("nll", n): 0.0 for n in counts}
+    if teacher is not None:
+        totals.update({("kl", n): 0.0 for n in counts}, teacher=0.0)
+    totals["tokens"] = 0
     training = model.training
     model.eval()
     starts = range(0, len(windows), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        targets = batch[:, 1:].reshape(-1)
-        if teacher is not None:
-            layers = get_block(teacher).ode.num_layers
-            log_p = _log_probs(_logits(teacher, batch, shifted, ode_steps=layers))
-            teacher_nll += F.nll_loss(log_p, targets, reduction="sum").item()
-        for n in counts:
-            with at_steps(model, n, scheme) if ode and n else contextlib.nullcontext(), autocast():
-                logits = _logits(model, batch, shifted)
-            log_q = _log_probs(logits)
-            nll[n] += F.nll_loss(log_q, targets, reduction="sum").item()
-            if teacher is not None:
-                kl[n] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
-        tokens += targets.numel()
+        for key, value in _batch_sums(model, batch, counts, teacher, shifted, scheme, autocast):
+            totals[key] += value
     model.train(training)
     if dist is not None and dist.world > 1:
-        totals = dist.sum(
-            torch.tensor(
-                [*nll.values(), *kl.values(), teacher_nll, tokens],
-                dtype=torch.float64,
-                device=device,
-            )
-        ).tolist()
-        nll = dict(zip(counts, totals[: len(counts)], strict=True))
-        kl = dict(zip(counts, totals[len(counts) : 2 * len(counts)], strict=True))
-        teacher_nll, tokens = totals[-2], int(totals[-1])
+        summed = dist.sum(torch.tensor(list(totals.values()), dtype=torch.float64, device=device))
+        totals = dict(zip(totals, summed.tolist(), strict=True))
+    tokens = int(totals["tokens"])
     return Scores(
         tokens,
-        {n: v / tokens for n, v in nll.items()},
-        {n: v / tokens for n, v in kl.items()} if teacher is not None else None,
-        teacher_nll / tokens if teacher is not None else None,
+        {n: totals[("nll", n)] / tokens for n in counts},
+        {n: totals[("kl", n)] / tokens for n in counts} if teacher is not None else None,
+        totals["teacher"] / tokens if teacher is not None else None,
     )
+
+
+def _batch_sums(model, batch: Tensor, counts, teacher, shifted, scheme, autocast):
+    """(key, summed value) of one batch: the model's NLL at each count, with a teacher its NLL
+    and the KL at each count, and the number of predicted tokens."""
+    targets = batch[:, 1:].reshape(-1)
+    autocast = autocast or contextlib.nullcontext
+    ode = _odeified(model)
+    if teacher is not None:
+        layers = get_block(teacher).ode.num_layers
+        log_p = _log_probs(_logits(teacher, batch, shifted, ode_steps=layers))
+        yield "teacher", F.nll_loss(log_p, targets, reduction="sum").item()
+    for n in counts:
+        with at_steps(model, n, scheme) if ode and n else contextlib.nullcontext(), autocast():
+            logits = _logits(model, batch, shifted)
+        log_q = _log_probs(logits)
+        yield ("nll", n), F.nll_loss(log_q, targets, reduction="sum").item()
+        if teacher is not None:
+            yield ("kl", n), F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+    yield "tokens", targets.numel()
