@@ -5,6 +5,7 @@ distillation from its frozen original (issue 6), and the layer-dropping baseline
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-drop15.yaml   # baseline (a)
     python recipes/adapt_depth.py --config ... --set max_steps=20 --set out_dir=runs/try
     python recipes/adapt_depth.py --config ... --resume        # continue the run in out_dir
+    torchrun --nproc_per_node=2 recipes/adapt_depth.py --config ...   # DDP
     python recipes/adapt_depth.py --compare runs/adapt runs/drop15 --names C "(a)" --out benchmarks/figures/adapt
 
 Features:
@@ -36,6 +37,9 @@ Features:
   (plays) removed from training and used for every evaluation; batches are a pure function of
   (seed, step). ``autocast: bf16`` trains in bfloat16 autocast (fp32 master weights);
   evaluation is always fp32.
+- Distributed: under torchrun, DDP (gloo on CPU, NCCL on GPU): each process distils on its
+  share of every batch (``batch_size`` must split over the processes) and scores its share of
+  the held-out windows; the first writes checkpoints, metrics and outputs.
 - Evaluation: perplexity and KL from the original at ``eval_steps`` before and after training,
   and the original's perplexity, all in one pass per batch; every ``eval_every`` steps the
   perplexity at ``curve_steps`` on ``curve_windows`` windows (the curve against tokens seen);

@@ -5,6 +5,7 @@ fine-tuning, and step-adjusted fine-tuning (the adaptive fine-tuning of the ICLR
     python recipes/finetune.py --config recipes/configs/lora-smollm2-shakespeare.yaml
     python recipes/finetune.py --config ... --set max_steps=50 --set out_dir=runs/try
     python recipes/finetune.py --config ... --resume          # continue the run in out_dir
+    torchrun --nproc_per_node=2 recipes/finetune.py --config ...   # DDP
 
 Features:
 - Model: ``smollm2`` (the bundled SmolLM2-135M-Instruct), a transformers folder, or a folder
@@ -25,6 +26,9 @@ Features:
   validation, tokenised once into cached memmaps; batches are a pure function of (seed, step).
 - Training: AdamW (decay on matrices only), linear warmup + cosine decay, gradient clipping,
   gradient accumulation, seeds, optional activation checkpointing, a progress bar.
+- Distributed: under torchrun, DDP (gloo on CPU, NCCL on GPU): each process trains on its
+  share of every micro-batch (``batch_size / grad_accum`` must split over the processes) and
+  scores its share of the validation windows; the first writes checkpoints, metrics and outputs.
 - Evaluation: validation perplexity before and after training at several solver step counts
   (``eval_steps``, default L/2, L, 3L/2). A discrete or original model is evaluated through
   ``odeify`` of it (LoRA merged): exact at its own depth, retargeted at the others.

@@ -102,7 +102,11 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
     """``perplexity.png`` (against solver steps, before and after) and ``perplexity_flops.png``
     (against inference GFLOPs per token) of finished runs, and ``perplexity_after.png``: after
     training only, on an axis cut to 0.8x-4x the original's perplexity (the range the targets
-    are in), with the original and 1.5x it as reference lines."""
+    are in), with the original and 1.5x it as reference lines.
+
+    Example:
+        >>> plot_runs([json.loads(Path("runs/adapt/results.json").read_text())], Path("runs/adapt"))   # doctest: +SKIP
+    """
     original = runs[0]["original_perplexity"]
     reference = {f"original (N = {runs[0]['layers']})": original}
     title = f"{Path(str(runs[0]['model'])).name}, held-out {', '.join(runs[0]['heldout'])}"
@@ -136,7 +140,11 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
 def plot_budget(run_dirs: list[Path], out: Path, labels: list[str]) -> Path | None:
     """``perplexity_budget.png``: held-out perplexity against training PFLOPs from the curves
     the runs logged (``eval_every``), one line per (run, step count): one color per step count,
-    one line style and marker per run. ``labels`` name the runs, one per folder."""
+    one line style and marker per run. ``labels`` name the runs, one per folder.
+
+    Example:
+        >>> plot_budget([Path("runs/adapt"), Path("runs/drop15")], Path("cmp"), ["C", "(a)"])   # doctest: +SKIP
+    """
     curves: dict[str, dict] = {}
     styles: dict[str, dict] = {}
     colors: dict[int, str] = {}
