@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from _launch import argv, fork, join, recipe, records
+from _launch import RECIPES, argv, fork, join, recipe, records
 
 import odeify
 from odeify.assets import gpt2_tokenizer, play_text
@@ -212,3 +212,12 @@ def test_two_gloo_processes_match_one(assets, tmp_path):
     losses = [[r["loss"] for r in records(tmp_path / run) if "loss" in r] for run in ("one", "two")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(RECIPES.joinpath("configs").glob("*-smollm2-shakespeare.yaml")),
+    ids=lambda p: p.name,
+)
+def test_shipped_configs_are_valid(path):
+    assert finetune.main(["--config", str(path), "--check"]).out_dir

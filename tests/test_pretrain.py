@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _launch import argv, fork, join, recipe
+from _launch import RECIPES, argv, fork, join, recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import odeify
@@ -252,3 +252,12 @@ def test_llama_family(tmp_path, cache, one_thread):
         "v",
     ]
     assert all(math.isfinite(v) for v in summary["final"]["val_loss"].values())
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in sorted(RECIPES.joinpath("configs").glob("*.yaml")) if "smollm2" not in p.name],
+    ids=lambda p: p.name,
+)
+def test_shipped_configs_are_valid(path):
+    assert pretrain.main(["--config", str(path), "--check"]).out_dir
