@@ -120,11 +120,6 @@ def wrap(
     )
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP (an FSDP2 or plain model is its own)."""
-    return getattr(model, "module", model) if hasattr(model, "no_sync") else model
-
-
 @contextlib.contextmanager
 def sync(model: nn.Module, last: bool) -> Iterator[None]:
     """Reduce gradients on the last micro-batch (or backward) of an accumulation only.
