@@ -118,14 +118,15 @@ def _profile(model, optimizer, x, y, top: int = 12) -> list[dict]:
     ]
 
 
-def steptime(args) -> dict:
+def _models(args) -> tuple[dict, dict, int]:
+    """The three LoRA forms of SmolLM2 (original, continuous, shared dW), their optimizers, and
+    the vocabulary size."""
     from peft import get_peft_model
 
     import odeify
     from odeify.assets import load_smollm2
     from odeify.lora import lora_config
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base, _ = load_smollm2()
     original = get_peft_model(copy.deepcopy(base), lora_config(args.r, model=base))
@@ -139,11 +140,11 @@ def steptime(args) -> dict:
     }
     for m in models.values():
         m.train()
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(
-        0, base.config.vocab_size, (args.batch, args.seq + 1), generator=generator
-    )
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    return models, optimizers, base.config.vocab_size
+
+
+def _rounds(models: dict, optimizers: dict, x, y, args) -> tuple[dict, dict]:
+    """(wall, CPU) seconds per round of each model, the order rotating every round."""
     wall = {k: [] for k in models}
     cpu = {k: [] for k in models}
     names = list(models)
@@ -160,11 +161,33 @@ def steptime(args) -> dict:
                 + ", ".join(f"{k} {wall[k][-1]:.2f} s ({cpu[k][-1]:.2f} CPU)" for k in names),
                 flush=True,
             )
+    return wall, cpu
 
-    def paired(times, name):  # median over rounds of the per-round ratio to the original
-        ratios = [a / b for a, b in zip(times[name], times["original LoRA"], strict=True)]
-        return round(statistics.median(ratios), 3)
 
+def _paired(times: dict, name: str) -> float:
+    """The median over rounds of the per-round ratio to the original."""
+    ratios = [a / b for a, b in zip(times[name], times["original LoRA"], strict=True)]
+    return round(statistics.median(ratios), 3)
+
+
+def _print(result: dict) -> None:
+    lists = ("cpu_seconds", "wall_seconds", "profile")
+    print(json.dumps({k: v for k, v in result.items() if k not in lists}, indent=2))
+    for name, rows in result["profile"].items():
+        print(f"\n{name}: top ops by self CPU time")
+        for row in rows:
+            print(f"  {row['self_ms']:>9.1f} ms  {row['calls']:>5}  {row['op']}")
+
+
+def steptime(args) -> dict:
+    """Step times of the three LoRA forms on one batch, and a profile of two of them."""
+    torch.set_num_threads(args.threads)
+    models, optimizers, vocab = _models(args)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=generator)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    wall, cpu = _rounds(models, optimizers, x, y, args)
+    names = list(models)
     result = {
         "threads": args.threads,
         "batch": [args.batch, args.seq],
@@ -172,8 +195,8 @@ def steptime(args) -> dict:
         "rounds": args.rounds,
         "median_cpu_seconds": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
         "median_wall_seconds": {k: round(statistics.median(v), 3) for k, v in wall.items()},
-        "over_original_cpu": {k: paired(cpu, k) for k in names[1:]},
-        "over_original_wall": {k: paired(wall, k) for k in names[1:]},
+        "over_original_cpu": {k: _paired(cpu, k) for k in names[1:]},
+        "over_original_wall": {k: _paired(wall, k) for k in names[1:]},
         "cpu_seconds": {k: [round(s, 3) for s in v] for k, v in cpu.items()},
         "wall_seconds": {k: [round(s, 3) for s in v] for k, v in wall.items()},
         "trainable": {
@@ -186,52 +209,36 @@ def steptime(args) -> dict:
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        json.dumps(
-            {
-                k: v
-                for k, v in result.items()
-                if k not in ("cpu_seconds", "wall_seconds", "profile")
-            },
-            indent=2,
-        )
-    )
-    for name, rows in result["profile"].items():
-        print(f"\n{name}: top ops by self CPU time")
-        for row in rows:
-            print(f"  {row['self_ms']:>9.1f} ms  {row['calls']:>5}  {row['op']}")
+    _print(result)
     return result
 
 
 # ---------------------------------------------------------------------------------- shared
 def shared(args) -> dict:
+    """The fine-tuning recipe with the shared dW in place of continuous LoRA."""
+    import dataclasses
+
+    from odeify.train.config import load_config, parse_overrides
+
     finetune = _recipe()
-    cfg = finetune.load_config(finetune.Config, args.config, finetune.parse_overrides(args.set))
+    cfg = load_config(finetune.Config, args.config, parse_overrides(args.set))
     if cfg.form != "continuous" or cfg.method != "lora":
         raise ValueError(
             "the shared dW replaces continuous LoRA: use a form: continuous, method: lora config"
         )
-    original_prepare = finetune.prepare
 
-    def prepare(cfg, base):
-        full = dataclass_replace(cfg, method="full")
-        model = original_prepare(full, base)
-        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
-        return SharedLoRA(model, cfg.lora_r, alpha, _targets(model)).train()
+    class SharedFinetune(finetune.Finetune):
+        def prepare(self, base):
+            full = finetune.prepare(dataclasses.replace(self.cfg, method="full"), base)
+            alpha = self.cfg.lora_alpha if self.cfg.lora_alpha is not None else 2 * self.cfg.lora_r
+            return SharedLoRA(full, self.cfg.lora_r, alpha, _targets(full)).train()
 
-    finetune.prepare = prepare
-    return finetune.run(cfg, resume=args.resume)
-
-
-def dataclass_replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
+    return SharedFinetune(cfg).run(resume=args.resume)
 
 
 # ---------------------------------------------------------------------------------- report
 def report(args) -> str:
-    from odeify.evaluate import plot_sweep
+    from odeify.train.plots import plot_sweep
 
     rows, curves, before = [], {}, None
     for folder in args.runs:

@@ -24,6 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
+
+import odeify
+from odeify.train import data
+from odeify.train.config import load_config, parse_overrides
+from odeify.train.optim import adamw
+from odeify.train.plots import plot_sweep
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,57 +68,68 @@ def _peak_growth_mib(fn) -> float:
     return (_rss_kib("VmHWM") - before) / 1024
 
 
-def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
-    """Training-step time of both models, alternated step by step on the same batches, and
-    where the ODE step's extra time could go: the weight grid W(t) (forward and backward) and
-    the optimizer step (clipping included)."""
-    cfg = pretrain.load_config(pretrain.Config, config, overrides)
-    docs = pretrain.data.corpus(cfg.corpus)
-    train_docs, _ = pretrain.split_documents(docs, cfg.heldout, cfg.heldout_fraction)
+def _models(cfg) -> tuple[data.Batches, dict]:
+    """The training batches and both models, each with its optimizer, from one seed."""
+    docs = data.corpus(cfg.corpus)
+    train_docs, _ = data.split(docs, cfg.heldout, cfg.heldout_fraction, cfg.corpus)
     tokenizer = pretrain.load_tokenizer(cfg.tokenizer, docs)
-    cache = pretrain.data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
-    tokens = pretrain.data.tokenize(train_docs, tokenizer, cache)
-    batches = pretrain.data.Batches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+    cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
+    tokens = data.tokenize(train_docs, tokenizer, cache)
+    batches = data.Batches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
     hf_config = pretrain.model_config(cfg, tokenizer)
     runs = {}
     for ode in (False, True):
         torch.manual_seed(cfg.seed)
         model = pretrain.build_model(cfg, hf_config, ode).train()
-        optimizer = pretrain.adamw(model, cfg.lr, cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+        optimizer = adamw(model, cfg.lr, cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
         runs["diffeqformer" if ode else "baseline"] = (model, optimizer)
+    return batches, runs
 
-    def forward_backward(model, x, y):
-        logits = model(x, use_cache=False).logits
-        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
 
-    def update(model, optimizer):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+def _forward_backward(model, x, y) -> None:
+    logits = model(x, use_cache=False).logits
+    F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
 
+
+def _update(model, optimizer, clip: float) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _alternate(runs: dict, batches, cfg, steps: int, warmup: int) -> dict:
+    """Per-step (wall, CPU, optimizer CPU) seconds of each model, the models taking turns."""
     times = {name: {"wall": [], "cpu": [], "optimizer_cpu": []} for name in runs}
     for step in range(warmup + steps):
         x, y = batches.get(step)
         for name, (model, optimizer) in runs.items():
-            compute = _timed(lambda m=model, x=x, y=y: forward_backward(m, x, y))
-            updated = _timed(lambda m=model, o=optimizer: update(m, o))
+            compute = _timed(lambda m=model, x=x, y=y: _forward_backward(m, x, y))
+            updated = _timed(lambda m=model, o=optimizer: _update(m, o, cfg.grad_clip))
             if step >= warmup:
                 times[name]["wall"].append(compute[0] + updated[0])
                 times[name]["cpu"].append(compute[1] + updated[1])
                 times[name]["optimizer_cpu"].append(updated[1])
+    return times
 
-    # Memory a training step adds on top of the parameters and optimizer state (activations,
-    # gradients, and for the ODE the weight grid W(t)): the largest of three steps.
+
+def _step_peaks(runs: dict, batches, cfg) -> dict[str, float]:
+    """Memory a training step adds on top of the parameters and optimizer state (activations,
+    gradients, and for the ODE the weight grid W(t)): the largest of three steps."""
     x, y = batches.get(0)
-    step_peak = {
-        name: max(
-            _peak_growth_mib(lambda m=model, o=optimizer: (forward_backward(m, x, y), update(m, o)))
-            for _ in range(3)
-        )
-        for name, (model, optimizer) in runs.items()
+
+    def step(model, optimizer):
+        _forward_backward(model, x, y)
+        _update(model, optimizer, cfg.grad_clip)
+
+    return {
+        name: max(_peak_growth_mib(lambda m=m, o=o: step(m, o)) for _ in range(3))
+        for name, (m, o) in runs.items()
     }
 
-    block = pretrain.ode_lib.get_block(runs["diffeqformer"][0])
+
+def _weight_grid_seconds(model, cfg, rounds: int, warmup: int) -> float:
+    """Median CPU seconds of W(t) at the L grid times, forward and backward."""
+    block = odeify.get_block(model)
     grid = [i / cfg.n_layer for i in range(cfg.n_layer)]
 
     def grid_forward_backward():
@@ -120,9 +138,19 @@ def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
             list(weights.values()), [torch.ones_like(w) for w in weights.values()]
         )
 
-    weight_grid = [_timed(grid_forward_backward)[1] for _ in range(warmup + steps)]
+    seconds = [_timed(grid_forward_backward)[1] for _ in range(rounds)]
     block.zero_grad(set_to_none=True)
+    return statistics.median(seconds[warmup:])
 
+
+def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
+    """Training-step time of both models, alternated step by step on the same batches, and
+    where the ODE step's extra time could go: the weight grid W(t) (forward and backward) and
+    the optimizer step (clipping included)."""
+    cfg = load_config(pretrain.Config, config, overrides)
+    batches, runs = _models(cfg)
+    times = _alternate(runs, batches, cfg, steps, warmup)
+    step_peak = _step_peaks(runs, batches, cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     out = {
         "config": config,
@@ -140,7 +168,9 @@ def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
             "step_peak_growth_mib": step_peak[name],
             "parameters": pretrain.parameter_counts(runs[name][0]),
         }
-    out["diffeqformer"]["weight_grid_cpu_seconds"] = statistics.median(weight_grid[warmup:])
+    out["diffeqformer"]["weight_grid_cpu_seconds"] = _weight_grid_seconds(
+        runs["diffeqformer"][0], cfg, warmup + steps, warmup
+    )
     # Each pair ran back to back under the same load: the median of their ratios.
     for clock in ("cpu", "wall"):
         pairs = zip(times["baseline"][clock], times["diffeqformer"][clock], strict=True)
@@ -151,7 +181,7 @@ def throughput(config: str, overrides: dict, steps: int, warmup: int) -> dict:
 def _read(run: Path) -> tuple[list[dict], dict, dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
-    config = pretrain.yaml.safe_load((run / "config.yaml").read_text())
+    config = yaml.safe_load((run / "config.yaml").read_text())
     return records, summary, config
 
 
@@ -166,16 +196,16 @@ def _run_label(config: dict) -> str:
     return _label(config) + f", lr {config['lr']:g}, seed {config.get('seed', 0)}"
 
 
-def report(runs: list[Path], figures: Path) -> str:
-    """Validation curves against tokens, perplexity against solver steps, and a markdown table."""
+def _plot_curves(runs: list[Path], figures: Path) -> list[tuple]:
+    """``pretrain_curves.png`` (validation at N = L and smoothed training loss against tokens);
+    returns one row per run: (label, summary, final perplexities, L, late loss drop, steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    sweep, rows = {}, []
+    rows = []
     for run in runs:
         records, summary, config = _read(run)
         label, depth = _run_label(config), config["n_layer"]
@@ -196,12 +226,11 @@ def report(runs: list[Path], figures: Path) -> str:
             color=ax.lines[-1].get_color(),
         )
         ppl = {int(k): v for k, v in summary["final"]["perplexity"].items()}
-        sweep[label] = ppl
         last = evals[-1]["val_loss"][str(depth)]
-        before = [r for r in evals if r["step"] <= 0.8 * evals[-1]["step"]][-1]["val_loss"][
-            str(depth)
-        ]
-        rows.append((label, summary, ppl, depth, before - last, evals[-1]["step"]))
+        late = [r for r in evals if r["step"] <= 0.8 * evals[-1]["step"]][-1]
+        rows.append(
+            (label, summary, ppl, depth, late["val_loss"][str(depth)] - last, evals[-1]["step"])
+        )
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("loss (dots: validation at N = L; lines: training)")
     ax.set_title("Pretraining on Shakespeare, held-out plays")
@@ -210,12 +239,10 @@ def report(runs: list[Path], figures: Path) -> str:
     fig.tight_layout()
     fig.savefig(figures / "pretrain_curves.png")
     plt.close(fig)
-    pretrain.plot_sweep(
-        {k: v for k, v in sweep.items() if len(v) > 1},
-        figures / "pretrain_retarget.png",
-        "DiffEqFormer: validation perplexity against solver steps",
-        reference={k: next(iter(v.values())) for k, v in sweep.items() if len(v) == 1},
-    )
+    return rows
+
+
+def _table(rows: list[tuple]) -> str:
     lines = [
         "| model | parameters (non-embedding) | tokens/s (own run) | peak RSS MiB | val ppl at N = L | loss drop over the last 20% |",
         "|---|---|---|---|---|---|",
@@ -238,6 +265,20 @@ def report(runs: list[Path], figures: Path) -> str:
     return "\n".join(lines)
 
 
+def report(runs: list[Path], figures: Path) -> str:
+    """Validation curves against tokens, perplexity against solver steps, and a markdown table."""
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = _plot_curves(runs, figures)
+    sweep = {label: ppl for label, _, ppl, *_ in rows}
+    plot_sweep(
+        {k: v for k, v in sweep.items() if len(v) > 1},
+        figures / "pretrain_retarget.png",
+        "DiffEqFormer: validation perplexity against solver steps",
+        reference={k: next(iter(v.values())) for k, v in sweep.items() if len(v) == 1},
+    )
+    return _table(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,9 +293,7 @@ def main() -> None:
     p.add_argument("--figures", type=Path, default=Path("benchmarks/figures"))
     args = parser.parse_args()
     if args.command == "throughput":
-        result = throughput(
-            args.config, pretrain.parse_overrides(args.set), args.steps, args.warmup
-        )
+        result = throughput(args.config, parse_overrides(args.set), args.steps, args.warmup)
         text = json.dumps(result, indent=2)
         print(text)
         if args.json:

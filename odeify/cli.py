@@ -73,9 +73,11 @@ def cmd_convert(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import get_block, odeify
-    from .data import corpus, tokenize, windows
-    from .evaluate import perplexity, plot_sweep, sweep
+    from .evaluate import perplexity
     from .loading import load_model
+    from .train.data import corpus, tokenize, windows
+    from .train.evaluate import sweep
+    from .train.plots import plot_sweep
 
     model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer)
     if tokenizer is None:
@@ -88,13 +90,8 @@ def cmd_eval(args) -> int:
     block = get_block(model)
     scheme = args.scheme or block.ode.scheme
     L = block.ode.num_layers
-    results = sweep(
-        model,
-        ids,
-        args.steps or [max(1, L // 2), L, 2 * L],
-        scheme=scheme,
-        batch_size=args.batch_size,
-    )
+    counts = args.steps or [max(1, L // 2), L, 2 * L]
+    results = sweep(model, ids, counts, args.batch_size, scheme=scheme, progress=True).perplexity()
     print(f"\n{args.model}: {ids.numel()} tokens of {args.corpus}, scheme {scheme}, L = {L}")
     print(f"{'steps':>6} {'perplexity':>12}")
     for n, ppl in results.items():

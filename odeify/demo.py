@@ -17,8 +17,10 @@ import torch
 from .api import get_block, odeify
 from .api import steps as at_steps
 from .assets import load_smollm2
-from .data import corpus, tokenize, windows
-from .evaluate import perplexity, plot_sweep, sweep
+from .evaluate import perplexity
+from .train.data import corpus, tokenize, windows
+from .train.evaluate import sweep
+from .train.plots import plot_sweep
 
 PROMPT = "To be, or not to be, that is the question:"
 
@@ -59,7 +61,7 @@ def run_demo(
     max_logit_diff = (ode_logits - original_logits).abs().max().item()
     ode_tokens, _ = _greedy(model, tokenizer)
 
-    curve = sweep(model, ids, step_counts)
+    curve = sweep(model, ids, step_counts, progress=True).perplexity()
     with at_steps(model, min(step_counts)):
         few_tokens, few_text = _greedy(model, tokenizer)
 

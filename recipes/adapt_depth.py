@@ -5,6 +5,7 @@ distillation from its frozen original (issue 6), and the layer-dropping baseline
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-drop15.yaml   # baseline (a)
     python recipes/adapt_depth.py --config ... --set max_steps=20 --set out_dir=runs/try
     python recipes/adapt_depth.py --config ... --resume        # continue the run in out_dir
+    torchrun --nproc_per_node=2 recipes/adapt_depth.py --config ...   # DDP
     python recipes/adapt_depth.py --compare runs/adapt runs/drop15 --names C "(a)" --out benchmarks/figures/adapt
 
 Features:
@@ -30,12 +31,15 @@ Features:
   cross-entropy, ``hidden`` * the mean squared difference of RMS-normalised hidden states where
   the student's grid meets the original's layers (t = j / N = l / L).
 - Budget: ``max_steps``, or ``budget_flops`` (matrix-multiply FLOPs of the teacher's forwards
-  and the student's forwards and backwards, :class:`odeify.adapt.CostModel`): the run takes
+  and the student's forwards and backwards, :class:`odeify.train.cost.CostModel`): the run takes
   the steps that fit in it, so runs of different modes get the same compute.
 - Data: a corpus spec (``shakespeare``, a text file or folder), the ``heldout`` documents
   (plays) removed from training and used for every evaluation; batches are a pure function of
   (seed, step). ``autocast: bf16`` trains in bfloat16 autocast (fp32 master weights);
   evaluation is always fp32.
+- Distributed: under torchrun, DDP (gloo on CPU, NCCL on GPU): each process distils on its
+  share of every batch (``batch_size`` must split over the processes) and scores its share of
+  the held-out windows; the first writes checkpoints, metrics and outputs.
 - Evaluation: perplexity and KL from the original at ``eval_steps`` before and after training,
   and the original's perplexity, all in one pass per batch; every ``eval_every`` steps the
   perplexity at ``curve_steps`` on ``curve_windows`` windows (the curve against tokens seen);
@@ -55,7 +59,6 @@ Features:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -66,36 +69,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 import odeify as ode_lib
-from odeify import data
-from odeify.adapt import (
-    WEIGHTINGS,
-    CostModel,
+from odeify.bases import BASES
+from odeify.lora import lora_config
+from odeify.surgery import is_odeified_folder
+from odeify.train import data
+from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.config import config_stamp, launch, recipe_parser
+from odeify.train.cost import CostModel, steps_for_budget
+from odeify.train.distill import (
     LossWeights,
-    StepSampler,
     adapt_step,
     drop_layers,
-    evaluate_depths,
     frozen_teacher,
-    steps_for_budget,
     teacher_targets,
 )
-from odeify.bases import BASES
-from odeify.evaluate import plot_sweep
-from odeify.lora import lora_config
-from odeify.training import (
-    Checkpoints,
-    Metrics,
-    adamw,
-    config_stamp,
-    load_config,
-    seed_everything,
-    warmup_cosine,
-)
+from odeify.train.distributed import setup_distributed, wrap
+from odeify.train.evaluate import sweep
+from odeify.train.metrics import Metrics
+from odeify.train.optim import adamw, seed_everything, warmup_cosine
+from odeify.train.plots import plot_budget, plot_runs
+from odeify.train.sampler import WEIGHTINGS, StepSampler
 
 MODES = ("ode", "drop")
 TRAIN = ("full", "lora")
@@ -165,39 +162,13 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------ config
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set`` pairs as {key: value}, each value read as YAML.
-
-    Example:
-        >>> parse_overrides(["lr=0.001", "eval_steps=[15, 30]"])
-        {'lr': 0.001, 'eval_steps': [15, 30]}
-    """
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def validate(cfg: Config) -> None:
-    """Every check that needs no model and no data, so a bad config fails at once."""
+def _model_problems(cfg: Config) -> list[str]:
+    """What is wrong with the model, training and basis options."""
     problems = []
-    budget = cfg.budget_flops
-    if budget is not None and not isinstance(budget, float):
-        # YAML 1.1 reads 1.5e15 (no sign in the exponent) as a string, 300000 as an int.
-        try:
-            cfg.budget_flops = float(budget) if not isinstance(budget, bool) else None
-        except (TypeError, ValueError):
-            cfg.budget_flops = None
-        if cfg.budget_flops is None:
-            problems.append(f"budget_flops takes a number, got {budget!r}")
-            cfg.budget_flops = budget
     if cfg.mode not in MODES:
         problems.append(f"mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.mode == "drop" and not _is_count(cfg.keep_layers):
@@ -216,6 +187,12 @@ def validate(cfg: Config) -> None:
         problems.append("discrete_ends belongs to depth adaptation (mode: ode), not baseline (a)")
     if cfg.basis not in BASES:
         problems.append(f"basis must be one of {BASES}, got {cfg.basis!r}")
+    return problems
+
+
+def _sampler_problems(cfg: Config) -> list[str]:
+    """What is wrong with the budget and the step-count sampler options."""
+    problems = []
     if (cfg.max_steps is None) == (cfg.budget_flops is None):
         problems.append("set exactly one of max_steps and budget_flops")
     if cfg.max_steps is not None and not _is_count(cfg.max_steps):
@@ -235,6 +212,12 @@ def validate(cfg: Config) -> None:
             problems.append("set either low and high (a range) or choices (a list), not both")
     if _is_count(cfg.low) and _is_count(cfg.high) and cfg.low > cfg.high:
         problems.append(f"the step range is empty: low = {cfg.low} > high = {cfg.high}")
+    return problems
+
+
+def _run_problems(cfg: Config, world: int) -> list[str]:
+    """What is wrong with the evaluation, data and output options."""
+    problems = []
     for name in ("eval_steps", "curve_steps"):
         values = getattr(cfg, name)
         if values is not None and (
@@ -247,6 +230,8 @@ def validate(cfg: Config) -> None:
     for name in ("keep", "curve_windows"):
         if not _is_count(getattr(cfg, name)):
             problems.append(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
+    if _is_count(cfg.batch_size) and cfg.batch_size % world:
+        problems.append(f"batch_size {cfg.batch_size} does not split over {world} processes")
     if cfg.eval_every < 0 or cfg.warmup_steps < 0 or cfg.full_every < 0 or cfg.draws < 0:
         problems.append("eval_every, warmup_steps, full_every and draws must be >= 0")
     if cfg.weighting not in WEIGHTINGS:
@@ -255,6 +240,23 @@ def validate(cfg: Config) -> None:
         problems.append(f"autocast must be one of {sorted(AUTOCAST)}, got {cfg.autocast!r}")
     if not cfg.heldout:
         problems.append("heldout must name the evaluation documents (e.g. plays)")
+    return problems
+
+
+def validate(cfg: Config, world: int = 1) -> None:
+    """Every check that needs no model and no data, so a bad config fails at once."""
+    problems = []
+    budget = cfg.budget_flops
+    if budget is not None and not isinstance(budget, float):
+        # YAML 1.1 reads 1.5e15 (no sign in the exponent) as a string, 300000 as an int.
+        try:
+            cfg.budget_flops = float(budget) if not isinstance(budget, bool) else None
+        except (TypeError, ValueError):
+            cfg.budget_flops = None
+        if cfg.budget_flops is None:
+            problems.append(f"budget_flops takes a number, got {budget!r}")
+            cfg.budget_flops = budget
+    problems += _model_problems(cfg) + _sampler_problems(cfg) + _run_problems(cfg, world)
     try:
         LossWeights(cfg.kl, cfg.lm, cfg.hidden, cfg.temperature)
     except ValueError as e:
@@ -279,7 +281,7 @@ def load_original(cfg: Config) -> tuple[nn.Module, Any]:
             raise FileNotFoundError(
                 f"model {cfg.model!r} is neither 'smollm2' nor a folder with a config.json"
             )
-        if "odeify" in json.loads((folder / "config.json").read_text()):
+        if is_odeified_folder(folder):
             raise ValueError(
                 f"{folder} holds an odeified model; depth adaptation distils from the original, "
                 "so give the stock model it was converted from (or odeify.materialize(model, L) "
@@ -364,25 +366,6 @@ def default_counts(cfg: Config, num_layers: int, curve: bool) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------- data
-def split(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
-    """(train, held-out) documents: the held-out ones (by name, or by file name without its
-    suffix for folder corpora) are never trained on."""
-    docs = data.corpus(cfg.corpus)
-    by_name = {**{Path(n).with_suffix("").as_posix(): n for n in docs}, **{n: n for n in docs}}
-    missing = sorted(set(cfg.heldout) - set(by_name))
-    if missing:
-        listed = ", ".join(sorted(docs)[:12]) + (", ..." if len(docs) > 12 else "")
-        raise ValueError(
-            f"held-out documents {missing} are not in corpus {cfg.corpus!r} (it has "
-            f"{len(docs)} documents: {listed})"
-        )
-    heldout = {by_name[n]: docs[by_name[n]] for n in cfg.heldout}
-    train = {name: text for name, text in docs.items() if name not in heldout}
-    if not train:
-        raise ValueError("every document is held out; leave some for training")
-    return train, heldout
-
-
 def heldout_windows(cfg: Config, docs: dict[str, str], tokenizer, cache) -> torch.Tensor:
     """``eval_windows`` windows of ``seq_len`` tokens, an equal share from each held-out
     document, spread evenly over it (not only its opening scenes)."""
@@ -396,8 +379,8 @@ def heldout_windows(cfg: Config, docs: dict[str, str], tokenizer, cache) -> torc
 
 
 # ------------------------------------------------------------------------------------- train
-def _flat(evaluation: dict) -> dict[str, dict[str, float]]:
-    return {str(n): v for n, v in evaluation["steps"].items()}
+def _flat(scores: dict) -> dict[str, dict[str, float]]:
+    return {str(n): v for n, v in scores["steps"].items()}
 
 
 def _materialize_check(student: nn.Module, ids: torch.Tensor, steps: int) -> float:
@@ -412,188 +395,279 @@ def _materialize_check(student: nn.Module, ids: torch.Tensor, steps: int) -> flo
     return diff
 
 
-def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Adapt (or train baseline (a)) as configured; returns what ``results.json`` holds."""
-    validate(cfg)
-    out = Path(cfg.out_dir)
-    checkpoints = Checkpoints(
-        out / "checkpoints", config_stamp(cfg, _PRESENTATION), keep=cfg.keep, trainable_only=True
-    )
-    metrics_path = out / "metrics.jsonl"
-    if not resume and (checkpoints.paths() or metrics_path.exists()):
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another out_dir"
-        )
-    checkpoints.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    train_docs, heldout_docs = split(cfg)
+def _mean_parts(reports: list[dict[str, float]], ctx) -> list[dict[str, float]]:
+    """Each step count's loss parts averaged over ranks (each rank's are means over its rows)."""
+    if ctx.world == 1:
+        return reports
+    keys = [(i, k) for i, r in enumerate(reports) for k in r if k != "steps"]
+    values = ctx.mean(torch.tensor([reports[i][k] for i, k in keys], dtype=torch.float64))
+    out = [dict(r) for r in reports]
+    for (i, k), v in zip(keys, values.tolist(), strict=True):
+        out[i][k] = v
+    return out
 
-    original, tokenizer = load_original(cfg)
-    student, teacher, sampler = build(cfg, original)
-    del original
-    num_layers = ode_lib.get_block(teacher).ode.num_layers
-    weights = LossWeights(cfg.kl, cfg.lm, cfg.hidden, cfg.temperature)
-    autocast = AUTOCAST[cfg.autocast]
-    cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
-    batches = data.Batches(
-        data.tokenize(train_docs, tokenizer, cache), cfg.batch_size, cfg.seq_len, cfg.seed
-    )
-    windows = heldout_windows(cfg, heldout_docs, tokenizer, cache)
-    curve_windows = windows[torch.linspace(0, len(windows) - 1, cfg.curve_windows).long().unique()]
-    counts = default_counts(cfg, num_layers, curve=False)
-    curve_counts = default_counts(cfg, num_layers, curve=True)
-    if min(counts + curve_counts) <= 2 * cfg.discrete_ends:
-        raise ValueError(
-            f"discrete_ends = {cfg.discrete_ends} needs every step count above "
-            f"{2 * cfg.discrete_ends}; eval_steps / curve_steps ask for {min(counts + curve_counts)}"
+
+# ------------------------------------------------------------------------------------- recipe
+class AdaptDepth:
+    """The recipe in phases: :meth:`setup` (run folder, teacher and student, data, budget,
+    optimizer), :meth:`evaluate` (before, during, after), :meth:`train`, :meth:`report`;
+    :meth:`run` calls them in turn.
+
+    Under torchrun each rank distils on its share of every batch (DDP) and scores its share of
+    the held-out windows; rank 0 writes checkpoints, metrics and outputs.
+
+    Example:
+        >>> results = AdaptDepth(load_config(Config, "recipes/configs/adapt-smollm2.yaml")).run()   # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def check(self) -> None:
+        """Every check of the config that needs no data and no model (one process)."""
+        validate(self.cfg)
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Adapt (or train baseline (a)) as configured; returns what ``results.json`` holds."""
+        extra = self.setup(resume)
+        before = extra.get("before")
+        if before is None:
+            scores = self.evaluate(self.windows, self.counts, self.cfg.progress)
+            before = {"original": scores["original"], "steps": _flat(scores)}
+            self.metrics.log(event="before", **before)
+        self.train(before, extra.get("flops", 0.0), extra.get("seconds", 0.0))
+        return self.report(before)
+
+    # ------------------------------------------------------------------------------- setup
+    def setup(self, resume: bool) -> dict:
+        """Everything before training; returns the resumed checkpoint's extra state."""
+        cfg = self.cfg
+        self.ctx = setup_distributed()
+        validate(cfg, self.ctx.world)
+        self.out = Path(cfg.out_dir)
+        stamp = config_stamp(cfg, _PRESENTATION)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints", stamp, keep=cfg.keep, trainable_only=True
+        )
+        self.metrics = Metrics(self.out / "metrics.jsonl", active=self.ctx.main)
+        start = claim(self.checkpoints, self.metrics.path, resume)
+        if resume:
+            # Records past the checkpoint are redone by this run (with no checkpoint: all of them).
+            self.metrics.resume(start)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        train_docs, heldout_docs = data.split(data.corpus(cfg.corpus), cfg.heldout, spec=cfg.corpus)
+        original, self.tokenizer = load_original(cfg)
+        self.student, self.teacher, self.sampler = build(cfg, original)
+        del original
+        self.num_layers = ode_lib.get_block(self.teacher).ode.num_layers
+        self.weights = LossWeights(cfg.kl, cfg.lm, cfg.hidden, cfg.temperature)
+        self.autocast = AUTOCAST[cfg.autocast]
+        self.setup_data(train_docs, heldout_docs)
+        self.setup_budget()
+        self.optimizer = adamw(self.student, cfg.lr, cfg.weight_decay)
+        self.schedule = warmup_cosine(
+            self.optimizer,
+            min(cfg.warmup_steps, self.total_steps),
+            self.total_steps,
+            self.cfg.min_lr_ratio,
+        )
+        self.start, extra = (
+            self.checkpoints.resume(self.student, self.optimizer, self.schedule)
+            if resume
+            else (0, {})
+        )
+        self.model = wrap(self.student, self.ctx)
+        return extra
+
+    def setup_data(self, train_docs: dict[str, str], heldout_docs: dict[str, str]) -> None:
+        cfg = self.cfg
+        cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
+        with self.ctx.main_first():  # rank 0 fills the token cache, the others read it
+            tokens = data.tokenize(train_docs, self.tokenizer, cache)
+            windows = heldout_windows(cfg, heldout_docs, self.tokenizer, cache)
+        self.batches = data.Batches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+        self.windows = windows
+        pick = torch.linspace(0, len(windows) - 1, cfg.curve_windows).long().unique()
+        self.curve_windows = windows[pick]
+        self.counts = default_counts(cfg, self.num_layers, curve=False)
+        self.curve_counts = default_counts(cfg, self.num_layers, curve=True)
+        lowest = min(self.counts + self.curve_counts)
+        if lowest <= 2 * cfg.discrete_ends:
+            raise ValueError(
+                f"discrete_ends = {cfg.discrete_ends} needs every step count above "
+                f"{2 * cfg.discrete_ends}; eval_steps / curve_steps ask for {lowest}"
+            )
+
+    def setup_budget(self) -> None:
+        cfg = self.cfg
+        self.cost = CostModel.of(self.teacher, train_factor=3.0 if cfg.train == "full" else 2.0)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        if cfg.max_steps is not None:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps, _ = steps_for_budget(
+                cfg.budget_flops, self.tokens_per_step, self.cost, self.sampler.draw
+            )
+
+    # ---------------------------------------------------------------------------- evaluate
+    def evaluate(self, windows: torch.Tensor, counts: list[int], progress: bool) -> dict:
+        """Perplexity of the student at each step count, its KL from the teacher (nats per
+        token), and the teacher's own perplexity, in one pass (the teacher runs once per batch),
+        the windows split over ranks: ``{"original", "tokens", "steps": {N: {"perplexity",
+        "kl"}}}``."""
+        scores = sweep(
+            self.student,
+            windows,
+            counts,
+            self.cfg.eval_batch_size,
+            teacher=self.teacher,
+            dist=self.ctx,
+            progress=progress and self.ctx.main,
+        )
+        return {
+            "original": math.exp(scores.teacher_loss),
+            "tokens": scores.tokens,
+            "steps": {
+                n: {"perplexity": math.exp(scores.loss[n]), "kl": scores.kl[n]} for n in counts
+            },
+        }
+
+    def log_curve(self, step: int, flops: float) -> None:
+        """The perplexity at the curve step counts on the curve windows, against training."""
+        curve = self.evaluate(self.curve_windows, self.curve_counts, False)
+        self.metrics.log(
+            event="curve",
+            step=step,
+            tokens=step * self.tokens_per_step,
+            flops=flops,
+            original=curve["original"],
+            steps=_flat(curve),
         )
 
-    cost = CostModel.of(teacher, train_factor=3.0 if cfg.train == "full" else 2.0)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    if cfg.max_steps is not None:
-        total_steps = cfg.max_steps
-    else:
-        total_steps, _ = steps_for_budget(cfg.budget_flops, tokens_per_step, cost, sampler.draw)
-    optimizer = adamw(student, cfg.lr, cfg.weight_decay)
-    schedule = warmup_cosine(
-        optimizer, min(cfg.warmup_steps, total_steps), total_steps, cfg.min_lr_ratio
-    )
-    start, extra = checkpoints.resume(student, optimizer, schedule) if resume else (0, {})
-    metrics = Metrics(metrics_path)
-    if resume:
-        # Records past the checkpoint are redone by this run (with no checkpoint: all of them).
-        kept = [r for r in metrics.read() if start and r.get("step", 0) <= start]
-        metrics.path.write_text(
-            "".join(json.dumps(r) + "\n" for r in kept if r.get("event") != "after")
+    # ------------------------------------------------------------------------------- train
+    def train(self, before: dict, flops: float, seconds: float) -> None:
+        cfg = self.cfg
+        bar = tqdm(
+            range(self.start, self.total_steps),
+            initial=self.start,
+            total=self.total_steps,
+            desc=f"adapt {cfg.mode}",
+            disable=not (cfg.progress and self.ctx.main),
         )
-    before = extra.get("before")
-    if before is None:
-        before = evaluate_depths(
-            student, teacher, windows, counts, cfg.eval_batch_size, cfg.progress
-        )
-        before = {"original": before["original"], "steps": _flat(before)}
-        metrics.log(event="before", **before)
-    flops, seconds = extra.get("flops", 0.0), extra.get("seconds", 0.0)
+        self.student.train()
+        for step in bar:
+            began = time.perf_counter()
+            step_counts = self.sampler.draw(step)
+            reports, norm, lr = self.train_step(step, step_counts)
+            flops += self.cost.train_step(self.tokens_per_step, step_counts)
+            seconds += time.perf_counter() - began
+            done = step + 1
+            self.metrics.log(
+                step=done,
+                lr=lr,
+                grad_norm=float(norm),
+                tokens=done * self.tokens_per_step,
+                flops=flops,
+                seconds=round(seconds, 2),
+                parts=reports,
+            )
+            bar.set_postfix({f"N={r['steps']}": f"{r['loss']:.3f}" for r in reports})
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < self.total_steps:
+                self.log_curve(done, flops)
+            if (done % cfg.save_every == 0 or done == self.total_steps) and self.ctx.main:
+                state = {"before": before, "flops": flops, "seconds": seconds}
+                self.checkpoints.save(done, self.student, self.optimizer, self.schedule, state)
+        bar.close()
+        self.flops, self.seconds = flops, seconds
 
-    clip = [p for p in student.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in clip)
-    bar = tqdm(
-        range(start, total_steps),
-        initial=start,
-        total=total_steps,
-        desc=f"adapt {cfg.mode}",
-        disable=not cfg.progress,
-    )
-    student.train()
-    for step in bar:
-        began = time.perf_counter()
-        ids, labels = batches.get(step)
-        step_counts = sampler.draw(step)
-        targets = teacher_targets(teacher, ids, weights, autocast)
+    def train_step(self, step: int, counts: list[int]) -> tuple[list[dict], torch.Tensor, float]:
+        """One optimizer step on this rank's rows of batch ``step`` at each of ``counts``: (loss
+        parts per count averaged over ranks, gradient norm before clipping, learning rate)."""
+        cfg, ctx = self.cfg, self.ctx
+        ids, labels = self.batches.get(step, ctx.rank, ctx.world)
+        targets = teacher_targets(self.teacher, ids, self.weights, self.autocast)
         reports = adapt_step(
-            student, targets, ids, labels, step_counts, weights, cfg.full_weight, autocast
+            self.model, targets, ids, labels, counts, self.weights, cfg.full_weight, self.autocast
         )
         del targets
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(
-            clip, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         )
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        flops += cost.train_step(tokens_per_step, step_counts)
-        seconds += time.perf_counter() - began
-        metrics.log(
-            step=step + 1,
-            lr=lr,
-            grad_norm=float(norm),
-            tokens=(step + 1) * tokens_per_step,
-            flops=flops,
-            seconds=round(seconds, 2),
-            parts=reports,
-        )
-        bar.set_postfix({f"N={r['steps']}": f"{r['loss']:.3f}" for r in reports})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-            curve = evaluate_depths(
-                student, teacher, curve_windows, curve_counts, cfg.eval_batch_size, False
-            )
-            metrics.log(
-                event="curve",
-                step=step + 1,
-                tokens=(step + 1) * tokens_per_step,
-                flops=flops,
-                original=curve["original"],
-                steps=_flat(curve),
-            )
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
-            state = {"before": before, "flops": flops, "seconds": seconds}
-            checkpoints.save(step + 1, student, optimizer, schedule, extra=state)
-    bar.close()
-    if cfg.train == "lora":
-        student.save_pretrained(out / "adapter")
-        student = student.merge_and_unload()  # what is evaluated, checked and saved
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return _mean_parts(reports, ctx), norm, lr
 
-    after = evaluate_depths(student, teacher, windows, counts, cfg.eval_batch_size, cfg.progress)
-    final_curve = (
-        evaluate_depths(student, teacher, curve_windows, curve_counts, cfg.eval_batch_size, False)
-        if cfg.eval_every
-        else None
-    )
-    if final_curve is not None:
-        metrics.log(
-            event="curve",
-            step=total_steps,
-            tokens=total_steps * tokens_per_step,
-            flops=flops,
-            original=final_curve["original"],
-            steps=_flat(final_curve),
-        )
-    metrics.log(event="after", original=after["original"], steps=_flat(after))
-    student_layers = ode_lib.get_block(student).ode.num_layers
-    half = max(num_layers // 2, 2 * cfg.discrete_ends + 1)  # the shortest grid it allows
-    check_steps = cfg.keep_layers if cfg.mode == "drop" else half
-    results = {
-        "mode": cfg.mode,
-        "label": label(cfg, sampler),
-        "model": cfg.model,
-        "layers": num_layers,
-        "student_layers": student_layers,
-        "basis": ode_lib.get_block(student).ode.basis,
-        "num_basis": ode_lib.get_block(student).ode.num_basis,
-        "discrete_ends": ode_lib.get_block(student).ode.discrete_ends,
-        "train": cfg.train,
-        "trainable_parameters": trainable,
-        "sampler": {**dataclasses.asdict(sampler), "choices": list(sampler.choices)},
-        "loss": dataclasses.asdict(weights),
-        "heldout": cfg.heldout,
-        "eval_tokens": after["tokens"],
-        "optimizer_steps": total_steps,
-        "tokens_seen": total_steps * tokens_per_step,
-        "train_flops": flops,
-        "train_seconds": round(seconds, 1),
-        "cost_model": dataclasses.asdict(cost),
-        "inference_gflops_per_token": {
-            str(n): cost.forward(1, n) / 1e9 for n in sorted({*counts, num_layers})
-        },
-        "original_perplexity": after["original"],
-        "before": before["steps"],
-        "after": _flat(after),
-        "materialize_check": {
-            "steps": check_steps,
-            "max_abs_logit_diff": _materialize_check(student, windows[:1], check_steps),
-        },
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "report.md").write_text(report_table([results]))
-    plot_runs([results], out)
-    if cfg.save_model:
-        ode_lib.save_pretrained(student, out / "model", tokenizer=tokenizer, overwrite=True)
-    if cfg.progress:
-        print(report_table([results]))
-    return results
+    # ------------------------------------------------------------------------------ report
+    def report(self, before: dict) -> dict[str, Any]:
+        cfg, out = self.cfg, self.out
+        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        if cfg.train == "lora":
+            if self.ctx.main:
+                self.student.save_pretrained(out / "adapter")
+            self.student = self.student.merge_and_unload()  # what is evaluated, checked and saved
+        after = self.evaluate(self.windows, self.counts, cfg.progress)
+        if cfg.eval_every:
+            self.log_curve(self.total_steps, self.flops)
+        self.metrics.log(event="after", original=after["original"], steps=_flat(after))
+        results = self.results(before, after, trainable)
+        if self.ctx.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            (out / "report.md").write_text(report_table([results]))
+            plot_runs([results], out)
+            if cfg.save_model:
+                ode_lib.save_pretrained(
+                    self.student, out / "model", tokenizer=self.tokenizer, overwrite=True
+                )
+            if cfg.progress:
+                print(report_table([results]))
+        self.ctx.barrier()
+        return results
+
+    def results(self, before: dict, after: dict, trainable: int) -> dict[str, Any]:
+        """What ``results.json`` holds."""
+        cfg, sampler, cost, layers = self.cfg, self.sampler, self.cost, self.num_layers
+        block = ode_lib.get_block(self.student)
+        half = max(layers // 2, 2 * cfg.discrete_ends + 1)  # the shortest grid it allows
+        check_steps = cfg.keep_layers if cfg.mode == "drop" else half
+        return {
+            "mode": cfg.mode,
+            "label": label(cfg, sampler),
+            "model": cfg.model,
+            "layers": layers,
+            "student_layers": block.ode.num_layers,
+            "basis": block.ode.basis,
+            "num_basis": block.ode.num_basis,
+            "discrete_ends": block.ode.discrete_ends,
+            "train": cfg.train,
+            "trainable_parameters": trainable,
+            "sampler": {**dataclasses.asdict(sampler), "choices": list(sampler.choices)},
+            "loss": dataclasses.asdict(self.weights),
+            "heldout": cfg.heldout,
+            "eval_tokens": after["tokens"],
+            "optimizer_steps": self.total_steps,
+            "tokens_seen": self.total_steps * self.tokens_per_step,
+            "train_flops": self.flops,
+            "train_seconds": round(self.seconds, 1),
+            "cost_model": dataclasses.asdict(cost),
+            "inference_gflops_per_token": {
+                str(n): cost.forward(1, n) / 1e9 for n in sorted({*self.counts, layers})
+            },
+            "original_perplexity": after["original"],
+            "before": before["steps"],
+            "after": _flat(after),
+            "materialize_check": {
+                "steps": check_steps,
+                "max_abs_logit_diff": _materialize_check(
+                    self.student, self.windows[:1], check_steps
+                ),
+            },
+        }
 
 
 def label(cfg: Config, sampler: StepSampler) -> str:
@@ -615,10 +689,6 @@ def label(cfg: Config, sampler: StepSampler) -> str:
 
 
 # ------------------------------------------------------------------------------------ report
-_LINESTYLES = ("-", "--", ":", "-.")
-_MARKERS = ("o", "s", "^", "x", "D", "v")
-
-
 def report_table(runs: list[dict]) -> str:
     """A Markdown table of finished runs: perplexity and KL per step count, before and after,
     against the original's perplexity, with each run's training budget."""
@@ -652,101 +722,6 @@ def report_table(runs: list[dict]) -> str:
             f"max abs logit diff {check['max_abs_logit_diff']:.1e} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _curves(runs: list[dict], x: str) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(curves, styles): one color per run, solid (or dashed) after training, dotted before."""
-    curves, styles = {}, {}
-    for i, r in enumerate(runs):
-        cost = r["cost_model"]
-        for when in ("before", "after"):
-            if r["mode"] == "drop" and when == "before":
-                continue
-            points = {}
-            for n, value in r[when].items():
-                key = (
-                    int(n)
-                    if x == "steps"
-                    else 2 * (int(n) * cost["layer_params"] + cost["head_params"]) / 1e9
-                )
-                points[key] = value["perplexity"]
-            name = f"{r['label']}: {when}"
-            curves[name] = points
-            # Ten colors, then dashed lines; the baselines' points are squares.
-            styles[name] = {
-                "color": f"C{i % 10}",
-                "linestyle": (("-", "--")[i // 10 % 2]) if when == "after" else ":",
-                "marker": "x" if when == "before" else "s" if r["mode"] == "drop" else "o",
-            }
-    return curves, styles
-
-
-def plot_runs(runs: list[dict], out: Path) -> list[Path]:
-    """``perplexity.png`` (against solver steps, before and after) and ``perplexity_flops.png``
-    (against inference GFLOPs per token) of finished runs, and ``perplexity_after.png``: after
-    training only, on an axis cut to 0.8x-4x the original's perplexity (the range the targets
-    are in), with the original and 1.5x it as reference lines."""
-    original = runs[0]["original_perplexity"]
-    reference = {f"original (N = {runs[0]['layers']})": original}
-    title = f"{Path(str(runs[0]['model'])).name}, held-out {', '.join(runs[0]['heldout'])}"
-    by_steps, styles = _curves(runs, "steps")
-    by_flops, _ = _curves(runs, "flops")
-    after = {k.removesuffix(": after"): v for k, v in by_steps.items() if k.endswith(": after")}
-    after_styles = {
-        k.removesuffix(": after"): v for k, v in styles.items() if k.endswith(": after")
-    }
-    return [
-        plot_sweep(by_steps, out / "perplexity.png", title, reference, styles=styles),
-        plot_sweep(
-            by_flops,
-            out / "perplexity_flops.png",
-            title,
-            reference,
-            xlabel="inference GFLOPs per token",
-            styles=styles,
-        ),
-        plot_sweep(
-            after,
-            out / "perplexity_after.png",
-            f"{title}: after training",
-            {**reference, "1.5x the original": 1.5 * original},
-            styles=after_styles,
-            ylim=(0.8 * original, 4 * original),
-        ),
-    ]
-
-
-def plot_budget(run_dirs: list[Path], out: Path, labels: list[str]) -> Path | None:
-    """``perplexity_budget.png``: held-out perplexity against training PFLOPs from the curves
-    the runs logged (``eval_every``), one line per (run, step count): one color per step count,
-    one line style and marker per run. ``labels`` name the runs, one per folder."""
-    curves: dict[str, dict] = {}
-    styles: dict[str, dict] = {}
-    colors: dict[int, str] = {}
-    reference = None
-    for i, (folder, run_label) in enumerate(zip(run_dirs, labels, strict=True)):
-        for record in Metrics(folder / "metrics.jsonl").read():
-            if record.get("event") != "curve":
-                continue
-            reference = reference or {"original": record["original"]}
-            for n, value in record["steps"].items():
-                name = f"{run_label}: N = {n}"
-                curves.setdefault(name, {})[record["flops"] / 1e15] = value["perplexity"]
-                styles[name] = {
-                    "color": colors.setdefault(int(n), f"C{len(colors)}"),
-                    "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
-                    "marker": _MARKERS[i % len(_MARKERS)],
-                }
-    if not curves:
-        return None
-    return plot_sweep(
-        curves,
-        out / "perplexity_budget.png",
-        "perplexity during training (curve windows)",
-        reference,
-        xlabel="training PFLOPs",
-        styles=styles,
-    )
 
 
 def compare(run_dirs: list[str], out: str, names: list[str] | None = None) -> str:
@@ -788,14 +763,9 @@ def compare(run_dirs: list[str], out: str, names: list[str] | None = None) -> st
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | str:
-    parser = argparse.ArgumentParser(
-        description="Depth adaptation of an odeified model, and the layer-dropping baseline."
+    parser = recipe_parser(
+        "Depth adaptation of an odeified model, and the layer-dropping baseline."
     )
-    parser.add_argument("--config", help="YAML file of Config fields")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="tabulate finished runs")
     parser.add_argument("--out", help="where --compare writes its table and plots")
     parser.add_argument("--names", nargs="+", help="short names of the --compare runs, in order")
@@ -806,8 +776,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | str:
         table = compare(args.compare, args.out, args.names)
         print(table)
         return table
-    cfg = load_config(Config, args.config, parse_overrides(args.set))
-    return run(cfg, resume=args.resume)
+    return launch(AdaptDepth, Config, argv, parser=parser)
 
 
 if __name__ == "__main__":

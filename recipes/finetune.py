@@ -5,6 +5,7 @@ fine-tuning, and step-adjusted fine-tuning (the adaptive fine-tuning of the ICLR
     python recipes/finetune.py --config recipes/configs/lora-smollm2-shakespeare.yaml
     python recipes/finetune.py --config ... --set max_steps=50 --set out_dir=runs/try
     python recipes/finetune.py --config ... --resume          # continue the run in out_dir
+    torchrun --nproc_per_node=2 recipes/finetune.py --config ...   # DDP
 
 Features:
 - Model: ``smollm2`` (the bundled SmolLM2-135M-Instruct), a transformers folder, or a folder
@@ -25,6 +26,9 @@ Features:
   validation, tokenised once into cached memmaps; batches are a pure function of (seed, step).
 - Training: AdamW (decay on matrices only), linear warmup + cosine decay, gradient clipping,
   gradient accumulation, seeds, optional activation checkpointing, a progress bar.
+- Distributed: under torchrun, DDP (gloo on CPU, NCCL on GPU): each process trains on its
+  share of every micro-batch (``batch_size / grad_accum`` must split over the processes) and
+  scores its share of the validation windows; the first writes checkpoints, metrics and outputs.
 - Evaluation: validation perplexity before and after training at several solver step counts
   (``eval_steps``, default L/2, L, 3L/2). A discrete or original model is evaluated through
   ``odeify`` of it (LoRA merged): exact at its own depth, retargeted at the others.
@@ -40,7 +44,6 @@ Features:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -53,26 +56,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 import odeify as ode_lib
-from odeify import data
-from odeify.evaluate import perplexity, plot_sweep
 from odeify.lora import load_adapter, lora_config
-from odeify.training import (
-    Checkpoints,
-    Metrics,
-    adamw,
-    config_stamp,
-    load_config,
-    seed_everything,
-    warmup_cosine,
-)
+from odeify.surgery import is_odeified, is_odeified_folder
+from odeify.train import data
+from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.config import config_stamp, launch
+from odeify.train.distributed import setup_distributed, sync, wrap
+from odeify.train.evaluate import sweep
+from odeify.train.metrics import Metrics
+from odeify.train.optim import adamw, seed_everything, warmup_cosine
+from odeify.train.plots import plot_sweep
+from odeify.train.sampler import StepSampler
 
 FORMS = ("continuous", "discrete", "original")
 METHODS = ("lora", "full")
@@ -126,23 +126,7 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------ config
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set`` pairs as {key: value}, each value read as YAML.
-
-    Example:
-        >>> parse_overrides(["lr=0.001", "train_steps=[15, 30]"])
-        {'lr': 0.001, 'train_steps': [15, 30]}
-    """
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, world: int = 1) -> None:
     """Every check that needs no model and no data, so a bad config fails at once."""
     problems = []
     if cfg.form not in FORMS:
@@ -168,10 +152,10 @@ def validate(cfg: Config) -> None:
             problems.append(f"{name} must hold integers >= 1, got {getattr(cfg, name)!r}")
     if cfg.init_adapter is not None and cfg.method != "lora":
         problems.append("init_adapter needs method: lora")
-    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+    if cfg.grad_accum < 1 or cfg.batch_size % (world * cfg.grad_accum):
         problems.append(
-            f"batch_size {cfg.batch_size} does not split into grad_accum {cfg.grad_accum} "
-            "equal micro-batches"
+            f"batch_size {cfg.batch_size} does not split into {world} process(es) x grad_accum "
+            f"{cfg.grad_accum} equal micro-batches"
         )
     for name in ("max_steps", "seq_len", "eval_windows", "eval_batch_size", "save_every", "keep"):
         if getattr(cfg, name) < 1:
@@ -200,7 +184,7 @@ def load_base(cfg: Config) -> tuple[nn.Module, Any]:
             raise FileNotFoundError(
                 f"model {cfg.model!r} is neither 'smollm2' nor a folder with a config.json"
             )
-        if "odeify" in json.loads((folder / "config.json").read_text()):
+        if is_odeified_folder(folder):
             model = ode_lib.from_pretrained(folder)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -222,17 +206,9 @@ def load_base(cfg: Config) -> tuple[nn.Module, Any]:
     return model.train(), tokenizer
 
 
-def _is_odeified(model: nn.Module) -> bool:
-    try:
-        ode_lib.get_block(model)
-    except ValueError:
-        return False
-    return True
-
-
 def depth(model: nn.Module) -> int:
     """L: the ODE's depth, or a stock model's number of layers."""
-    if _is_odeified(model):
+    if is_odeified(model):
         return ode_lib.get_block(model).ode.num_layers
     return model.config.num_hidden_layers
 
@@ -245,7 +221,7 @@ def prepare(cfg: Config, base: nn.Module) -> nn.Module:
         >>> model.print_trainable_parameters()                                        # doctest: +SKIP
     """
     if cfg.form == "original":
-        if _is_odeified(base):
+        if is_odeified(base):
             raise ValueError(
                 f"form: original trains a model without conversion, but {cfg.model} is "
                 "odeified; use form: continuous or discrete"
@@ -254,13 +230,13 @@ def prepare(cfg: Config, base: nn.Module) -> nn.Module:
     else:
         model = (
             base
-            if _is_odeified(base)
+            if is_odeified(base)
             else ode_lib.odeify(base, basis=cfg.basis, num_basis=cfg.num_basis, progress=False)
         )
         if cfg.form == "discrete":
             model = ode_lib.materialize(model, steps=cfg.materialize_steps or depth(model))
     if cfg.activation_checkpointing:
-        if _is_odeified(model):
+        if is_odeified(model):
             ode_lib.get_block(model).ode.checkpoint_steps = True
         else:
             model.gradient_checkpointing_enable(
@@ -294,34 +270,6 @@ def trainable_count(model: nn.Module) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------------------------------- data
-def split(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
-    """(train, validation) documents: the held-out ones (by name, or by file name without its
-    suffix for folder corpora) are never trained on.
-
-    Example:
-        >>> train, valid = split(Config(corpus="shakespeare", heldout=["hamlet"]))   # doctest: +SKIP
-        >>> len(train), list(valid)                                                   # doctest: +SKIP
-        (37, ['hamlet'])
-    """
-    docs = data.corpus(cfg.corpus)
-    by_name = {
-        **{Path(name).with_suffix("").as_posix(): name for name in docs},
-        **{n: n for n in docs},
-    }
-    missing = sorted(set(cfg.heldout) - set(by_name))
-    if missing:
-        listed = ", ".join(sorted(docs)[:12]) + (", ..." if len(docs) > 12 else "")
-        raise ValueError(
-            f"held-out documents {missing} are not in corpus {cfg.corpus!r} (it has "
-            f"{len(docs)} documents: {listed})"
-        )
-    valid = {by_name[name]: docs[by_name[name]] for name in cfg.heldout}
-    train = {name: text for name, text in docs.items() if name not in valid}
-    if not train:
-        raise ValueError("every document is held out; leave some for training")
-    return train, valid
-
-
 def validation_windows(cfg: Config, docs: dict[str, str], tokenizer, cache) -> torch.Tensor:
     """``eval_windows`` windows of ``seq_len`` tokens, an equal share from each held-out document
     (from its start), so every document counts."""
@@ -334,36 +282,6 @@ def validation_windows(cfg: Config, docs: dict[str, str], tokenizer, cache) -> t
 
 
 # -------------------------------------------------------------------------------- evaluation
-def sweep(model: nn.Module, windows: torch.Tensor, counts: list[int], cfg: Config) -> dict:
-    """{steps: validation perplexity} of an ODE model, in eval mode, the model left as it was."""
-    training = model.training
-    model.eval()
-    out = {}
-    for n in counts:
-        with ode_lib.steps(model, n):
-            out[n] = perplexity(
-                model, windows, cfg.eval_batch_size, progress=cfg.progress, desc=f"ppl @ {n}"
-            )
-    model.train(training)
-    return out
-
-
-def solver_steps(cfg: Config, step: int, num_layers: int) -> int:
-    """Solver steps of the continuous model for optimizer step ``step``: one of ``train_steps``
-    drawn from (seed, step), so a resumed run draws what an unbroken one does.
-
-    Example:
-        >>> solver_steps(Config(train_steps=[15]), step=7, num_layers=30)
-        15
-    """
-    if not cfg.train_steps:
-        return num_layers
-    if len(cfg.train_steps) == 1:
-        return cfg.train_steps[0]
-    rng = np.random.default_rng([cfg.seed, 1, step])
-    return int(cfg.train_steps[rng.integers(len(cfg.train_steps))])
-
-
 def _median(values: list[float]) -> float | None:
     # The first step of a run pays for allocations; the median ignores such outliers. On a
     # shared machine wall time includes waiting for a core; process CPU time does not.
@@ -389,178 +307,265 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# ------------------------------------------------------------------------------------- train
-def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune as configured; returns the summary also written to ``out_dir/summary.json``.
+def sampler(cfg: Config, num_layers: int) -> StepSampler:
+    """Solver steps of the continuous model per optimizer step: L without ``train_steps``, else
+    one of them, uniformly, a pure function of (seed, step); a discrete model runs its layers."""
+    if not cfg.train_steps:
+        return StepSampler(num_layers, num_layers, num_layers, draws=0, seed=cfg.seed)
+    choices = tuple(cfg.train_steps)
+    low, high = min(choices), max(choices)
+    return StepSampler(
+        num_layers, low, high, weighting="uniform", full_every=0, seed=cfg.seed, choices=choices
+    )
+
+
+# ------------------------------------------------------------------------------------- recipe
+class Finetune:
+    """The recipe in phases: :meth:`setup` (run folder, model, data, optimizer), :meth:`train`,
+    :meth:`evaluate` (before and after), :meth:`report`; :meth:`run` calls them in turn.
+
+    Under torchrun each rank trains on its share of every micro-batch (DDP) and scores its share
+    of the validation windows; rank 0 writes checkpoints, metrics and outputs.
 
     Example:
         >>> cfg = load_config(Config, "recipes/configs/lora-smollm2-shakespeare.yaml")   # doctest: +SKIP
-        >>> run(cfg)["perplexity_after"]                                                  # doctest: +SKIP
+        >>> Finetune(cfg).run()["perplexity_after"]                                       # doctest: +SKIP
     """
-    validate(cfg)
-    out = Path(cfg.out_dir)
-    checkpoints = Checkpoints(
-        out / "checkpoints",
-        config_stamp(cfg, _PRESENTATION),
-        keep=cfg.keep,
-        trainable_only=cfg.method == "lora",
-    )
-    metrics_path = out / "metrics.jsonl"
-    if not resume and (checkpoints.paths() or metrics_path.exists()):
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another out_dir"
-        )
-    checkpoints.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    train_docs, valid_docs = split(cfg)
 
-    base, tokenizer = load_base(cfg)
-    model = prepare(cfg, base)
-    del base  # the discrete form trains a materialised copy: the ODE model can go
-    num_layers = depth(model)
-    counts = cfg.eval_steps or sorted({max(1, num_layers // 2), num_layers, 3 * num_layers // 2})
-    cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
-    tokens = data.tokenize(train_docs, tokenizer, cache)
-    batches = data.Batches(tokens, cfg.batch_size // cfg.grad_accum, cfg.seq_len, cfg.seed)
-    windows = validation_windows(cfg, valid_docs, tokenizer, cache)
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
 
-    optimizer = adamw(model, cfg.lr, cfg.weight_decay)
-    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    start, extra = checkpoints.resume(model, optimizer, schedule) if resume else (0, {})
-    metrics = Metrics(metrics_path)
-    if start:
-        metrics.path.write_text(
-            "".join(
-                json.dumps(r) + "\n"
-                for r in metrics.read()
-                if r.get("step", 0) <= start and r.get("event") != "after"
+    def check(self) -> None:
+        """Every check of the config that needs no data and no model (one process)."""
+        validate(self.cfg)
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Fine-tune as configured; returns the summary also written to ``out_dir/summary.json``."""
+        extra = self.setup(resume)
+        before = {int(k): v for k, v in extra.get("before", {}).items()}
+        if not before:
+            # A copy: the discrete and original views merge and odeify what they are given.
+            view = (
+                self.raw
+                if self.cfg.form == "continuous"
+                else as_ode(copy.deepcopy(self.raw), self.cfg)
             )
-        )
-    trainable, total = trainable_count(model)
-    before = {int(k): v for k, v in extra.get("before", {}).items()}
-    if not before:
-        # A copy: the discrete and original views merge and odeify what they are given.
-        view = model if cfg.form == "continuous" else as_ode(copy.deepcopy(model), cfg)
-        before = sweep(view, windows, counts, cfg)
-        del view
-        metrics.log(event="before", perplexity={str(k): v for k, v in before.items()})
+            before = self.evaluate(view)
+            del view
+            self.metrics.log(event="before", perplexity={str(k): v for k, v in before.items()})
+        timing = self.train(before)
+        return self.report(before, timing)
 
-    _reset_peak_rss()
-    durations, cpu_durations = [], []
-    bar = tqdm(
-        range(start, cfg.max_steps),
-        initial=start,
-        total=cfg.max_steps,
-        desc=f"{cfg.form} {cfg.method}",
-        disable=not cfg.progress,
-    )
-    model.train()
-    for step in bar:
-        began, began_cpu = time.perf_counter(), time.process_time()
-        n = solver_steps(cfg, step, num_layers)
+    # ------------------------------------------------------------------------------- setup
+    def prepare(self, base: nn.Module) -> nn.Module:
+        """The model to train, from the loaded base: :func:`prepare` (a subclass may train
+        another form)."""
+        return prepare(self.cfg, base)
+
+    def setup(self, resume: bool) -> dict:
+        """Everything before training; returns the resumed checkpoint's extra state."""
+        cfg = self.cfg
+        self.ctx = setup_distributed()
+        validate(cfg, self.ctx.world)
+        self.out = Path(cfg.out_dir)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints",
+            config_stamp(cfg, _PRESENTATION),
+            keep=cfg.keep,
+            trainable_only=cfg.method == "lora",
+        )
+        self.metrics = Metrics(self.out / "metrics.jsonl", active=self.ctx.main)
+        start = claim(self.checkpoints, self.metrics.path, resume)
+        if resume:
+            self.metrics.resume(start)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        train_docs, valid_docs = data.split(data.corpus(cfg.corpus), cfg.heldout, spec=cfg.corpus)
+        base, self.tokenizer = load_base(cfg)
+        self.raw = self.prepare(base)
+        del base  # the discrete form trains a materialised copy: the ODE model can go
+        self.num_layers = depth(self.raw)
+        self.sampler = sampler(cfg, self.num_layers)
+        layers = self.num_layers
+        self.counts = cfg.eval_steps or sorted({max(1, layers // 2), layers, 3 * layers // 2})
+        self.setup_data(train_docs, valid_docs)
+        self.optimizer = adamw(self.raw, cfg.lr, cfg.weight_decay)
+        self.schedule = warmup_cosine(
+            self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+        )
+        self.start, extra = (
+            self.checkpoints.resume(self.raw, self.optimizer, self.schedule) if resume else (0, {})
+        )
+        self.model = wrap(self.raw, self.ctx)
+        return extra
+
+    def setup_data(self, train_docs: dict[str, str], valid_docs: dict[str, str]) -> None:
+        cfg = self.cfg
+        cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
+        with self.ctx.main_first():  # rank 0 fills the token cache, the others read it
+            tokens = data.tokenize(train_docs, self.tokenizer, cache)
+            self.windows = validation_windows(cfg, valid_docs, self.tokenizer, cache)
+        self.batches = data.Batches(tokens, cfg.batch_size // cfg.grad_accum, cfg.seq_len, cfg.seed)
+
+    # ------------------------------------------------------------------------------- train
+    def train(self, before: dict[int, float]) -> dict[str, Any]:
+        """The optimizer steps; returns their median times and the peak memory."""
+        cfg = self.cfg
+        _reset_peak_rss()
+        durations, cpu_durations = [], []
+        bar = tqdm(
+            range(self.start, cfg.max_steps),
+            initial=self.start,
+            total=cfg.max_steps,
+            desc=f"{cfg.form} {cfg.method}",
+            disable=not (cfg.progress and self.ctx.main),
+        )
+        self.model.train()
+        for step in bar:
+            began, began_cpu = time.perf_counter(), time.process_time()
+            n = self.sampler.draw(step)[0]
+            loss, lr = self.train_step(step, n)
+            durations.append(time.perf_counter() - began)
+            cpu_durations.append(time.process_time() - began_cpu)
+            self.metrics.log(
+                step=step + 1,
+                loss=loss,
+                lr=lr,
+                steps=n,
+                seconds=durations[-1],
+                cpu_seconds=cpu_durations[-1],
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", N=n)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+                saved_before = {str(k): v for k, v in before.items()}
+                if self.ctx.main:
+                    self.checkpoints.save(
+                        step + 1, self.raw, self.optimizer, self.schedule, {"before": saved_before}
+                    )
+        bar.close()
+        return {
+            "seconds_per_step": _median(durations),
+            "cpu_seconds_per_step": _median(cpu_durations),
+            "peak": peak_rss_mib(),
+        }
+
+    def train_step(self, step: int, n: int) -> tuple[float, float]:
+        """One optimizer step, ``grad_accum`` micro-batches of this rank's rows, at ``n`` solver
+        steps: (loss averaged over ranks, learning rate used)."""
+        cfg, ctx, model = self.cfg, self.ctx, self.model
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = batches.get(step * cfg.grad_accum + micro)
-            if cfg.form == "continuous":
-                with ode_lib.steps(model, n):
+            x, y = self.batches.get(step * cfg.grad_accum + micro, ctx.rank, ctx.world)
+            with sync(model, micro == cfg.grad_accum - 1):
+                if cfg.form == "continuous":
+                    with ode_lib.steps(model, n):
+                        logits = model(x, use_cache=False).logits
+                else:
                     logits = model(x, use_cache=False).logits
-            else:
-                logits = model(x, use_cache=False).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / cfg.grad_accum
-            loss.backward()
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / cfg.grad_accum
+                loss.backward()
             loss_sum += loss.item()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
             )
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        durations.append(time.perf_counter() - began)
-        cpu_durations.append(time.process_time() - began_cpu)
-        metrics.log(
-            step=step + 1,
-            loss=loss_sum,
-            lr=lr,
-            steps=n,
-            seconds=durations[-1],
-            cpu_seconds=cpu_durations[-1],
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(ctx.mean(torch.tensor(loss_sum, dtype=torch.float64))), lr
+
+    # ---------------------------------------------------------------------------- evaluate
+    def evaluate(self, model: nn.Module) -> dict[int, float]:
+        """{steps: validation perplexity} of an ODE model, the windows split over ranks."""
+        scores = sweep(
+            model,
+            self.windows,
+            self.counts,
+            self.cfg.eval_batch_size,
+            dist=self.ctx,
+            progress=self.cfg.progress and self.ctx.main,
         )
-        bar.set_postfix(loss=f"{loss_sum:.3f}", N=n)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            saved_before = {str(k): v for k, v in before.items()}
-            checkpoints.save(step + 1, model, optimizer, schedule, extra={"before": saved_before})
-    bar.close()
-    peak = peak_rss_mib()
+        return scores.perplexity()
 
-    summary: dict[str, Any] = {
-        "form": cfg.form,
-        "method": cfg.method,
-        "depth": num_layers,
-        "train_steps": cfg.train_steps or ([num_layers] if cfg.form == "continuous" else []),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "optimizer_steps": cfg.max_steps,
-        "tokens_per_step": cfg.batch_size * cfg.seq_len,
-        "seconds_per_step": _median(durations),
-        "cpu_seconds_per_step": _median(cpu_durations),
-        "peak_memory_mib": round(peak, 1),
-        "threads": torch.get_num_threads(),
-    }
-    if cfg.method == "lora":
-        model.save_pretrained(out / "adapter")
-        summary["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
-    elif _is_odeified(model):
-        ode_lib.save_pretrained(model, out / "model", tokenizer=tokenizer, overwrite=True)
-    else:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+    # ------------------------------------------------------------------------------ report
+    def report(self, before: dict[int, float], timing: dict[str, Any]) -> dict[str, Any]:
+        cfg, out, model = self.cfg, self.out, self.raw
+        trainable, total = trainable_count(model)
+        summary: dict[str, Any] = {
+            "form": cfg.form,
+            "method": cfg.method,
+            "depth": self.num_layers,
+            "train_steps": cfg.train_steps
+            or ([self.num_layers] if cfg.form == "continuous" else []),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "optimizer_steps": cfg.max_steps,
+            "tokens_per_step": cfg.batch_size * cfg.seq_len,
+            "seconds_per_step": timing["seconds_per_step"],
+            "cpu_seconds_per_step": timing["cpu_seconds_per_step"],
+            "peak_memory_mib": round(timing["peak"], 1),
+            "threads": torch.get_num_threads(),
+        }
+        if self.ctx.main:
+            summary.update(self.save_outputs(model))
+        after = self.evaluate(as_ode(model, cfg))
+        self.metrics.log(event="after", perplexity={str(k): v for k, v in after.items()})
+        summary["perplexity_before"] = {str(k): v for k, v in before.items()}
+        summary["perplexity_after"] = {str(k): v for k, v in after.items()}
+        summary["eval_tokens"] = int(self.windows.numel())
+        if self.ctx.main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.plot(before, after)
+            if cfg.progress:
+                self.print_table(before, after, summary)
+        self.ctx.barrier()
+        return summary
 
-    after = sweep(as_ode(model, cfg), windows, counts, cfg)
-    metrics.log(event="after", perplexity={str(k): v for k, v in after.items()})
-    summary["perplexity_before"] = {str(k): v for k, v in before.items()}
-    summary["perplexity_after"] = {str(k): v for k, v in after.items()}
-    summary["eval_tokens"] = int(windows.numel())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    label = f"{cfg.form} {cfg.method}"
-    if cfg.form == "discrete":
-        label += f" (M = {cfg.materialize_steps or num_layers})"
-    elif cfg.train_steps:
-        label += f" (trained at N in {cfg.train_steps})"
-    plot_sweep(
-        {"before": before, f"after {cfg.max_steps} steps": after},
-        out / "perplexity.png",
-        f"{label}: validation perplexity ({', '.join(cfg.heldout)})",
-    )
-    if cfg.progress:
+    def save_outputs(self, model: nn.Module) -> dict[str, Any]:
+        """``adapter/`` (LoRA) or ``model/``; returns the adapter's size for the summary."""
+        out = self.out
+        if self.cfg.method == "lora":
+            model.save_pretrained(out / "adapter")
+            return {"adapter_bytes": (out / "adapter" / "adapter_model.safetensors").stat().st_size}
+        if is_odeified(model):
+            ode_lib.save_pretrained(model, out / "model", tokenizer=self.tokenizer, overwrite=True)
+        else:
+            model.save_pretrained(out / "model")
+            self.tokenizer.save_pretrained(out / "model")
+        return {}
+
+    def plot(self, before: dict[int, float], after: dict[int, float]) -> None:
+        cfg = self.cfg
+        label = f"{cfg.form} {cfg.method}"
+        if cfg.form == "discrete":
+            label += f" (M = {cfg.materialize_steps or self.num_layers})"
+        elif cfg.train_steps:
+            label += f" (trained at N in {cfg.train_steps})"
+        plot_sweep(
+            {"before": before, f"after {cfg.max_steps} steps": after},
+            self.out / "perplexity.png",
+            f"{label}: validation perplexity ({', '.join(cfg.heldout)})",
+        )
+
+    def print_table(self, before: dict, after: dict, summary: dict) -> None:
         print(f"{'steps N':>8} {'before':>12} {'after':>12}")
-        for n in counts:
+        for n in self.counts:
             print(f"{n:>8} {before[n]:>12.2f} {after[n]:>12.2f}")
         speed = summary["seconds_per_step"]
         print(
-            f"trainable {trainable:,} of {total:,} parameters; "
-            f"{'-' if speed is None else f'{speed:.2f}'} s/step; peak memory {peak:,.0f} MiB; "
-            f"outputs in {out}"
+            f"trainable {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
+            f"parameters; {'-' if speed is None else f'{speed:.2f}'} s/step; peak memory "
+            f"{summary['peak_memory_mib']:,.0f} MiB; outputs in {self.out}"
         )
-    return summary
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description="Fine-tune an odeified (or plain) model: continuous or discrete LoRA, full, "
-        "step-adjusted."
+    description = (
+        "Fine-tune an odeified (or plain) model: continuous or discrete LoRA, full, step-adjusted."
     )
-    parser.add_argument("--config", help="YAML file of Config fields")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
-    args = parser.parse_args(argv)
-    cfg = load_config(Config, args.config, parse_overrides(args.set))
-    return run(cfg, resume=args.resume)
+    return launch(Finetune, Config, argv, description)
 
 
 if __name__ == "__main__":

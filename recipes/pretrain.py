@@ -37,11 +37,8 @@ Features:
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -52,27 +49,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 import odeify as ode_lib
-from odeify import data
 from odeify.assets import gpt2_tokenizer
-from odeify.evaluate import plot_sweep
-from odeify.training import (
-    Checkpoints,
-    Metrics,
-    adamw,
-    config_stamp,
-    load_config,
-    seed_everything,
-    warmup_cosine,
+from odeify.surgery import block_stack
+from odeify.train import data
+from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.config import config_stamp, launch
+from odeify.train.distributed import (
+    StateView,
+    full_state,
+    full_tensor,
+    setup_distributed,
+    sync,
+    wrap,
 )
+from odeify.train.evaluate import sweep
+from odeify.train.metrics import Metrics
+from odeify.train.optim import adamw, seed_everything, warmup_cosine
+from odeify.train.plots import plot_sweep
+from odeify.train.sampler import StepSampler
 
 # Keys that change what a run prints, not what it computes: a resume may change them.
 _PRESENTATION = ("progress", "log_every")
@@ -136,22 +137,6 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------ config
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set`` pairs as {key: value}, each value read as YAML.
-
-    Example:
-        >>> parse_overrides(["lr=0.001", "ode=false", "heldout=[hamlet, macbeth]"])
-        {'lr': 0.001, 'ode': False, 'heldout': ['hamlet', 'macbeth']}
-    """
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def resolved_eval_steps(cfg: Config) -> list[int]:
     """The solver step counts evaluated each time: L/2, L, 2L unless configured (L alone without odeify)."""
     if not cfg.ode:
@@ -210,69 +195,13 @@ def validate(cfg: Config, world: int) -> None:
 
 
 # -------------------------------------------------------------------------------------- data
-def split_documents(
-    docs: dict[str, str], heldout: list[str], fraction: float
-) -> tuple[dict[str, str], dict[str, str]]:
-    """(train, validation) documents: the named ones held out, else a fraction of them chosen by
-    name hash (the tail of the text when there is one document).
-
-    Example:
-        >>> split_documents({"a": "x", "b": "y", "c": "z"}, ["b"], 0.0)
-        ({'a': 'x', 'c': 'z'}, {'b': 'y'})
-    """
-    if heldout:
-        missing = sorted(set(heldout) - set(docs))
-        if missing:
-            raise ValueError(
-                f"held-out documents {missing} are not in the corpus (it has {len(docs)} "
-                f"documents, e.g. {sorted(docs)[:5]})"
-            )
-        val = {name: docs[name] for name in heldout}
-        train = {name: text for name, text in docs.items() if name not in val}
-    elif len(docs) > 1:
-        order = sorted(docs, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
-        count = min(len(docs) - 1, max(1, round(fraction * len(docs))))
-        val = {name: docs[name] for name in order[:count]}
-        train = {name: text for name, text in docs.items() if name not in val}
-    else:
-        ((name, text),) = docs.items()
-        cut = text.rfind("\n", 0, int(len(text) * (1 - fraction)))
-        cut = cut if cut > 0 else int(len(text) * (1 - fraction))
-        train, val = {name: text[:cut]}, {name: text[cut:]}
-    if not train:
-        raise ValueError("every document is held out; leave some for training")
-    return train, val
-
-
-def char_tokenizer(docs: dict[str, str]):
-    """One token per character of the corpus, plus EOS and UNK: a fast tokenizer that saves,
-    loads and decodes like any other.
-
-    Example:
-        >>> tok = char_tokenizer({"a": "to be"})
-        >>> tok("be")["input_ids"], tok.decode(tok("be")["input_ids"])
-        ([3, 4], 'be')
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set().union(*map(set, docs.values())))
-    vocab = {token: i for i, token in enumerate(["<|endoftext|>", "<unk>", *chars])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|endoftext|>", unk_token="<unk>"
-    )
-
-
 def load_tokenizer(spec: str, docs: dict[str, str]):
     """The offline GPT-2 BPE for 'gpt2', characters for 'char' (the character set of all of
     ``docs``, held-out ones included, so validation has no unknown tokens), else a folder's."""
     if spec == "gpt2":
         return gpt2_tokenizer()
     if spec == "char":
-        return char_tokenizer(docs)
+        return data.char_tokenizer(docs)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec)
@@ -362,159 +291,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-# ------------------------------------------------------------------------------ distribution
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world
-        return value
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-        return value
-
-
-def setup_distributed() -> Dist:
-    """One process, or the process group torchrun describes: NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world == 1:
-        return Dist(device=device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), world, local_rank, device)
-
-
-def wrap(model: nn.Module, cfg: Config, ctx: Dist) -> nn.Module:
-    """The model the training loop calls: compiled, and under DDP or FSDP2 when distributed."""
-    if cfg.compile:
-        model.compile()  # in place: state_dict keys stay those of the plain model
-    if ctx.world == 1:
-        return model
-    if cfg.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        # One shard group per block (the ODE model has one block), then the embeddings and head.
-        blocks = [ode_lib.get_block(model)] if cfg.ode else list(_stack(model))
-        for module in blocks:
-            fully_shard(module)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(
-        model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
-    )
-
-
-def _stack(model: nn.Module) -> nn.ModuleList:
-    base = model.base_model
-    return base.h if hasattr(base, "h") else base.layers
-
-
-class _StateView:
-    """Full (unsharded) model or optimizer state for :class:`Checkpoints`, under any wrapping.
-
-    torch.distributed.checkpoint's state-dict functions see through DDP, FSDP2 and compile,
-    and key optimizer state by parameter name, so one file resumes any of them.
-    """
-
-    def __init__(self, model: nn.Module, optimizer, part: str, saved: dict | None = None):
-        self.model, self.optimizer, self.part, self.saved = model, optimizer, part, saved
-
-    def state_dict(self) -> dict:
-        return self.saved
-
-    def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True)
-        if self.part == "model":
-            set_model_state_dict(self.model, state, options=options)
-        else:
-            set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
-
-
-def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
-    """Model and optimizer state gathered on rank 0 (a collective: every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-
-
-# -------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    windows: torch.Tensor,
-    counts: list[int],
-    cfg: Config,
-    ctx: Dist,
-    autocast,
-) -> dict[int, float]:
-    """Mean next-token loss on validation windows [n, seq_len + 1] at each solver step count.
-
-    Windows are split over ranks in equal shares (FSDP needs every rank in every forward).
-    """
-    was_training = model.training
-    model.eval()
-    share = len(windows) // ctx.world
-    mine = windows[ctx.rank * share : (ctx.rank + 1) * share]
-    losses = {}
-    for n in counts:
-        total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        for start in range(0, len(mine), cfg.eval_batch_size):
-            batch = mine[start : start + cfg.eval_batch_size].to(ctx.device)
-            kwargs = {"ode_steps": n} if cfg.ode else {}
-            with autocast():
-                logits = model(batch[:, :-1], use_cache=False, **kwargs).logits
-            total[0] += F.cross_entropy(
-                logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
-            ).double()
-            total[1] += batch[:, 1:].numel()
-        total = ctx.sum(total)
-        losses[n] = float(total[0] / total[1])
-    model.train(was_training)
-    return losses
-
-
-def solver_steps(cfg: Config, step: int) -> int | None:
-    """The solver steps of training step ``step``: drawn from (seed, step) with augmentation,
-    so every rank and a resumed run draw the same; None (the model's L) otherwise."""
-    if cfg.step_augmentation is None:
-        return None
-    low, high = cfg.step_augmentation
-    return int(np.random.default_rng([cfg.seed, step, 7]).integers(low, high + 1))
-
-
 def peak_memory_mib(device: torch.device) -> float:
     """Peak GPU memory allocated, or on CPU the process's peak resident set (Linux: KiB)."""
     if device.type == "cuda":
@@ -522,145 +298,208 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint a run resumes from), and a last
-    line torn by a kill."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+def sampler(cfg: Config) -> StepSampler | None:
+    """The step-count augmentation: one count per step from ``step_augmentation`` = [min, max],
+    uniformly; None without augmentation (every step at the model's L)."""
+    if cfg.step_augmentation is None:
+        return None
+    low, high = cfg.step_augmentation
+    return StepSampler(cfg.n_layer, low, high, weighting="uniform", full_every=0, seed=cfg.seed)
 
 
 # ---------------------------------------------------------------------------------- the run
-def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Train as configured; returns the summary also written to ``out_dir/summary.json``.
+class Pretrain:
+    """The recipe in phases: :meth:`setup` (run folder, data, model, optimizer), :meth:`train`,
+    :meth:`evaluate`, :meth:`report`; :meth:`run` calls them in turn.
 
     Example:
-        >>> summary = run(load_config(Config, "recipes/configs/shakespeare-tiny.yaml"))   # doctest: +SKIP
-        >>> summary["final"]["perplexity"]                                                # doctest: +SKIP
+        >>> summary = Pretrain(load_config(Config, "recipes/configs/shakespeare-tiny.yaml")).run()   # doctest: +SKIP
+        >>> summary["final"]["perplexity"]                                                          # doctest: +SKIP
     """
-    ctx = setup_distributed()
-    validate(cfg, ctx.world)
-    if cfg.ode and cfg.precision == "bf16" and ctx.device.type == "cpu":
-        # ODEBlock.weights_at runs under autocast, so W(t) of the norms comes out in bf16 and
-        # CPU layer_norm refuses bf16 parameters with fp32 inputs (CUDA casts both to fp32).
-        raise ValueError(
-            "precision bf16 on CPU is not supported for the ODE model: use fp32 (precision: "
-            "auto does) or a GPU"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.name = "DiffEqFormer" if cfg.ode else "baseline"
+
+    def check(self) -> None:
+        """Every check of the config that needs no data and no model (one process)."""
+        validate(self.cfg, world=1)
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train as configured; returns the summary also written to ``out_dir/summary.json``."""
+        self.setup(resume)
+        self.train()
+        final = self.evaluate(self.val_final, self.final_counts)
+        return self.report(final)
+
+    # ------------------------------------------------------------------------------- setup
+    def setup(self, resume: bool) -> None:
+        cfg = self.cfg
+        self.ctx = ctx = setup_distributed()
+        validate(cfg, ctx.world)
+        if cfg.ode and cfg.precision == "bf16" and ctx.device.type == "cpu":
+            # ODEBlock.weights_at runs under autocast, so W(t) of the norms comes out in bf16 and
+            # CPU layer_norm refuses bf16 parameters with fp32 inputs (CUDA casts both to fp32).
+            raise ValueError(
+                "precision bf16 on CPU is not supported for the ODE model: use fp32 (precision: "
+                "auto does) or a GPU"
+            )
+        self.out = Path(cfg.out_dir)
+        stamp = config_stamp(cfg, _PRESENTATION)
+        self.checkpoints = Checkpoints(self.out / "checkpoints", stamp, keep=cfg.keep)
+        self.metrics = Metrics(self.out / "metrics.jsonl", active=ctx.main)
+        self.start = claim(self.checkpoints, self.metrics.path, resume)
+        if resume:
+            self.metrics.resume(self.start)
+        self.setup_data()
+        self.setup_model()
+        self.announce()
+
+    def setup_data(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        docs = data.corpus(cfg.corpus)
+        self.train_docs, self.val_docs = data.split(
+            docs, cfg.heldout, cfg.heldout_fraction, cfg.corpus
         )
-    out = Path(cfg.out_dir)
-    checkpoints = Checkpoints(out / "checkpoints", config_stamp(cfg, _PRESENTATION), keep=cfg.keep)
-    metrics_path = out / "metrics.jsonl"
-    if not resume and (checkpoints.paths() or metrics_path.exists()):
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another out_dir"
+        self.tokenizer = load_tokenizer(cfg.tokenizer, docs)
+        cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
+        with ctx.main_first():
+            self.train_tokens = data.tokenize(self.train_docs, self.tokenizer, cache)
+            self.val_tokens = data.tokenize(self.val_docs, self.tokenizer, cache)
+        self.batches = data.Batches(self.train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+        val_all = data.windows(self.val_tokens, cfg.seq_len + 1)
+        windows_each = min(cfg.eval_windows, len(val_all))
+        if windows_each < ctx.world:
+            raise ValueError(
+                f"the validation split makes {len(val_all)} windows of {cfg.seq_len + 1} tokens, "
+                f"fewer than the {ctx.world} processes; hold out more text"
+            )
+        # Equal shares per rank: a sharded model needs every rank in every forward.
+        even = lambda w: w[: len(w) // ctx.world * ctx.world]
+        self.val_periodic = even(val_all[:windows_each])
+        self.val_final = even(
+            val_all if cfg.final_windows is None else val_all[: cfg.final_windows]
         )
-    start = checkpoints.check() if resume else 0
-    if resume and ctx.main:
-        _trim_metrics(metrics_path, start)
-    docs = data.corpus(cfg.corpus)
-    train_docs, val_docs = split_documents(docs, cfg.heldout, cfg.heldout_fraction)
-
-    tokenizer = load_tokenizer(cfg.tokenizer, docs)
-    cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
-    # The main process writes the token cache; the others then read it, never racing on a file.
-    if not ctx.main:
-        ctx.barrier()
-    train_tokens = data.tokenize(train_docs, tokenizer, cache)
-    val_tokens = data.tokenize(val_docs, tokenizer, cache)
-    if ctx.main:
-        ctx.barrier()
-    batches = data.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-    val_all = data.windows(val_tokens, cfg.seq_len + 1)
-    windows_each = min(cfg.eval_windows, len(val_all))
-    if windows_each < ctx.world:
-        raise ValueError(
-            f"the validation split makes {len(val_all)} windows of {cfg.seq_len + 1} tokens, "
-            f"fewer than the {ctx.world} processes; hold out more text"
+        self.eval_counts = resolved_eval_steps(cfg)
+        self.final_counts = (
+            sorted(set(cfg.final_steps or self.eval_counts)) if cfg.ode else self.eval_counts
         )
-    val_periodic = val_all[:windows_each]
-    val_final = val_all if cfg.final_windows is None else val_all[: cfg.final_windows]
+        self.sampler = sampler(cfg)
 
-    hf_config = model_config(cfg, tokenizer)
-    with torch.device("meta"):
-        counts = {
-            "diffeqformer": parameter_counts(build_model(cfg, hf_config, True, init="none")),
-            "baseline": parameter_counts(build_model(cfg, hf_config, False)),
-        }
-    # Every rank builds the same initial model (DDP would broadcast it anyway; FSDP needs it).
-    seed_everything(cfg.seed)
-    raw = build_model(cfg, hf_config, cfg.ode).to(ctx.device)
-    raw.train()
-    model = wrap(raw, cfg, ctx)
-    optimizer = adamw(model, cfg.lr, cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    tokens_seen = 0
-    if start:
-        step, extra = checkpoints.resume(
-            _StateView(model, optimizer, "model"),
-            _StateView(model, optimizer, "optimizer"),
-            scheduler,
+    def setup_model(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        self.hf_config = model_config(cfg, self.tokenizer)
+        with torch.device("meta"):
+            self.counts = {
+                "diffeqformer": parameter_counts(build_model(cfg, self.hf_config, True, "none")),
+                "baseline": parameter_counts(build_model(cfg, self.hf_config, False)),
+            }
+        # Every rank builds the same initial model (DDP would broadcast it anyway; FSDP needs it).
+        seed_everything(cfg.seed)
+        raw = build_model(cfg, self.hf_config, cfg.ode).to(ctx.device)
+        raw.train()
+        shard = None
+        if cfg.distributed == "fsdp":
+            # One shard group per block (the ODE model has one block), then the embeddings and head.
+            shard = [ode_lib.get_block(raw)] if cfg.ode else list(block_stack(raw))
+        self.model = wrap(raw, ctx, shard=shard, compile=cfg.compile)
+        betas = (cfg.beta1, cfg.beta2)
+        self.optimizer = adamw(self.model, cfg.lr, cfg.weight_decay, betas=betas)
+        self.scheduler = warmup_cosine(
+            self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
         )
-        start, tokens_seen = step, extra["tokens_seen"]
+        self.tokens_seen = 0
+        if self.start:
+            self.start, extra = self.checkpoints.resume(
+                StateView(self.model, self.optimizer, "model"),
+                StateView(self.model, self.optimizer, "optimizer"),
+                self.scheduler,
+            )
+            self.tokens_seen = extra["tokens_seen"]
+        self.bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
 
-    bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
+    def autocast(self):
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def autocast():
-        return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    eval_counts = resolved_eval_steps(cfg)
-    final_counts = sorted(set(cfg.final_steps or eval_counts)) if cfg.ode else eval_counts
-    name = "DiffEqFormer" if cfg.ode else "baseline"
-    if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        for label, c in counts.items():
+    def announce(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if not ctx.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(
+            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+        )
+        for label, c in self.counts.items():
             print(
                 f"{label:>12}: {c['total']:,} parameters ({c['non_embedding']:,} outside the "
                 "embeddings)"
             )
         print(
-            f"training {name} ({cfg.family}, d={cfg.d_model}, L={cfg.n_layer}) on "
-            f"{len(train_tokens):,} tokens of {len(train_docs)} documents; validation "
-            f"{len(val_tokens):,} tokens of {len(val_docs)} ({', '.join(sorted(val_docs)[:6])}); "
-            f"{ctx.world} process(es) on {ctx.device.type}, {'bf16' if bf16 else 'fp32'}"
-            + (f", resuming at step {start}" if start else "")
+            f"training {self.name} ({cfg.family}, d={cfg.d_model}, L={cfg.n_layer}) on "
+            f"{len(self.train_tokens):,} tokens of {len(self.train_docs)} documents; validation "
+            f"{len(self.val_tokens):,} tokens of {len(self.val_docs)} "
+            f"({', '.join(sorted(self.val_docs)[:6])}); "
+            f"{ctx.world} process(es) on {ctx.device.type}, {'bf16' if self.bf16 else 'fp32'}"
+            + (f", resuming at step {self.start}" if self.start else "")
         )
-    metrics = Metrics(metrics_path) if ctx.main else None
 
-    micro = cfg.batch_size // (ctx.world * cfg.grad_accum)
-    step_tokens = cfg.batch_size * cfg.seq_len
-    train_seconds, timed_tokens = 0.0, 0
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        desc=name,
-        disable=not (ctx.main and cfg.progress),
-        dynamic_ncols=True,
-    )
-    for step in range(start, cfg.max_steps):
-        began = time.perf_counter()
-        n = solver_steps(cfg, step)
+    # ------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        cfg = self.cfg
+        self.train_seconds, self.timed_tokens = 0.0, 0
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.start,
+            desc=self.name,
+            disable=not (self.ctx.main and cfg.progress),
+            dynamic_ncols=True,
+        )
+        for step in range(self.start, cfg.max_steps):
+            began = time.perf_counter()
+            n = self.sampler.draw(step)[0] if self.sampler else None
+            loss, grad_norm = self.train_step(step, n)
+            seconds = time.perf_counter() - began
+            step_tokens = cfg.batch_size * cfg.seq_len
+            self.tokens_seen += step_tokens
+            if step > self.start:  # the first step of a process pays for warm-up (and compilation)
+                self.train_seconds += seconds
+                self.timed_tokens += step_tokens
+            rate = step_tokens / seconds
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                self.metrics.log(
+                    event="train",
+                    step=done,
+                    loss=loss,
+                    lr=self.scheduler.get_last_lr()[0],
+                    grad_norm=None if grad_norm is None else float(full_tensor(grad_norm)),
+                    solver_steps=n if n is not None else cfg.n_layer,
+                    tokens=self.tokens_seen,
+                    tokens_per_s=rate,
+                )
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                self.periodic_eval(done, bar)
+            if done % cfg.save_every == 0 or done == cfg.max_steps:
+                self.save(done)
+        bar.close()
+
+    def train_step(self, step: int, n: int | None) -> tuple[float, torch.Tensor | None]:
+        """One optimizer step on global batch ``step`` at ``n`` solver steps: (mean loss over
+        ranks, gradient norm before clipping)."""
+        cfg, ctx, model = self.cfg, self.ctx, self.model
         kwargs = {} if n is None else {"ode_steps": n}
-        x, y = batches.get(step, ctx.rank, ctx.world)
+        micro = cfg.batch_size // (ctx.world * cfg.grad_accum)
+        x, y = self.batches.get(step, ctx.rank, ctx.world)
         loss_sum = torch.zeros((), device=ctx.device)
         for j in range(cfg.grad_accum):
             xm = x[j * micro : (j + 1) * micro].to(ctx.device)
             ym = y[j * micro : (j + 1) * micro].to(ctx.device)
-            last = j == cfg.grad_accum - 1
-            with _sync(model, last):
-                with autocast():
+            with sync(model, j == cfg.grad_accum - 1):
+                with self.autocast():
                     logits = model(xm, use_cache=False, **kwargs).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), ym.flatten()) / cfg.grad_accum
                 loss.backward()
@@ -668,77 +507,92 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(ctx.mean(loss_sum))
-        seconds = time.perf_counter() - began
-        tokens_seen += step_tokens
-        if step > start:  # the first step of a process pays for warm-up (and compilation)
-            train_seconds += seconds
-            timed_tokens += step_tokens
-        rate = step_tokens / seconds
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-        done = step + 1
-        if ctx.main and (done % cfg.log_every == 0 or done == cfg.max_steps):
-            metrics.log(
-                event="train",
-                step=done,
-                loss=loss_value,
-                lr=scheduler.get_last_lr()[0],
-                grad_norm=None if grad_norm is None else float(_full(grad_norm)),
-                solver_steps=n if n is not None else cfg.n_layer,
-                tokens=tokens_seen,
-                tokens_per_s=rate,
-            )
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            losses = evaluate(model, val_periodic, eval_counts, cfg, ctx, autocast)
-            if ctx.main:
-                metrics.log(
-                    event="eval",
-                    step=done,
-                    val_loss={str(k): v for k, v in losses.items()},
-                    val_ppl={str(k): math.exp(v) for k, v in losses.items()},
-                )
-                bar.write(
-                    f"step {done}: val ppl "
-                    + ", ".join(f"{math.exp(v):.2f} @ {k}" for k, v in losses.items())
-                )
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
-            model_state, optim_state = full_state(model, optimizer)
-            if ctx.main:
-                checkpoints.save(
-                    done,
-                    _StateView(model, optimizer, "model", model_state),
-                    _StateView(model, optimizer, "optimizer", optim_state),
-                    scheduler,
-                    extra={"tokens_seen": tokens_seen, "data": {"seed": cfg.seed, "step": done}},
-                )
-            ctx.barrier()
-    bar.close()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(ctx.mean(loss_sum)), grad_norm
 
-    final = evaluate(model, val_final, final_counts, cfg, ctx, autocast)
-    summary = {
-        "model": name,
-        "parameters": counts,
-        "steps": cfg.max_steps,
-        "tokens_seen": tokens_seen,
-        "tokens_per_s": timed_tokens / train_seconds if train_seconds else None,
-        "peak_memory_mib": float(
-            ctx.sum(torch.tensor(peak_memory_mib(ctx.device), device=ctx.device)) / ctx.world
-        ),
-        "final": {
-            "windows": len(val_final) // ctx.world * ctx.world,
-            "val_loss": {str(k): v for k, v in final.items()},
-            "perplexity": {str(k): math.exp(v) for k, v in final.items()},
-        },
-    }
-    export_state = full_state(model, optimizer)[0] if cfg.export else None
-    if ctx.main:
-        metrics.log(event="final", step=cfg.max_steps, **summary)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"\n{name}, validation ({summary['final']['windows']} windows of {cfg.seq_len}):")
+    def periodic_eval(self, done: int, bar) -> None:
+        losses = self.evaluate(self.val_periodic, self.eval_counts)
+        self.metrics.log(
+            event="eval",
+            step=done,
+            val_loss={str(k): v for k, v in losses.items()},
+            val_ppl={str(k): math.exp(v) for k, v in losses.items()},
+        )
+        if self.ctx.main:
+            bar.write(
+                f"step {done}: val ppl "
+                + ", ".join(f"{math.exp(v):.2f} @ {k}" for k, v in losses.items())
+            )
+
+    def save(self, done: int) -> None:
+        model, optimizer = self.model, self.optimizer
+        model_state, optim_state = full_state(model, optimizer)
+        if self.ctx.main:
+            self.checkpoints.save(
+                done,
+                StateView(model, optimizer, "model", model_state),
+                StateView(model, optimizer, "optimizer", optim_state),
+                self.scheduler,
+                extra={
+                    "tokens_seen": self.tokens_seen,
+                    "data": {"seed": self.cfg.seed, "step": done},
+                },
+            )
+        self.ctx.barrier()
+
+    # ---------------------------------------------------------------------------- evaluate
+    def evaluate(self, windows: torch.Tensor, counts: list[int]) -> dict[int, float]:
+        """Mean next-token loss on validation windows [n, seq_len + 1] at each solver step count,
+        the windows split over ranks in equal shares."""
+        scores = sweep(
+            self.model,
+            windows,
+            counts,
+            self.cfg.eval_batch_size,
+            shifted=True,
+            autocast=self.autocast,
+            dist=self.ctx,
+        )
+        return scores.loss
+
+    # ------------------------------------------------------------------------------ report
+    def report(self, final: dict[int, float]) -> dict[str, Any]:
+        cfg, ctx, out = self.cfg, self.ctx, self.out
+        peak = ctx.sum(torch.tensor(peak_memory_mib(ctx.device), device=ctx.device))
+        summary = {
+            "model": self.name,
+            "parameters": self.counts,
+            "steps": cfg.max_steps,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_s": self.timed_tokens / self.train_seconds if self.train_seconds else None,
+            "peak_memory_mib": float(peak / ctx.world),
+            "final": {
+                "windows": len(self.val_final),
+                "val_loss": {str(k): v for k, v in final.items()},
+                "perplexity": {str(k): math.exp(v) for k, v in final.items()},
+            },
+        }
+        export_state = full_state(self.model, self.optimizer)[0] if cfg.export else None
+        if ctx.main:
+            self.metrics.log(event="final", step=cfg.max_steps, **summary)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.print_table(summary, final)
+            plot_sweep(
+                {self.name: {k: math.exp(v) for k, v in final.items()}},
+                out / "ppl_vs_steps.png",
+                f"{self.name}: validation perplexity against solver steps (L = {cfg.n_layer})",
+            )
+            if cfg.export:
+                export(cfg, self.hf_config, export_state, self.tokenizer, out / "model")
+                print(f"exported to {out / 'model'}")
+        ctx.barrier()
+        return summary
+
+    def print_table(self, summary: dict, final: dict[int, float]) -> None:
+        windows = summary["final"]["windows"]
+        print(f"\n{self.name}, validation ({windows} windows of {self.cfg.seq_len}):")
         print(f"{'steps':>6} {'loss':>8} {'perplexity':>11}")
         for k, v in final.items():
             print(f"{k:>6} {v:8.4f} {math.exp(v):11.2f}")
@@ -747,39 +601,6 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 f"throughput {summary['tokens_per_s']:,.0f} tokens/s, peak memory "
                 f"{summary['peak_memory_mib']:,.0f} MiB"
             )
-        plot_sweep(
-            {name: {k: math.exp(v) for k, v in final.items()}},
-            out / "ppl_vs_steps.png",
-            f"{name}: validation perplexity against solver steps (L = {cfg.n_layer})",
-        )
-        if cfg.export:
-            export(cfg, hf_config, export_state, tokenizer, out / "model")
-            print(f"exported to {out / 'model'}")
-    if ctx.world > 1:
-        dist.barrier()
-    return summary
-
-
-def _full(value: torch.Tensor) -> torch.Tensor:
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
-
-
-@contextlib.contextmanager
-def _sync(model: nn.Module, last: bool):
-    """Reduce gradients on the last micro-batch of an accumulation only."""
-    if last or not isinstance(model, nn.Module):
-        yield
-    elif hasattr(model, "no_sync"):  # DDP
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
 
 
 def export(cfg: Config, hf_config, state: dict, tokenizer, path: Path) -> None:
@@ -794,21 +615,8 @@ def export(cfg: Config, hf_config, state: dict, tokenizer, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description="Pretrain a DiffEqFormer or its discrete baseline (see the module docstring)."
-    )
-    parser.add_argument("--config", help="YAML file of Config fields")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
-    args = parser.parse_args(argv)
-    cfg = load_config(Config, args.config, parse_overrides(args.set))
-    try:
-        return run(cfg, resume=args.resume)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    description = "Pretrain a DiffEqFormer or its discrete baseline (see the module docstring)."
+    return launch(Pretrain, Config, argv, description)
 
 
 if __name__ == "__main__":

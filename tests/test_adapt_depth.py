@@ -1,41 +1,37 @@
-"""Depth adaptation (odeify.adapt, recipes/adapt_depth.py) on tiny models: the sampler, the
+"""Depth adaptation (odeify.train.distill, recipes/adapt_depth.py) on tiny models: the sampler, the
 matched hidden states, distillation lowering the loss away from N = L while N = L stays close
 to the original, the layer-dropping baseline, the FLOP budget, the recipe end to end with
 resume, and bad input failing before any training."""
 
 import copy
-import importlib.util
 import json
-import sys
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _launch import argv, fork, join, records
+from _launch import recipe as load_recipe
 
 import odeify
-from odeify.adapt import (
-    CostModel,
+from odeify.assets import gpt2_tokenizer, play_text
+from odeify.train import data
+from odeify.train.cost import CostModel, steps_for_budget
+from odeify.train.distill import (
     LossWeights,
-    StepSampler,
     adapt_step,
     distill_loss,
     drop_layers,
-    evaluate_depths,
     frozen_teacher,
     matching,
     recording,
-    steps_for_budget,
     teacher_targets,
 )
-from odeify.assets import gpt2_tokenizer, play_text
+from odeify.train.evaluate import sweep
+from odeify.train.sampler import StepSampler
 
-_spec = importlib.util.spec_from_file_location(
-    "adapt_depth", Path(__file__).parents[1] / "recipes" / "adapt_depth.py"
-)
-recipe = importlib.util.module_from_spec(_spec)
-sys.modules["adapt_depth"] = recipe  # dataclasses resolve the module of the Config class
-_spec.loader.exec_module(recipe)
+recipe = load_recipe("adapt_depth")
 
 PLAYS = ("hamlet", "macbeth", "othello")
 
@@ -151,6 +147,13 @@ def _student_and_teacher(make_llama, layers=4):
     return student, teacher
 
 
+def evaluate_depths(student, teacher, windows, counts) -> dict:
+    """Perplexity and KL from the teacher at each step count, and the teacher's perplexity."""
+    scores = sweep(student, windows, counts, teacher=teacher)
+    steps = {n: {"perplexity": math.exp(scores.loss[n]), "kl": scores.kl[n]} for n in counts}
+    return {"original": math.exp(scores.teacher_loss), "steps": steps}
+
+
 def _train(student, teacher, sampler, weights, steps, lr=1e-3):
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
     for step in range(steps):
@@ -166,13 +169,13 @@ def test_distillation_lowers_the_loss_away_from_L_and_keeps_L_close(make_llama):
     student, teacher = _student_and_teacher(make_llama)
     free = copy.deepcopy(student)
     held = torch.randint(1, 97, (8, 12), generator=torch.Generator().manual_seed(99))
-    before = evaluate_depths(student, teacher, held, [2, 4], progress=False)["steps"]
+    before = evaluate_depths(student, teacher, held, [2, 4])["steps"]
     assert before[4]["kl"] < 1e-10 and before[2]["kl"] > 0.05  # exact at L, far at L / 2
     weights = LossWeights(kl=1.0, hidden=1.0)
     _train(student, teacher, StepSampler(4, 2, 8, seed=0), weights, steps=25)
     _train(free, teacher, StepSampler(4, 2, 8, full_every=0, seed=0), weights, steps=25)
-    after = evaluate_depths(student, teacher, held, [2, 4], progress=False)
-    unanchored = evaluate_depths(free, teacher, held, [2, 4], progress=False)["steps"]
+    after = evaluate_depths(student, teacher, held, [2, 4])
+    unanchored = evaluate_depths(free, teacher, held, [2, 4])["steps"]
     assert after["steps"][2]["kl"] < 0.5 * before[2]["kl"]
     # N = L stays within tolerance: KL under 0.01 nats/token, perplexity within 2 %
     assert after["steps"][4]["kl"] < 0.01
@@ -297,14 +300,22 @@ def _config(assets, out, **overrides):
         threads=1,
     )
     settings.update(overrides)
-    return recipe.load_config(recipe.Config, None, settings)
+    return settings
+
+
+def _run(settings: dict, resume: bool = False) -> dict:
+    return recipe.main([*argv(settings), *(["--resume"] if resume else [])])
+
+
+def _compare(runs: list[str], out: str, names: list[str] | None = None) -> str:
+    return recipe.main(["--compare", *runs, "--out", out, *(["--names", *names] if names else [])])
 
 
 @pytest.fixture(scope="module")
 def adapted(assets, tmp_path_factory):
     """A finished four-step adaptation run: (results, run folder)."""
     out = tmp_path_factory.mktemp("adapted") / "run"
-    return recipe.run(_config(assets, out)), out
+    return _run(_config(assets, out)), out
 
 
 def test_recipe_adapts_reports_and_saves(adapted):
@@ -345,25 +356,24 @@ def test_the_adapted_model_materialises_at_any_depth(adapted, m):
 def test_resume_continues_exactly(assets, adapted, tmp_path, monkeypatch, train):
     overrides = dict(train="lora", lora_r=2) if train == "lora" else {}
     cfg = _config(assets, tmp_path / "run", **overrides)
-    real, calls = recipe.adapt_step, []
+    real = data.Batches.get
 
-    def crash_at_third_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def crash_at_third_step(self, step, *args):
+        if step == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, step, *args)
 
-    monkeypatch.setattr(recipe, "adapt_step", crash_at_third_step)
+    monkeypatch.setattr(data.Batches, "get", crash_at_third_step)
     with pytest.raises(KeyboardInterrupt):
-        recipe.run(cfg)
-    monkeypatch.setattr(recipe, "adapt_step", real)
+        _run(cfg)
+    monkeypatch.setattr(data.Batches, "get", real)
     with pytest.raises(FileExistsError, match="--resume"):
-        recipe.run(cfg)
-    resumed = recipe.run(cfg, resume=True)
+        _run(cfg)
+    resumed = _run(cfg, resume=True)
     unbroken, out = adapted
     if train == "lora":
         out = tmp_path / "unbroken"
-        unbroken = recipe.run(_config(assets, out, **overrides))
+        unbroken = _run(_config(assets, out, **overrides))
     assert resumed["after"] == unbroken["after"]
     assert resumed["train_flops"] == unbroken["train_flops"]
 
@@ -373,13 +383,13 @@ def test_resume_continues_exactly(assets, adapted, tmp_path, monkeypatch, train)
 
     assert losses(tmp_path / "run") == losses(out)
     with pytest.raises(ValueError, match="another config.*lr"):
-        recipe.run(_config(assets, tmp_path / "run", lr=1e-3), resume=True)
+        _run(_config(assets, tmp_path / "run", lr=1e-3), resume=True)
 
 
 def test_baseline_gets_the_same_budget_and_compare_tabulates(assets, adapted, tmp_path):
     results, out = adapted
     budget = results["train_flops"]
-    drop = recipe.run(
+    drop = _run(
         _config(
             assets,
             tmp_path / "drop",
@@ -395,17 +405,17 @@ def test_baseline_gets_the_same_budget_and_compare_tabulates(assets, adapted, tm
     cost = CostModel(**drop["cost_model"])
     assert drop["train_flops"] <= budget < drop["train_flops"] + cost.train_step(64, [2])
     assert drop["optimizer_steps"] > results["optimizer_steps"]  # cheaper steps, more of them
-    table = recipe.compare([str(out), str(tmp_path / "drop")], str(tmp_path / "cmp"))
+    table = _compare([str(out), str(tmp_path / "drop")], str(tmp_path / "cmp"))
     assert "(a) layer dropping to M = 2" in table and "depth adaptation" in table
     plots = ("perplexity.png", "perplexity_flops.png", "perplexity_after.png")
     for name in ("report.md", *plots, "perplexity_budget.png"):
         assert (tmp_path / "cmp" / name).exists(), name
-    named = recipe.compare([str(out), str(tmp_path / "drop")], str(tmp_path / "named"), ["C", "a"])
+    named = _compare([str(out), str(tmp_path / "drop")], str(tmp_path / "named"), ["C", "a"])
     assert "| C | 4 |" in named and "| a | 2 |" in named  # short names in the rows
     assert "- a: (a) layer dropping to M = 2" in named  # and what each stands for
     with pytest.raises(ValueError, match="2 names for 1 runs"):
-        recipe.compare([str(out)], str(tmp_path / "bad"), ["C", "a"])
-    again = recipe.compare([str(out), str(out)], str(tmp_path / "twice"))  # same label twice
+        _compare([str(out)], str(tmp_path / "bad"), ["C", "a"])
+    again = _compare([str(out), str(out)], str(tmp_path / "twice"))  # same label twice
     assert f"every 1), {results['train_flops'] / 1e15:.2g} PFLOP | 4 |" in again
 
 
@@ -438,23 +448,23 @@ def test_baseline_gets_the_same_budget_and_compare_tabulates(assets, adapted, tm
 )
 def test_bad_input_fails_before_training(assets, tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
-        recipe.run(_config(assets, tmp_path / "run", **overrides))
+        _run(_config(assets, tmp_path / "run", **overrides))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_an_odeified_model_and_unknown_keys_are_refused(assets, tmp_path):
     with pytest.raises(ValueError, match="odeified model.*stock model"):
-        recipe.run(_config(assets, tmp_path / "run", model=str(assets / "ode")))
+        _run(_config(assets, tmp_path / "run", model=str(assets / "ode")))
     with pytest.raises(ValueError, match="unknown config keys \\['stepz'\\]"):
         recipe.main(["--set", "stepz=3"])
 
 
 def test_lora_adaptation_trains_only_adapters_and_saves_the_merged_model(assets, tmp_path):
     out = tmp_path / "lora"
-    results = recipe.run(
-        _config(assets, out, train="lora", lora_r=2, lr=1e-2, choices=[2], max_steps=10)
-    )
-    stock = odeify.odeify(recipe.load_original(_config(assets, out))[0], progress=False)
+    results = _run(_config(assets, out, train="lora", lora_r=2, lr=1e-2, choices=[2], max_steps=10))
+    from transformers import LlamaForCausalLM
+
+    stock = odeify.odeify(LlamaForCausalLM.from_pretrained(assets / "plain"), progress=False)
     block = odeify.get_block(stock)
     full = sum(block.basis_tensor(n).numel() for n in block.names)
     assert 0 < results["trainable_parameters"] < full / 4 and results["train"] == "lora"
@@ -471,7 +481,7 @@ def test_lora_adaptation_trains_only_adapters_and_saves_the_merged_model(assets,
 def test_discrete_ends_adaptation_keeps_the_end_layers_discrete(assets, tmp_path):
     out = tmp_path / "ends"
     settings = dict(discrete_ends=1, choices=[3], eval_steps=[3, 4, 8], curve_steps=[3])
-    results = recipe.run(_config(assets, out, lr=1e-3, max_steps=8, **settings))
+    results = _run(_config(assets, out, lr=1e-3, max_steps=8, **settings))
     assert results["discrete_ends"] == 1 and "1 discrete at each end" in results["label"]
     assert results["before"]["4"]["kl"] < 1e-10  # still the original at N = L
     assert results["after"]["3"]["kl"] < results["before"]["3"]["kl"]
@@ -486,4 +496,17 @@ def test_discrete_ends_adaptation_keeps_the_end_layers_discrete(assets, tmp_path
     ids=str,
 )
 def test_shipped_configs_are_valid(path):
-    recipe.validate(recipe.load_config(recipe.Config, str(path), {}))
+    assert recipe.main(["--config", str(path), "--check"]).out_dir
+
+
+def test_two_gloo_processes_match_one(assets, adapted, tmp_path):
+    """Each rank distils on its half of every batch and scores its share of the windows."""
+    results, out = adapted
+    join(fork(recipe.main, argv(_config(assets, tmp_path / "two")), world=2))
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    for n, value in results["after"].items():
+        assert two["after"][n]["perplexity"] == pytest.approx(value["perplexity"], rel=1e-4)
+    parts = [[r["parts"] for r in records(run) if "parts" in r] for run in (out, tmp_path / "two")]
+    for ours, reference in zip(parts[1], parts[0], strict=True):
+        for mine, theirs in zip(ours, reference, strict=True):
+            assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-7)

@@ -24,7 +24,7 @@ def test_importing_odeify_registers_no_global_hooks():
         names = [n for n in dir(m) if n.startswith("_global_") and n.endswith(("hooks", "called",
                  "kwargs"))]
         before = {n: dict(getattr(m, n)) for n in names}
-        import odeify, odeify.lora, odeify.lora_hooks, odeify.adapt, odeify.analysis
+        import odeify, odeify.lora, odeify.lora_hooks, odeify.train.distill, odeify.analysis
         after = {n: dict(getattr(m, n)) for n in names}
         assert "_global_module_registration_hooks" in names and "_global_forward_hooks" in names
         changed = [n for n in names if before[n] != after[n]]

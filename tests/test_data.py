@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from odeify.assets import gpt2_tokenizer, plays
-from odeify.data import Batches, corpus, tokenize, windows
+from odeify.train.data import Batches, corpus, tokenize, windows
 
 
 def test_bundled_shakespeare_has_38_plays():

@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import odeify as ode
 from odeify import get_block, odeify
-from odeify.training import adamw
+from odeify.train.optim import adamw
 
 IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
 

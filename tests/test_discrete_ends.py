@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import odeify
-from odeify.adapt import matching, recording
 from odeify.schemes import SCHEMES, spans, stage_times
+from odeify.train.distill import matching, recording
 
 
 def _stock_states(model, ids):

@@ -1,23 +1,18 @@
 """recipes/finetune.py on tiny models: every form and method runs and reports, runs resume
 exactly, step-adjusted training draws its step counts, and bad input fails before training."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _launch import RECIPES, argv, fork, join, recipe, records
 
 import odeify
 from odeify.assets import gpt2_tokenizer, play_text
+from odeify.train import data
+from odeify.train.sampler import StepSampler
 
-_spec = importlib.util.spec_from_file_location(
-    "finetune", Path(__file__).parents[1] / "recipes" / "finetune.py"
-)
-finetune = importlib.util.module_from_spec(_spec)
-sys.modules["finetune"] = finetune  # dataclasses resolve the module of the Config class
-_spec.loader.exec_module(finetune)
+finetune = recipe("finetune")
 
 PLAYS = ("hamlet", "macbeth", "the-tempest", "othello")
 
@@ -65,10 +60,14 @@ def assets(tmp_path_factory):
 def reference(assets, tmp_path_factory):
     """The summary of a one-step continuous LoRA run: what the model scores before training."""
     folder = tmp_path_factory.mktemp("reference")
-    return finetune.run(_config(assets, folder, max_steps=1))
+    return _run(_config(assets, folder, max_steps=1))
 
 
-def _config(assets, tmp_path, **overrides):
+def _run(settings: dict, resume: bool = False) -> dict:
+    return finetune.main([*argv(settings), *(["--resume"] if resume else [])])
+
+
+def _config(assets, tmp_path, **overrides) -> dict:
     settings = dict(
         model=str(assets / "ode"),
         corpus=str(assets / "corpus"),
@@ -87,11 +86,11 @@ def _config(assets, tmp_path, **overrides):
         progress=False,
     )
     settings.update(overrides)
-    return finetune.load_config(finetune.Config, None, settings)
+    return settings
 
 
 def test_continuous_lora_trains_saves_the_adapter_and_reports(assets, tmp_path):
-    summary = finetune.run(_config(assets, tmp_path))
+    summary = _run(_config(assets, tmp_path))
     out = tmp_path / "run"
     for name in ("adapter/adapter_model.safetensors", "metrics.jsonl", "perplexity.png"):
         assert (out / name).exists(), name
@@ -123,11 +122,11 @@ def test_every_form_and_method_runs_and_starts_from_the_same_model(
     cfg = _config(
         assets, tmp_path, model=str(assets / folder), form=form, method=method, max_steps=2, **extra
     )
-    summary = finetune.run(cfg)
+    summary = _run(cfg)
     assert (tmp_path / "run" / ("adapter" if method == "lora" else "model")).is_dir()
     assert summary["perplexity_after"]["3"] < summary["perplexity_before"]["3"]
     # A converted model is exact at its own depth: every form starts where the original does.
-    if cfg.form != "discrete" or cfg.materialize_steps == 3:
+    if cfg["form"] != "discrete" or cfg.get("materialize_steps") == 3:
         assert summary["perplexity_before"]["3"] == pytest.approx(
             reference["perplexity_before"]["3"], rel=1e-5
         )
@@ -139,8 +138,8 @@ def test_every_form_and_method_runs_and_starts_from_the_same_model(
 
 
 def test_a_resumed_run_equals_an_unbroken_one(assets, tmp_path, monkeypatch):
-    unbroken = finetune.run(_config(assets, tmp_path, out_dir=str(tmp_path / "a")))
-    real_get = finetune.data.Batches.get
+    unbroken = _run(_config(assets, tmp_path, out_dir=str(tmp_path / "a")))
+    real_get = data.Batches.get
 
     def dies_at_step_three(self, step, *args):
         if step == 2:
@@ -148,11 +147,11 @@ def test_a_resumed_run_equals_an_unbroken_one(assets, tmp_path, monkeypatch):
         return real_get(self, step, *args)
 
     cfg = _config(assets, tmp_path, out_dir=str(tmp_path / "b"))
-    monkeypatch.setattr(finetune.data.Batches, "get", dies_at_step_three)
+    monkeypatch.setattr(data.Batches, "get", dies_at_step_three)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(cfg)
-    monkeypatch.setattr(finetune.data.Batches, "get", real_get)
-    resumed = finetune.run(cfg, resume=True)
+        _run(cfg)
+    monkeypatch.setattr(data.Batches, "get", real_get)
+    resumed = _run(cfg, resume=True)
     assert resumed["perplexity_after"] == unbroken["perplexity_after"]
 
     def losses(folder):
@@ -164,28 +163,29 @@ def test_a_resumed_run_equals_an_unbroken_one(assets, tmp_path, monkeypatch):
 
 def test_step_adjusted_training_draws_its_step_counts_per_batch(assets, tmp_path):
     cfg = _config(assets, tmp_path, train_steps=[2, 5], max_steps=6)
-    finetune.run(cfg)
+    _run(cfg)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     drawn = [json.loads(line)["steps"] for line in lines if '"step"' in line]
     assert set(drawn) == {2, 5}
-    assert drawn == [finetune.solver_steps(cfg, step, 3) for step in range(6)]
+    sampler = StepSampler(3, 2, 5, weighting="uniform", full_every=0, choices=(2, 5))
+    assert drawn == [sampler.draw(step)[0] for step in range(6)]  # a function of (seed, step)
 
 
 def test_bad_input_fails_before_training(assets, tmp_path):
     with pytest.raises(ValueError, match="'qproj' matches no weight matrix.*'self_attn.q_proj'"):
-        finetune.run(_config(assets, tmp_path, lora_targets=["qproj"]))
+        _run(_config(assets, tmp_path, lora_targets=["qproj"]))
     with pytest.raises(ValueError, match="r=64 is larger than the 32x32 weight"):
-        finetune.run(_config(assets, tmp_path, lora_r=64, out_dir=str(tmp_path / "r")))
+        _run(_config(assets, tmp_path, lora_r=64, out_dir=str(tmp_path / "r")))
     with pytest.raises(ValueError, match=r"held-out documents \['lear'\] are not in corpus"):
-        finetune.run(_config(assets, tmp_path, heldout=["lear"], out_dir=str(tmp_path / "h")))
+        _run(_config(assets, tmp_path, heldout=["lear"], out_dir=str(tmp_path / "h")))
     with pytest.raises(ValueError, match="train_steps needs form: continuous"):
-        finetune.run(_config(assets, tmp_path, form="discrete", train_steps=[2]))
+        _run(_config(assets, tmp_path, form="discrete", train_steps=[2]))
     with pytest.raises(ValueError, match="form: original trains a model without conversion"):
-        finetune.run(_config(assets, tmp_path, form="original", out_dir=str(tmp_path / "o")))
+        _run(_config(assets, tmp_path, form="original", out_dir=str(tmp_path / "o")))
 
-    finetune.run(_config(assets, tmp_path, max_steps=1, out_dir=str(tmp_path / "first")))
+    _run(_config(assets, tmp_path, max_steps=1, out_dir=str(tmp_path / "first")))
     with pytest.raises(ValueError, match="another base model"):
-        finetune.run(
+        _run(
             _config(
                 assets,
                 tmp_path,
@@ -196,8 +196,28 @@ def test_bad_input_fails_before_training(assets, tmp_path):
             )
         )
     with pytest.raises(FileExistsError, match="already holds a run"):
-        finetune.run(_config(assets, tmp_path, max_steps=1, out_dir=str(tmp_path / "first")))
+        _run(_config(assets, tmp_path, max_steps=1, out_dir=str(tmp_path / "first")))
     with pytest.raises(ValueError, match="another config"):
-        finetune.run(
-            _config(assets, tmp_path, max_steps=2, out_dir=str(tmp_path / "first")), resume=True
-        )
+        _run(_config(assets, tmp_path, max_steps=2, out_dir=str(tmp_path / "first")), resume=True)
+
+
+def test_two_gloo_processes_match_one(assets, tmp_path):
+    """Each rank trains on its half of every batch and scores half of the windows."""
+    settings = _config(assets, tmp_path, max_steps=2, out_dir=str(tmp_path / "one"))
+    one = _run(settings)
+    join(fork(finetune.main, argv({**settings, "out_dir": str(tmp_path / "two")}), world=2))
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for n, value in one["perplexity_after"].items():
+        assert two["perplexity_after"][n] == pytest.approx(value, rel=1e-5)
+    losses = [[r["loss"] for r in records(tmp_path / run) if "loss" in r] for run in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(RECIPES.joinpath("configs").glob("*-smollm2-shakespeare.yaml")),
+    ids=lambda p: p.name,
+)
+def test_shipped_configs_are_valid(path):
+    assert finetune.main(["--config", str(path), "--check"]).out_dir

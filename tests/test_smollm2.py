@@ -7,8 +7,8 @@ import torch
 
 from odeify import get_block, materialize, odeify, steps
 from odeify.assets import load_smollm2
-from odeify.data import corpus, tokenize, windows
 from odeify.evaluate import perplexity
+from odeify.train.data import corpus, tokenize, windows
 
 pytestmark = pytest.mark.slow
 

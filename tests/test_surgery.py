@@ -11,7 +11,6 @@ from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel, Qwen2Co
 from transformers.pytorch_utils import Conv1D
 
 from odeify import adapters, materialize, odeify, save_pretrained
-from odeify.adapt import drop_layers
 from odeify.block import ODEBlock
 from odeify.family import Family, Projection
 from odeify.surgery import (
@@ -23,6 +22,7 @@ from odeify.surgery import (
     layer_shapes,
     stock_model,
 )
+from odeify.train.distill import drop_layers
 
 IDS = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 

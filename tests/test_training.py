@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from odeify import get_block, odeify
-from odeify.training import Checkpoints, Metrics, adamw, load_config, warmup_cosine
+from odeify.train.checkpoints import Checkpoints
+from odeify.train.config import load_config
+from odeify.train.metrics import Metrics
+from odeify.train.optim import adamw, warmup_cosine
 
 
 @dataclasses.dataclass
@@ -107,6 +110,28 @@ def test_metrics_file(tmp_path):
     metrics.log(step=1, loss=2.5)
     metrics.log(step=2, loss=2.0)
     assert [r["loss"] for r in metrics.read()] == [2.5, 2.0]
+
+
+def test_metrics_resume_keeps_the_run_up_to_the_checkpoint_and_survives_a_torn_line(tmp_path):
+    metrics = Metrics(tmp_path / "m.jsonl")
+    metrics.log(event="before", perplexity=3.0)  # no step: belongs to the run from its start
+    for step in (1, 2, 3):
+        metrics.log(step=step, loss=1.0 / step)
+    metrics.log(event="after", perplexity=2.0)
+    with metrics.path.open("a") as f:
+        f.write('{"step": 4, "lo')  # a kill in the middle of a write
+    assert [r.get("step") for r in metrics.read()] == [None, 1, 2, 3, None]
+    metrics.resume(2)
+    assert [(r.get("event"), r.get("step")) for r in metrics.read()] == [
+        ("before", None),
+        (None, 1),
+        (None, 2),
+    ]
+    assert metrics.path.read_text().endswith("}\n")  # whole lines only
+    metrics.resume(0)  # no checkpoint: the run starts over
+    assert metrics.read() == []
+    Metrics(tmp_path / "none.jsonl", active=False).log(step=1)
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_adamw_decays_lora_factors_under_the_basis(make_llama):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .assets import play_text, plays
+from ..assets import play_text, plays
 
 CACHE = Path.home() / ".cache" / "odeify" / "tokens"
 
@@ -145,4 +145,63 @@ def windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) ->
         count = min(count, max_windows)
     return torch.from_numpy(
         np.asarray(tokens[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+    )
+
+
+def split(
+    docs: dict[str, str], heldout: list[str], fraction: float = 0.0, spec: str = "the corpus"
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(train, held-out) documents: the ``heldout`` ones, named as in ``docs`` or (folder
+    corpora) by file name without its suffix; without names, a ``fraction`` of the documents
+    chosen by name hash (the tail of the text when there is one document).
+
+    Example:
+        >>> train, held = split({"a.txt": "x", "b.txt": "y"}, ["b"])
+        >>> list(train), list(held)
+        (['a.txt'], ['b.txt'])
+    """
+    if heldout:
+        by_name = {**{Path(n).with_suffix("").as_posix(): n for n in docs}, **{n: n for n in docs}}
+        missing = sorted(set(heldout) - set(by_name))
+        if missing:
+            listed = ", ".join(sorted(docs)[:12]) + (", ..." if len(docs) > 12 else "")
+            raise ValueError(
+                f"held-out documents {missing} are not in corpus {spec!r} (it has "
+                f"{len(docs)} documents: {listed})"
+            )
+        held = {by_name[n]: docs[by_name[n]] for n in heldout}
+    elif len(docs) > 1:
+        order = sorted(docs, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+        count = min(len(docs) - 1, max(1, round(fraction * len(docs))))
+        held = {name: docs[name] for name in order[:count]}
+    else:
+        ((name, text),) = docs.items()
+        cut = text.rfind("\n", 0, int(len(text) * (1 - fraction)))
+        cut = cut if cut > 0 else int(len(text) * (1 - fraction))
+        return {name: text[:cut]}, {name: text[cut:]}
+    train = {name: text for name, text in docs.items() if name not in held}
+    if not train:
+        raise ValueError("every document is held out; leave some for training")
+    return train, held
+
+
+def char_tokenizer(docs: dict[str, str]):
+    """One token per character of the documents, plus EOS and UNK: a fast tokenizer that saves,
+    loads and decodes like any other.
+
+    Example:
+        >>> tok = char_tokenizer({"a": "to be"})
+        >>> tok("be")["input_ids"], tok.decode(tok("be")["input_ids"])
+        ([3, 4], 'be')
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set().union(*map(set, docs.values())))
+    vocab = {token: i for i, token in enumerate(["<|endoftext|>", "<unk>", *chars])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", unk_token="<unk>"
     )

@@ -1,7 +1,7 @@
 """Depth adaptation: continuous-depth distillation of an odeified model from its frozen original.
 
 A converted pretrained model equals the original at N = L steps, but pretrained layers are not a
-smooth function of depth, so other step counts fail (DESIGN.md section 4). Depth adaptation
+smooth function of depth, so other step counts fail without training. Depth adaptation
 trains the weight functions W(t) so that the model at step counts N drawn from a range matches
 the original model (the teacher, run at N = L):
 
@@ -15,7 +15,7 @@ the rest of the network sees, on the same scale at every depth.
 The central constraint: step i of N runs at t_i = i / N, so a grid with N dividing L lands on the
 layer times. Any W(t) that is exact at N = L (W(l / L) = W_l) is therefore, at N = L / 2, exactly
 the layer-dropped model (layers 0, 2, 4, ... with the output projections doubled). Whatever makes
-N = L / 2 better moves N = L. :class:`StepSampler` keeps N = L in the loss mix (every step by
+N = L / 2 better moves N = L. :class:`odeify.train.sampler.StepSampler` keeps N = L in the loss mix (every step by
 default) as the anchor that holds the adapted model close to the original at full depth.
 
 Example:
@@ -30,110 +30,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .api import get_block, odeify
-from .schemes import layer_bounds, spans
-from .surgery import block_stack, is_odeified, layer_samples, stock_model
+from ..api import get_block, odeify
+from ..schemes import layer_bounds, spans
+from ..surgery import block_stack, is_odeified, layer_samples, stock_model
 
 __all__ = [
-    "CostModel",
     "LossWeights",
-    "StepSampler",
     "Targets",
     "adapt_step",
     "distill_loss",
     "drop_layers",
-    "evaluate_depths",
     "frozen_teacher",
     "matching",
     "recording",
-    "steps_for_budget",
     "teacher_targets",
 ]
-
-WEIGHTINGS = ("inverse", "uniform")
-
-
-# ----------------------------------------------------------------------------------- step counts
-@dataclass(frozen=True)
-class StepSampler:
-    """The solver step counts of each training step, a pure function of (seed, step).
-
-    Every ``full_every``-th step includes N = L (the anchor that keeps the model at full depth
-    close to the original; 0 never does), and every step draws ``draws`` counts from
-    [low, high], or from ``choices`` when it is given (the step counts that matter to a user, so
-    each gets many updates instead of a few from a wide range). ``weighting='inverse'`` draws N
-    with probability proportional to 1 / N: a step at N costs about N, so each N gets about the
-    same compute, and the short grids, far from L and the hardest to reach, get the most
-    updates. ``'uniform'`` draws every N alike.
-
-    Example:
-        >>> sampler = StepSampler(num_layers=30, low=10, high=60, seed=0)
-        >>> sampler.draw(0)[0], 10 <= sampler.draw(0)[1] <= 60
-        (30, True)
-        >>> sampler.draw(7) == sampler.draw(7)
-        True
-        >>> StepSampler(num_layers=30, low=15, high=60, choices=(15, 60)).support()[0]
-        array([15, 60])
-    """
-
-    num_layers: int
-    low: int
-    high: int
-    draws: int = 1
-    weighting: str = "inverse"
-    full_every: int = 1
-    seed: int = 0
-    choices: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "low", "high"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.low > self.high:
-            raise ValueError(f"the step range is empty: low = {self.low} > high = {self.high}")
-        if self.draws < 0 or self.full_every < 0:
-            raise ValueError(
-                f"draws and full_every must be >= 0, got {self.draws} and {self.full_every}"
-            )
-        if self.draws == 0 and self.full_every == 0:
-            raise ValueError("draws = 0 and full_every = 0 train at no step count at all")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        bad = [n for n in self.choices if isinstance(n, bool) or not isinstance(n, int) or n < 1]
-        if bad:
-            raise ValueError(f"choices must be step counts >= 1, got {list(self.choices)!r}")
-        object.__setattr__(self, "choices", tuple(sorted(set(self.choices))))
-
-    def support(self) -> tuple[np.ndarray, np.ndarray]:
-        """The step counts that can be drawn and their probabilities.
-
-        Example:
-            >>> StepSampler(num_layers=4, low=2, high=4).support()[1].round(3)
-            array([0.462, 0.308, 0.231])
-        """
-        values = np.array(self.choices) if self.choices else np.arange(self.low, self.high + 1)
-        weights = 1.0 / values if self.weighting == "inverse" else np.ones(len(values))
-        return values, weights / weights.sum()
-
-    def draw(self, step: int) -> list[int]:
-        """The step counts of training step ``step``: [L] first when it is an anchor step."""
-        counts = [self.num_layers] if self.full_every and step % self.full_every == 0 else []
-        if self.draws:
-            values, probs = self.support()
-            rng = np.random.default_rng([self.seed, 6, step])
-            counts += [int(n) for n in rng.choice(values, size=self.draws, p=probs)]
-        return counts
 
 
 def matching(steps: int, num_layers: int, ends: int = 0) -> list[tuple[int, int]]:
@@ -369,111 +287,3 @@ def drop_layers(model: nn.Module, keep: int) -> nn.Module:
     samples = layer_samples(model, layers=[i * num_layers // keep for i in range(keep)])
     layer = lambda i: {name: s[i] for name, s in samples.items()}
     return stock_model(model, keep, layer, spans(keep, num_layers))
-
-
-# ---------------------------------------------------------------------------------------- cost
-@dataclass(frozen=True)
-class CostModel:
-    """Matrix-multiply FLOPs (2 per multiply-add, attention scores and norms left out): a
-    forward token costs 2 (N P_layer + P_head), a training token ``train_factor`` times that,
-    and the teacher's forward 2 (L P_layer + P_head). The factor is 3 when the weights get
-    gradients (forward, backward to the activations, backward to the weights) and 2 when they
-    are frozen and only low-rank adapters train (LoRA's own matmuls are a rounding error).
-
-    Example:
-        >>> cost = CostModel(layer_params=10, head_params=5, num_layers=4)
-        >>> cost.forward(tokens=1, steps=2), cost.train_step(tokens=1, counts=[4, 2])
-        (50.0, 510.0)
-    """
-
-    layer_params: int
-    head_params: int
-    num_layers: int
-    train_factor: float = 3.0
-
-    @classmethod
-    def of(cls, model: nn.Module, train_factor: float = 3.0) -> CostModel:
-        """From an odeified model: per-layer block parameters and the output embedding."""
-        block = get_block(model)
-        per_layer = sum(block.basis_tensor(n).numel() for n in block.names) // block.ode.num_basis
-        head = model.get_output_embeddings()
-        head_params = head.weight.numel() if head is not None else 0
-        return cls(per_layer, head_params, block.ode.num_layers, train_factor)
-
-    def forward(self, tokens: int, steps: int) -> float:
-        return 2.0 * tokens * (steps * self.layer_params + self.head_params)
-
-    def train_step(self, tokens: int, counts: Sequence[int]) -> float:
-        teacher = self.forward(tokens, self.num_layers)
-        return teacher + sum(self.train_factor * self.forward(tokens, n) for n in counts)
-
-
-def steps_for_budget(
-    budget: float, tokens: int, cost: CostModel, draw, limit: int = 10**7
-) -> tuple[int, float]:
-    """The number of training steps whose summed cost stays within ``budget`` FLOPs (at least
-    one), and that cost; ``draw(step)`` gives each step's counts (a sampler's ``draw``).
-
-    Example:
-        >>> cost = CostModel(layer_params=10, head_params=0, num_layers=2)
-        >>> steps_for_budget(500.0, tokens=1, cost=cost, draw=lambda s: [2])
-        (3, 480.0)
-    """
-    if not budget > 0:
-        raise ValueError(f"the FLOP budget must be > 0, got {budget}")
-    total, step = cost.train_step(tokens, draw(0)), 1
-    while step < limit:
-        more = cost.train_step(tokens, draw(step))
-        if total + more > budget:
-            break
-        total += more
-        step += 1
-    return step, total
-
-
-# ------------------------------------------------------------------------------------ evaluate
-@torch.no_grad()
-def evaluate_depths(
-    student: nn.Module,
-    teacher: nn.Module,
-    windows: Tensor,
-    counts: Sequence[int],
-    batch_size: int = 4,
-    progress: bool = True,
-) -> dict:
-    """Perplexity of the student at each step count, its KL from the teacher (nats per token),
-    and the teacher's own perplexity, in one pass over the windows (the teacher runs once per
-    batch). Returns ``{"original": ppl, "steps": {N: {"perplexity", "kl"}}}``.
-
-    Example:
-        >>> evaluate_depths(student, teacher, windows, [15, 30])["steps"][30]   # doctest: +SKIP
-        {'perplexity': 28.4, 'kl': 0.003}
-    """
-    training = student.training
-    student.eval()
-    nll = dict.fromkeys(counts, 0.0)
-    kl = dict.fromkeys(counts, 0.0)
-    teacher_nll, tokens = 0.0, 0
-    num_layers = get_block(teacher).ode.num_layers
-    for start in tqdm(
-        range(0, len(windows), batch_size), desc="evaluate", disable=not progress, leave=False
-    ):
-        batch = windows[start : start + batch_size]
-        targets = batch[:, 1:].reshape(-1)
-        log_p = teacher(batch, use_cache=False, ode_steps=num_layers).logits[:, :-1]
-        log_p = log_p.float().log_softmax(-1).flatten(0, 1)
-        teacher_nll += F.nll_loss(log_p, targets, reduction="sum").item()
-        for n in counts:
-            log_q = student(batch, use_cache=False, ode_steps=n).logits[:, :-1]
-            log_q = log_q.float().log_softmax(-1).flatten(0, 1)
-            nll[n] += F.nll_loss(log_q, targets, reduction="sum").item()
-            kl[n] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
-        tokens += targets.numel()
-    student.train(training)
-    return {
-        "original": math.exp(teacher_nll / tokens),
-        "tokens": tokens,
-        "steps": {
-            n: {"perplexity": math.exp(nll[n] / tokens), "kl": kl[n] / tokens} for n in counts
-        },
-    }
