@@ -238,6 +238,8 @@ def time_linear(run: Run) -> dict:
         }
     rows, targets = [], []
     for (pass_, d, k, bsz, t), impls in sorted(shapes.items()):
+        if not {"shared_gemm", "reference", "kgemm"} <= impls.keys():
+            continue  # an entry failed; the log says which
         shared = impls["shared_gemm"]["median_s"]
         best_name = min(("reference", "kgemm"), key=lambda n: impls[n]["median_s"])
         best = impls[best_name]["median_s"]
@@ -484,6 +486,19 @@ def markdown(report: dict) -> str:
     if v.get("needs_newer"):
         lines += ["", "Not run here, needing newer packages:", ""]
         lines += [f"- {line}" for line in v["needs_newer"]]
+    shapes = report["parts"].get("time_linear", {}).get("shapes", [])
+    if shapes:
+        lines += [
+            "",
+            "| time_linear | fused ms | best PyTorch ms | shared GEMM ms | fused TFLOP/s | fused GB/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in shapes:
+            lines.append(
+                f"| {r['pass']} d={r['d']} K={r['K']} BxT={r['BxT']} | {_fmt(r['fused_ms'])} | "
+                f"{_fmt(r['best_torch_ms'])} ({r['best_torch']}) | {_fmt(r['shared_gemm_ms'])} | "
+                f"{_fmt(r['fused_tflops'], 1)} | {_fmt(r['fused_gbps'], 0)} |"
+            )
     runs = report["parts"].get("pretrain", {}).get("runs", {})
     if runs:
         lines += ["", "| pretraining | tokens/s | MFU | peak MiB |", "|---|---|---|---|"]
