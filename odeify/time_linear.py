@@ -79,8 +79,8 @@ def time_linear(
         backend: "triton" (Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1
             was set before odeify's kernels were imported), "reference" (PyTorch: materialise
             the per-sample weights, then bmm), or "auto": Triton for fp32/fp16/bf16 CUDA tensors
-            where triton is installed, the reference otherwise. None takes the backend set by :func:`time_linear_backend`,
-            "auto" outside one.
+            where triton is installed, the reference otherwise. None takes the backend set by
+            :func:`time_linear_backend`, "auto" outside one.
 
     All tensors must be contiguous, on one device and of one floating dtype (fp32, fp16, bf16;
     fp64 on the reference only). The Triton kernels combine the weights and accumulate the
