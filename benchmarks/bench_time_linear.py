@@ -23,7 +23,13 @@ grad_basis; K = 1 for ``shared_gemm``) over the mean time, against the copy ceil
 On CUDA the shapes are the issue's (d in {768, 2048}, K in {4, 16, 32}, B x T in {8 x 1,
 8 x 512, 64 x 128}, bf16). Without CUDA the PyTorch entries run a reduced set in fp32 so the file
 is exercised; their group names say "cpu", and they are CPU timings, not GPU estimates.
+``ODEIFY_BENCH_QUICK=1`` keeps only d = 64, K = 2 and B x T in {2 x 1, 2 x 16} (``make test``'s
+smoke run, and ``benchmarks/gpu.sh --dry-run``, where ``fused`` runs once in Triton's
+interpreter under TRITON_INTERPRET=1: a check that the entry works, not a timing).
 """
+
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -31,10 +37,13 @@ import torch.nn.functional as F
 
 from odeify.time_linear import time_linear
 
+QUICK = os.environ.get("ODEIFY_BENCH_QUICK") == "1"
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-if CUDA:
+if QUICK:
+    DIMS, KS, BATCHES = (64,), (2,), ((2, 1), (2, 16))
+elif CUDA:
     DIMS, KS, BATCHES = (768, 2048), (4, 16, 32), ((8, 1), (8, 512), (64, 128))
 else:
     DIMS, KS, BATCHES = (768,), (4,), ((8, 1), (8, 64))
@@ -93,12 +102,14 @@ def _case(impl: str, d: int, k: int, b: int, t: int, backward: bool):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_time_linear(benchmark, impl, pass_, d, k, b, t):
     if impl == "fused":
-        if not CUDA:
-            pytest.skip("the fused Triton kernel needs CUDA; its interpreter timings are not speed")
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("the fused kernel needs triton (not installed)")
         from odeify._triton_time_linear import INTERPRETED
 
-        if INTERPRETED:
+        if INTERPRETED and not QUICK:
             pytest.skip("TRITON_INTERPRET=1 runs the kernel on the CPU; unset it to time it")
+        if not CUDA and not INTERPRETED:
+            pytest.skip("the fused Triton kernel needs CUDA (or TRITON_INTERPRET=1, quick mode)")
     torch.manual_seed(0)
     fn, n_bytes = _case(impl, d, k, b, t, backward=pass_ == "fwd+bwd")
     flops = 2 * b * t * d * d * (3 if pass_ == "fwd+bwd" else 1)
@@ -107,10 +118,11 @@ def test_time_linear(benchmark, impl, pass_, d, k, b, t):
     fn()  # compile / autotune / allocate outside the timed rounds
     _sync()
     benchmark(lambda: (fn(), _sync()))
-    mean = benchmark.stats.stats.mean
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
-    benchmark.extra_info["tflops"] = flops / mean / 1e12
-    benchmark.extra_info["gbps"] = n_bytes / mean / 1e9
+    if benchmark.enabled:
+        mean = benchmark.stats.stats.mean
+        benchmark.extra_info["tflops"] = flops / mean / 1e12
+        benchmark.extra_info["gbps"] = n_bytes / mean / 1e9
 
 
 @pytest.mark.parametrize("kind", ["copy", "dense_gemm"])
@@ -118,20 +130,22 @@ def test_ceiling(benchmark, kind):
     """The device's achievable bandwidth and dense-GEMM rate, measured beside the others."""
     benchmark.group = f"ceiling {DEVICE} {str(DTYPE)[6:]}"
     if kind == "copy":
-        n = (1 << 29) if CUDA else (1 << 25)
+        n = 1 << 16 if QUICK else (1 << 29) if CUDA else (1 << 25)
         src = torch.randn(n, device=DEVICE, dtype=DTYPE)
         dst = torch.empty_like(src)
         fn = lambda: dst.copy_(src)
         # Read and written once each.
         n_bytes, flops = 2 * n * src.element_size(), None
     else:
-        n = 8192 if CUDA else 1024
+        n = 64 if QUICK else 8192 if CUDA else 1024
         a, w = (torch.randn(n, n, device=DEVICE, dtype=DTYPE) for _ in range(2))
         fn = lambda: a @ w
         n_bytes, flops = None, 2 * n**3
     fn()  # cuBLAS initialisation outside the timed rounds
     _sync()
     benchmark(lambda: (fn(), _sync()))
+    if not benchmark.enabled:
+        return
     mean = benchmark.stats.stats.mean
     if n_bytes is not None:
         benchmark.extra_info["gbps"] = n_bytes / mean / 1e9

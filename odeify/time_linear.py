@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,6 +33,8 @@ Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPES = (*_TRITON_DTYPES, torch.float64)
+# triton is a dependency only where it has wheels (Linux x86_64); elsewhere "auto" never picks it.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 _default_backend: ContextVar[str] = ContextVar("odeify_time_linear_backend", default="auto")
 
@@ -75,9 +78,9 @@ def time_linear(
         bias_basis: [K, d_out] bias basis, or None for no bias.
         backend: "triton" (Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1
             was set before odeify's kernels were imported), "reference" (PyTorch: materialise
-            the per-sample weights, then bmm), or "auto": Triton for fp32/fp16/bf16 CUDA tensors,
-            the reference otherwise. None takes the backend set by :func:`time_linear_backend`,
-            "auto" outside one.
+            the per-sample weights, then bmm), or "auto": Triton for fp32/fp16/bf16 CUDA tensors
+            where triton is installed, the reference otherwise. None takes the backend set by
+            :func:`time_linear_backend`, "auto" outside one.
 
     All tensors must be contiguous, on one device and of one floating dtype (fp32, fp16, bf16;
     fp64 on the reference only). The Triton kernels combine the weights and accumulate the
@@ -103,9 +106,15 @@ def time_linear(
         backend = _default_backend.get()
     _check_backend(backend)
     if backend == "auto":
-        backend = "triton" if x.is_cuda and x.dtype in _TRITON_DTYPES else "reference"
+        cuda = x.is_cuda and x.dtype in _TRITON_DTYPES
+        backend = "triton" if cuda and _TRITON_INSTALLED else "reference"
     if backend == "reference":
         return _reference(x, coeffs, basis, bias_basis)
+    if not _TRITON_INSTALLED:
+        raise RuntimeError(
+            "time_linear: the Triton backend needs the triton package, which is not installed "
+            '(it ships wheels for Linux x86_64); use backend="reference" (or "auto")'
+        )
 
     from . import _triton_time_linear
 
