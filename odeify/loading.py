@@ -41,7 +41,7 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
             model = clean
         tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         ode = False
-    elif path.is_dir():
+    elif path.is_dir() and (path / "config.json").exists():
         ode = is_odeified_folder(path)
         if ode:
             model = from_pretrained(path).to(torch_dtype)
@@ -50,7 +50,8 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
         tok = _tokenizer_in(path)
     else:
         raise FileNotFoundError(
-            f"{source!r} is not a bundled model ({', '.join(BUNDLED)}), a .gguf file, or a model folder"
+            f"{source!r} is not a bundled model, a .gguf file or a model folder (it is neither "
+            f"{' nor '.join(repr(name) for name in BUNDLED)} nor a folder with a config.json)"
         )
     if tokenizer is not None:
         tok = (
@@ -59,6 +60,25 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
             else transformers.AutoTokenizer.from_pretrained(tokenizer)
         )
     return model.eval(), tok, ode
+
+
+def load_with_tokenizer(source: str, tokenizer: str | None = None):
+    """(model, tokenizer, is_odeified) as :func:`load_model` gives them, refusing a model that
+    comes without a tokenizer (and no ``tokenizer`` given) or whose tokenizer does not fit its
+    vocabulary: what a training recipe needs before any work.
+
+    Example:
+        >>> model, tok, ode = load_with_tokenizer("smollm2")   # a 20 s load  # doctest: +SKIP
+    """
+    model, tok, ode = load_model(source, tokenizer=tokenizer)
+    if tok is None:
+        raise ValueError(f"{source} has no tokenizer; set tokenizer: gpt2 or a folder")
+    if len(tok) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tok)} tokens but the model's vocabulary only "
+            f"{model.config.vocab_size}: they do not belong together"
+        )
+    return model, tok, ode
 
 
 def _tokenizer_in(path: Path):

@@ -74,8 +74,8 @@ from tqdm.auto import tqdm
 
 import odeify as ode_lib
 from odeify.bases import BASES
+from odeify.loading import load_with_tokenizer
 from odeify.lora import lora_config
-from odeify.surgery import is_odeified_folder
 from odeify.train import data
 from odeify.train.checkpoints import Checkpoints, claim
 from odeify.train.config import config_stamp, launch, recipe_parser
@@ -268,42 +268,14 @@ def validate(cfg: Config, world: int = 1) -> None:
 # ------------------------------------------------------------------------------------- model
 def load_original(cfg: Config) -> tuple[nn.Module, Any]:
     """The original (stock) model named by ``cfg.model`` and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = None
-    if cfg.model == "smollm2":
-        from odeify.assets import load_smollm2
-
-        model, tokenizer = load_smollm2()
-    else:
-        folder = Path(cfg.model)
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(
-                f"model {cfg.model!r} is neither 'smollm2' nor a folder with a config.json"
-            )
-        if is_odeified_folder(folder):
-            raise ValueError(
-                f"{folder} holds an odeified model; depth adaptation distils from the original, "
-                "so give the stock model it was converted from (or odeify.materialize(model, L) "
-                "saved with save_pretrained)"
-            )
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        if (folder / "tokenizer_config.json").exists():
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-    if cfg.tokenizer == "gpt2":
-        from odeify.assets import gpt2_tokenizer
-
-        tokenizer = gpt2_tokenizer()
-    elif cfg.tokenizer is not None:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.model} has no tokenizer; set tokenizer: gpt2 or a folder")
-    if len(tokenizer) > model.config.vocab_size:
+    model, tokenizer, ode = load_with_tokenizer(cfg.model, cfg.tokenizer)
+    if ode:
         raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
-            f"{model.config.vocab_size}: they do not belong together"
+            f"{cfg.model} holds an odeified model; depth adaptation distils from the original, "
+            "so give the stock model it was converted from (or odeify.materialize(model, L) "
+            "saved with save_pretrained)"
         )
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def build(cfg: Config, original: nn.Module) -> tuple[nn.Module, nn.Module, StepSampler]:
