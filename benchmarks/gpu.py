@@ -350,7 +350,9 @@ def _random_corpus(folder: Path, chars: int) -> Path:
     return folder
 
 
-def pretrain(run: Run) -> dict:
+def _pretrain_shapes(run: Run) -> tuple[dict, dict, int, float]:
+    """(model keys, training keys, corpus characters, seconds per run): GPT-small width on a GPU,
+    tiny in a dry run."""
     if run.dry_run:
         model = dict(
             d_model=32,
@@ -370,20 +372,60 @@ def pretrain(run: Run) -> dict:
             final_windows=2,
             eval_batch_size=2,
         )
-        chars, limit = 20_000, 60
-    else:
-        model = dict(d_model=768, n_layer=12, n_head=12, context=1024)
-        train = dict(
-            seq_len=1024,
-            batch_size=16,
-            max_steps=200,
-            warmup_steps=20,
-            lr=6e-4,
-            eval_windows=8,
-            final_windows=8,
-            eval_batch_size=8,
-        )
-        chars, limit = 1_000_000, 150
+        return model, train, 20_000, 60
+    model = dict(d_model=768, n_layer=12, n_head=12, context=1024)
+    train = dict(
+        seq_len=1024,
+        batch_size=16,
+        max_steps=200,
+        warmup_steps=20,
+        lr=6e-4,
+        eval_windows=8,
+        final_windows=8,
+        eval_batch_size=8,
+    )
+    return model, train, 1_000_000, 150
+
+
+def _pretrain_runs(run: Run, base: dict, limit: float, record: dict) -> dict[str, dict]:
+    """The recipe's summary.json of the DiffEqFormer and the GPT-2 baseline run (those that ran)."""
+    summaries = {}
+    for label, ode in (("diffeqformer", True), ("baseline", False)):
+        out_dir = run.out / f"pretrain-{label}"
+        sets = {**base, "ode": ode, "out_dir": str(out_dir)}
+        args = [sys.executable, "recipes/pretrain.py"]
+        for key, value in sets.items():
+            args += ["--set", f"{key}={json.dumps(value)}"]
+        result = run.call(f"pretrain-{label}", args, limit)
+        summary_path = out_dir / "summary.json"
+        if result.returncode != 0 or not summary_path.exists():
+            record.update(status="failed", reason=f"{label} run exit {result.returncode}")
+            continue
+        summaries[label] = json.loads(summary_path.read_text())
+    return summaries
+
+
+def _pretrain_entry(run: Run, label: str, s: dict, model: dict, train: dict) -> dict:
+    counts = s["parameters"]["baseline"]
+    d, L, T = model["d_model"], model["n_layer"], train["seq_len"]
+    head = counts["total"] - counts["non_embedding"] - model["context"] * d  # tied V x d
+    # The baseline's training FLOPs per token (6 N + attention), charged to both models:
+    # the DiffEqFormer's weight generation is overhead, not model FLOPs.
+    flops_per_token = 6 * (counts["non_embedding"] + head) + 12 * L * d * T
+    rate = s["tokens_per_s"]
+    device = run.parts["versions"].get("device", "")
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+    return {
+        "tokens_per_s": rate,
+        "mfu": rate * flops_per_token / peak if rate and peak else None,
+        "peak_memory_mib": s["peak_memory_mib"],
+        "parameters": s["parameters"]["diffeqformer" if label == "diffeqformer" else "baseline"],
+        "final_perplexity": s["final"]["perplexity"],
+    }
+
+
+def pretrain(run: Run) -> dict:
+    model, train, chars, limit = _pretrain_shapes(run)
     corpus = _random_corpus(run.out / "corpus", chars)
     base = {
         **model,
@@ -400,40 +442,10 @@ def pretrain(run: Run) -> dict:
         "log_every": 10,
         "token_cache": str(run.out / "tokens"),
     }
-    summaries, record = {}, {"status": "ok", "runs": {}}
-    for label, ode in (("diffeqformer", True), ("baseline", False)):
-        out_dir = run.out / f"pretrain-{label}"
-        sets = {**base, "ode": ode, "out_dir": str(out_dir)}
-        args = [sys.executable, "recipes/pretrain.py"]
-        for key, value in sets.items():
-            args += ["--set", f"{key}={json.dumps(value)}"]
-        result = run.call(f"pretrain-{label}", args, limit)
-        summary_path = out_dir / "summary.json"
-        if result.returncode != 0 or not summary_path.exists():
-            record.update(status="failed", reason=f"{label} run exit {result.returncode}")
-            continue
-        summaries[label] = json.loads(summary_path.read_text())
+    record = {"status": "ok", "runs": {}}
+    summaries = _pretrain_runs(run, base, limit, record)
     for label, s in summaries.items():
-        counts = s["parameters"]["baseline"]
-        d, L, T = model["d_model"], model["n_layer"], train["seq_len"]
-        head = counts["total"] - counts["non_embedding"] - model["context"] * d  # tied V x d
-        # The baseline's training FLOPs per token (6 N + attention), charged to both models:
-        # the DiffEqFormer's weight generation is overhead, not model FLOPs.
-        flops_per_token = 6 * (counts["non_embedding"] + head) + 12 * L * d * T
-        rate = s["tokens_per_s"]
-        peak = next(
-            (v for k, v in PEAK_BF16_FLOPS.items() if k in run.parts["versions"].get("device", "")),
-            None,
-        )
-        record["runs"][label] = {
-            "tokens_per_s": rate,
-            "mfu": rate * flops_per_token / peak if rate and peak else None,
-            "peak_memory_mib": s["peak_memory_mib"],
-            "parameters": s["parameters"][
-                "diffeqformer" if label == "diffeqformer" else "baseline"
-            ],
-            "final_perplexity": s["final"]["perplexity"],
-        }
+        record["runs"][label] = _pretrain_entry(run, label, s, model, train)
     if len(summaries) == 2:
         rates = [record["runs"][k]["tokens_per_s"] for k in ("diffeqformer", "baseline")]
         ratio = rates[0] / rates[1] if all(rates) else None

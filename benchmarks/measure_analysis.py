@@ -76,6 +76,60 @@ def _norm_folded(model) -> dict[str, torch.Tensor]:
     return {kind: torch.linalg.eigvals(product) for kind, product in products.items()}
 
 
+def _lyapunov_entry(model, tokenizer, ids, count: int, out: Path, check_refine: int) -> dict:
+    """Time, memory and exponents of ``lyapunov`` on the first ``count`` tokens; at 64 tokens also
+    the heat map and the error against a more refined run."""
+    from odeify.analysis import lyapunov
+    from odeify.analysis.report import plot_tokens
+
+    lam, seconds, peak = measure(lambda: lyapunov(model, ids[:count]))
+    entry = {
+        "tokens": count,
+        "steps": lam.steps,
+        "scheme": lam.scheme,
+        "k": lam.exponents.shape[1],
+        "refine": lam.refine,
+        "seconds": round(seconds, 1),
+        "peak_rss_growth_mib": round(peak),
+        "largest_mean": float(lam.largest.mean()),
+        "largest_max": float(lam.largest.max()),
+        "largest_min": float(lam.largest.min()),
+        "residual_max": float(lam.residual.max()),
+    }
+    if count == 64:
+        tokens = [tokenizer.decode([i]) for i in ids[:count].tolist()]
+        plot_tokens(lam, tokens, out / "smollm2_tokens64.png", "SmolLM2-135M, 64 tokens of Hamlet")
+        reference = lyapunov(model, ids[:count], refine=check_refine, progress=False)
+        entry[f"largest_error_vs_refine_{check_refine}"] = float(
+            (lam.largest - reference.largest).abs().max()
+        )
+        entry[f"top_k_error_vs_refine_{check_refine}"] = float(
+            (lam.exponents - reference.exponents).abs().max()
+        )
+        plain = lyapunov(model, ids[:count], refine=0, progress=False)
+        entry["largest_mean_refine_0"] = float(plain.largest.mean())
+    return entry
+
+
+def _spectra_trends(layers, folded: dict) -> dict:
+    """Trends over depth of the original layers' QK/OV spectra, raw and with the norm gain folded."""
+    results = {}
+    for kind in ("qk", "ov"):
+        curves = layers.summary(kind)
+        results[kind] = {name: trend(layers.times, curves[name]) for name in ("radius", "mean_abs")}
+        results[kind]["positive_real_fraction"] = trend(
+            layers.times, curves["positive_real_fraction"]
+        )
+        results[kind]["per_layer_mean_abs"] = [round(v, 4) for v in curves["mean_abs"].tolist()]
+        results[kind]["per_layer_radius"] = [round(v, 4) for v in curves["radius"].tolist()]
+    for kind, lam in folded.items():
+        results[f"{kind}_rmsnorm_gain_folded"] = {
+            "mean_abs": trend(layers.times, lam.abs().flatten(1).mean(-1)),
+            "radius": trend(layers.times, lam.abs().flatten(1).amax(-1)),
+        }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/figures")
@@ -91,70 +145,23 @@ def main() -> None:
 
     from odeify import odeify
     from odeify.analysis import lyapunov, spectra
-    from odeify.analysis.report import plot_spectra, plot_tokens
+    from odeify.analysis.report import plot_spectra
     from odeify.assets import load_smollm2, play_text
 
     model, tokenizer = load_smollm2()
-    results: dict = {"threads": torch.get_num_threads(), "spectra": {}}
+    results: dict = {"threads": torch.get_num_threads(), "lyapunov": {}}
     layers = spectra(model)
     folded = _norm_folded(model)
     odeify(model, progress=False)
     ids = tokenizer(play_text("hamlet")[2000:40000], return_tensors="pt").input_ids[0]
     lyapunov(model, ids[:8], k=1, refine=0, progress=False)  # warm-up (first-call overheads)
-    results["lyapunov"] = {}
     for count in (64, 256):
-        lam, seconds, peak = measure(lambda n=count: lyapunov(model, ids[:n]))
-        entry = {
-            "tokens": count,
-            "steps": lam.steps,
-            "scheme": lam.scheme,
-            "k": lam.exponents.shape[1],
-            "refine": lam.refine,
-            "seconds": round(seconds, 1),
-            "peak_rss_growth_mib": round(peak),
-            "largest_mean": float(lam.largest.mean()),
-            "largest_max": float(lam.largest.max()),
-            "largest_min": float(lam.largest.min()),
-            "residual_max": float(lam.residual.max()),
-        }
-        if count == 64:
-            tokens = [tokenizer.decode([i]) for i in ids[:count].tolist()]
-            plot_tokens(
-                lam, tokens, out / "smollm2_tokens64.png", "SmolLM2-135M, 64 tokens of Hamlet"
-            )
-            reference = lyapunov(model, ids[:count], refine=args.check_refine, progress=False)
-            entry[f"largest_error_vs_refine_{args.check_refine}"] = float(
-                (lam.largest - reference.largest).abs().max()
-            )
-            entry[f"top_k_error_vs_refine_{args.check_refine}"] = float(
-                (lam.exponents - reference.exponents).abs().max()
-            )
-            plain = lyapunov(model, ids[:count], refine=0, progress=False)
-            entry["largest_mean_refine_0"] = float(plain.largest.mean())
+        entry = _lyapunov_entry(model, tokenizer, ids, count, out, args.check_refine)
         results["lyapunov"][count] = entry
         print(json.dumps(entry))
     s = spectra(model, times=64)
     plot_spectra(s, out / "smollm2_spectra.png", "SmolLM2-135M converted (hat basis)", layers)
-    for kind in ("qk", "ov"):
-        curves = layers.summary(kind)
-        results["spectra"][kind] = {
-            name: trend(layers.times, curves[name]) for name in ("radius", "mean_abs")
-        }
-        results["spectra"][kind]["positive_real_fraction"] = trend(
-            layers.times, curves["positive_real_fraction"]
-        )
-        results["spectra"][kind]["per_layer_mean_abs"] = [
-            round(v, 4) for v in curves["mean_abs"].tolist()
-        ]
-        results["spectra"][kind]["per_layer_radius"] = [
-            round(v, 4) for v in curves["radius"].tolist()
-        ]
-
-    for kind, lam in folded.items():
-        results["spectra"][f"{kind}_rmsnorm_gain_folded"] = {
-            "mean_abs": trend(layers.times, lam.abs().flatten(1).mean(-1)),
-            "radius": trend(layers.times, lam.abs().flatten(1).amax(-1)),
-        }
+    results["spectra"] = _spectra_trends(layers, folded)
     (out / "smollm2_analysis.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results["spectra"], indent=1))
 
