@@ -18,9 +18,10 @@ eigenvalues of the D_k together, so the per-token blocks carry the whole spectru
 linearised flow, one token at a time.
 
 This differs from the variant of the Neural ODE Transformers paper (ICLR 2025), which
-multiplies the blocks J_k = d f_j / d x_k of the last position j for each source token k. For k = j that is D_j here;
-for k < j the product of single-step off-diagonal blocks is not the chain rule of the flow (the
-flow's (j, k) block is a sum over paths through intermediate positions), so we do not compute it.
+multiplies the blocks J_k = d f_j / d x_k of the last position j for each source token k. For
+k = j that is D_j here; for k < j the product of single-step off-diagonal blocks is not the chain
+rule of the flow (the flow's (j, k) block is a sum over paths through intermediate positions), so
+we do not compute it.
 
 How. A single Jacobian-vector product of the step map over the whole sequence mixes positions
 ((J V)_j = sum_k J_jk v_k). During the analysis the attention of the model is swapped for a
