@@ -76,6 +76,11 @@ def _mlp(x: Tensor, w: Weights, step: Stage) -> Tensor:
     return F.dropout(h, p=config.resid_pdrop, training=step.module.training)
 
 
+def _attention_attrs(config) -> dict:
+    # A named function, not a lambda: a model holding the family must pickle (torch.save).
+    return {"is_causal": True, "num_key_value_groups": 1}
+
+
 FAMILY = Family(
     name="gpt2",
     model_types=("gpt2",),
@@ -111,5 +116,5 @@ FAMILY = Family(
     attention=_attention,
     mlp=_mlp,
     check_config=_check_config,
-    attention_attrs=lambda config: {"is_causal": True, "num_key_value_groups": 1},
+    attention_attrs=_attention_attrs,
 )

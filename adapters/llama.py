@@ -84,6 +84,14 @@ def _mlp(x: Tensor, w: Weights, step: Stage) -> Tensor:
     return w.linear("mlp.down_proj", act(w.linear("mlp.gate_proj", h)) * w.linear("mlp.up_proj", h))
 
 
+def _attention_attrs(config) -> dict:
+    # A named function, not a lambda: a model holding the family must pickle (torch.save).
+    return {
+        "is_causal": True,
+        "num_key_value_groups": config.num_attention_heads // config.num_key_value_heads,
+    }
+
+
 FAMILY = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
@@ -130,8 +138,5 @@ FAMILY = Family(
     attention=_attention,
     mlp=_mlp,
     check_config=_check_config,
-    attention_attrs=lambda config: {
-        "is_causal": True,
-        "num_key_value_groups": config.num_attention_heads // config.num_key_value_heads,
-    },
+    attention_attrs=_attention_attrs,
 )

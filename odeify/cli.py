@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
+
 
 def _steps_list(text: str) -> list[int]:
     try:
@@ -364,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="odeify", description="Continuous-depth (neural-ODE) transformers."
     )
+    parser.add_argument("--version", action="version", version=f"odeify {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_convert, _add_eval, _add_generate, _add_demo, _add_analyze):
         add(sub)

@@ -111,3 +111,12 @@ def test_bad_step_lists_are_usage_errors(converted, steps):
 def test_unknown_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a bundled model"):
         main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")])
+
+
+def test_version(capsys):
+    import odeify
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"odeify {odeify.__version__}"
