@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .bases import make_basis
-from .weights import Weights
+from .weights import Weights, vectors_in_own_dtype
 
 # One low-rank update of a basis tensor [K, out, in]: (B [K, out, r], A [K, r, in], s), i.e.
 # dB_k = s B_k A_k, as peft's ``ParamWrapper.get_delta_factors`` returns it.
@@ -153,7 +153,9 @@ class WeightFunction(nn.Module):
         for name in self.names if names is None else names:
             basis = lookup(name)
             c = coeffs[self.group[name]].to(basis.dtype)
-            out[name] = (c @ basis.reshape(basis.shape[0], -1)).view(c.shape[0], *basis.shape[1:])
+            with vectors_in_own_dtype(basis):
+                value = c @ basis.reshape(basis.shape[0], -1)
+            out[name] = value.view(c.shape[0], *basis.shape[1:])
         return out
 
     # ---------------------------------------------------------------------------- low-rank slot

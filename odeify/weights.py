@@ -7,6 +7,8 @@ sample its own time. Adapter code is written once against that interface.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,6 +72,15 @@ class Weights:
         return self.tensors[prefix + ".weight"] * h.to(dtype)
 
 
+def vectors_in_own_dtype(basis: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off while a vector parameter (a norm's scale or shift, a bias: basis [K, d]) is
+    combined: under CPU autocast it would come out in bf16, and CPU layer_norm refuses a bf16
+    weight with an fp32 input; a norm gains nothing from bf16. Matrices keep autocast."""
+    if basis.dim() == 2 and torch.is_autocast_enabled(basis.device.type):
+        return torch.autocast(basis.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class PerSampleWeights:
     """W_b(t_b) for every sample b of a batch, each at its own time, never materialised as a
     whole: linear layers run through :func:`odeify.time_linear.time_linear`, which combines the
@@ -93,7 +104,8 @@ class PerSampleWeights:
     def _vector(self, name: str, x: Tensor) -> Tensor:
         """The per-sample parameter, shaped to broadcast against x: [B, 1, ..., d]."""
         basis = self.basis(name)
-        value = self._coeffs(name, basis) @ basis
+        with vectors_in_own_dtype(basis):
+            value = self._coeffs(name, basis) @ basis
         return value.view(value.shape[0], *[1] * (x.dim() - 2), value.shape[-1])
 
     def linear(self, prefix: str, x: Tensor) -> Tensor:
@@ -101,7 +113,13 @@ class PerSampleWeights:
 
         weight = self.basis(prefix + ".weight")
         bias = self.basis(prefix + ".bias") if prefix + ".bias" in self.group else None
-        return time_linear(x.contiguous(), self._coeffs(prefix + ".weight", weight), weight, bias)
+        coeffs = self._coeffs(prefix + ".weight", weight)
+        if torch.is_autocast_enabled(x.device.type):
+            # time_linear is not on autocast's lists: cast as autocast casts F.linear's inputs.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, coeffs, weight = x.to(dtype), coeffs.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return time_linear(x.contiguous(), coeffs, weight, bias)
 
     def layer_norm(self, prefix: str, x: Tensor, eps: float) -> Tensor:
         h = F.layer_norm(x, x.shape[-1:], None, None, eps) * self._vector(prefix + ".weight", x)
