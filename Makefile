@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench lint setup
+# A second transformers release for CI: the newest tested one, installed over the development venv.
+NEXT_VENV := .venv-transformers-next
+TRANSFORMERS_NEXT := 5.24.0
+
+.PHONY: demo test test-next bench lint setup
 
 setup: $(STAMP)
 
@@ -24,12 +28,28 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/odeify demo --out out/demo
 
+# The development venv's packages with transformers $(TRANSFORMERS_NEXT) in front of them.
+$(NEXT_VENV)/.installed: $(STAMP)
+	python3 -m venv $(NEXT_VENV)
+	$(NEXT_VENV)/bin/python -m pip install -q --no-deps transformers==$(TRANSFORMERS_NEXT)
+	base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	next=$$($(NEXT_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "$$base" > "$$next/zz-development-venv.pth"
+	$(NEXT_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+# Generation and conversion (the paths that follow transformers' layer call) on the second release.
+test-next: $(NEXT_VENV)/.installed
+	$(NEXT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
+		tests/test_generate.py tests/test_convert.py tests/test_versions.py
+
 # After the tests, every benchmark once on its smallest shapes (untimed) and the GPU script's CPU
 # dry run, so neither can rot unseen: about 40 s.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 	ODEIFY_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks -p no:cacheprovider --benchmark-disable
 	PYTHON=$(PY) bash benchmarks/gpu.sh --dry-run out/gpu-dry-run
+	$(MAKE) test-next
 
 # Every benchmark suite (benchmarks/bench_*.py), ending with the ratio table of benchmarks/conftest.py.
 bench: $(STAMP)

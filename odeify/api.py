@@ -24,6 +24,7 @@ from .surgery import (
     replace_stack,
     stock_model,
 )
+from .versions import check_transformers
 from .weight_function import WeightFunction
 
 _INITS = ("fit", "random", "none")
@@ -90,6 +91,7 @@ def odeify(
         >>> get_block(odeify(fresh, basis="fourier", init="random")).ode.scheme
         'euler'
     """
+    check_transformers()
     family = family_for(model)
     if is_odeified(model):
         raise ValueError("this model is already odeified; use odeify.steps(...) to retarget it")

@@ -154,7 +154,8 @@ class ODEBlock(WeightFunction):
                 "odeified models have no cross-attention; do not pass encoder_hidden_states"
             )
         solver, steps = self.solver(bound.pop("ode_scheme", None), bound.pop("ode_steps", None))
-        cache = bound.pop("past_key_values", None)
+        # transformers 5.24 renamed the layer's keyword `past_key_values` to `cache`.
+        cache = bound.pop("cache", bound.pop("past_key_values", None))
         mask = bound.pop("attention_mask", None)
         position_embeddings = bound.pop("position_embeddings", None)
         for key in _CONSUMED:
