@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -215,6 +216,7 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
         >>> plain.config.num_hidden_layers                # doctest: +SKIP
         18
     """
+    _refuse_peft_wrapper(model)
     weight_fn: WeightFunction = get_block(model)
     ode = ODESettings(model.config)
     count = check_steps(steps)
@@ -230,3 +232,15 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
     weights = weight_fn.weights_at(times)
     layer = lambda i: {name: w[i] for name, w in weights.items()}
     return stock_model(model, count, layer, spans(count, num_layers, ends))
+
+
+def _refuse_peft_wrapper(model: nn.Module) -> None:
+    # A PeftModel is not a transformers model class: building "a stock model like it" fails deep
+    # inside peft, and its adapter would be dropped. Say what to do instead.
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):
+        raise TypeError(
+            "materialize takes the odeified transformers model, not a PeftModel: merge the "
+            "adapter into W(t) first (materialize(peft_model.merge_and_unload(), steps)), or "
+            "drop it (peft_model.get_base_model())"
+        )

@@ -249,3 +249,13 @@ def test_generation_with_an_unmerged_adapter_matches_the_merged_model(ode_llama)
     with torch.no_grad(), steps(merged, 5):
         expected = merged.generate(IDS[:1], max_new_tokens=6, do_sample=False)
     assert torch.equal(adapted, expected)
+
+
+def test_materialize_of_an_unmerged_peft_model_says_to_merge_first(ode_llama):
+    adapted = _randomize(get_peft_model(ode_llama, lora_config(r=2, model=ode_llama)))
+    expected = _logits(adapted, 2)
+    with pytest.raises(TypeError, match=r"merge_and_unload\(\)"):
+        materialize(adapted, steps=2)
+    # What the message says to do keeps the adapter's update.
+    plain = materialize(adapted.merge_and_unload(), steps=2)
+    torch.testing.assert_close(_logits(plain), expected, rtol=1e-4, atol=1e-5)
