@@ -2,8 +2,8 @@
 
 Examples run in a namespace with a few small objects they may use by name (``model``: an
 odeified 4-layer GPT-2; ``base``: a stock one; ``ids``: a batch of token ids; the transformers
-GPT-2 and Llama classes), in a fresh working directory, so an example that saves a folder leaves
-nothing behind.
+GPT-2 and Llama classes), each docstring in a fresh working directory of its own, so an example
+that saves a folder leaves nothing behind and meets no folder another example saved.
 """
 
 import doctest
@@ -45,13 +45,15 @@ def _namespace() -> dict:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     module = importlib.import_module(name)
     tests = [t for t in doctest.DocTestFinder().find(module) if t.examples]
     if not tests:
         pytest.skip(f"{name} has no docstring examples")
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     for test in tests:
+        folder = tmp_path / test.name
+        folder.mkdir()
+        monkeypatch.chdir(folder)
         test.globs = {**test.globs, **_namespace()}
         runner.run(test)
     result = runner.summarize(verbose=False)
