@@ -175,7 +175,8 @@ class WeightFunction(nn.Module):
         writer; :func:`odeify.lora_hooks.attach` calls it around every forward.
 
         Example:
-            >>> wf = WeightFunction({"fc.weight": torch.Size([3, 2])}, "hat", 4, 4, {}, lambda n: "mlp")
+            >>> shapes = {"fc.weight": torch.Size([3, 2])}
+            >>> wf = WeightFunction(shapes, "hat", 4, 4, {}, lambda n: "mlp")
             >>> _ = wf.fit({"fc.weight": torch.zeros(4, 3, 2)}, progress=False)
             >>> b, a = torch.ones(4, 3, 1), torch.ones(4, 1, 2)
             >>> wf.set_low_rank({"fc.weight": [(b, a, 2.0)]}, state="adapter-1")
@@ -275,7 +276,8 @@ class WeightFunction(nn.Module):
         ||W(t_l) - p_l|| / ||p_l|| over the layers, measured through the model's own weight path.
 
         Example:
-            >>> wf = WeightFunction({"fc.weight": torch.Size([3, 2])}, "hat", 4, 4, {}, lambda n: "mlp")
+            >>> shapes = {"fc.weight": torch.Size([3, 2])}
+            >>> wf = WeightFunction(shapes, "hat", 4, 4, {}, lambda n: "mlp")
             >>> wf.fit({"fc.weight": torch.randn(4, 3, 2)}, progress=False)
             {'fc.weight': 0.0}
         """
