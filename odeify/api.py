@@ -197,9 +197,9 @@ def steps(model: nn.Module, steps, scheme: str | None = None) -> Iterator[nn.Mod
         >>> logits.shape, odeify.get_block(model).ode.resolved_steps   # its own count after
         (torch.Size([2, 16, 97]), 4)
         >>> with odeify.steps(model, torch.tensor([2, 8])):   # one count per sample
-        ...     out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        ...     out = model.generate(ids, max_new_tokens=2, do_sample=False)
         >>> out.shape
-        torch.Size([2, 20])
+        torch.Size([2, 18])
     """
     before = _set(model, steps, scheme)
     try:

@@ -14,8 +14,8 @@ def perplexity(
 
     Example:
         >>> from odeify.train.data import windows
-        >>> tokens = torch.randint(0, 97, (1024,)).numpy()
-        >>> round(perplexity(model, windows(tokens, 64), progress=False))  # untrained: ~ vocab size
+        >>> tokens = torch.randint(0, 97, (256,)).numpy()
+        >>> round(perplexity(model, windows(tokens, 32), progress=False))  # untrained: ~ vocab size
         97
     """
     from .train.evaluate import sweep
