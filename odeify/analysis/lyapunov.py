@@ -17,7 +17,7 @@ attention over every earlier token included. Being block triangular, DPhi has ex
 eigenvalues of the D_k together, so the per-token blocks carry the whole spectrum of the
 linearised flow, one token at a time.
 
-This differs from the paper's variant, which multiplies the blocks
+This differs from the paper's variant (DESIGN.md section 3), which multiplies the blocks
 J_k = d f_j / d x_k of the last position j for each source token k. For k = j that is D_j here;
 for k < j the product of single-step off-diagonal blocks is not the chain rule of the flow (the
 flow's (j, k) block is a sum over paths through intermediate positions), so we do not compute it.
