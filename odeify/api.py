@@ -35,9 +35,9 @@ def get_block(model: nn.Module) -> ODEBlock:
     """The ODE block of an odeified model (raises if the model was not odeified).
 
     Example:
-        >>> block = odeify.get_block(odeify.odeify(model))   # doctest: +SKIP
-        >>> block.ode.num_layers                              # doctest: +SKIP
-        12
+        >>> block = odeify.get_block(odeify(base, progress=False))
+        >>> block.ode.num_layers
+        4
     """
     block = find_block(model)
     if block is not None:
@@ -173,7 +173,9 @@ def set_steps(model: nn.Module, steps: int | None = None, scheme: str | None = N
     """Change the default step count and/or scheme of an odeified model (saved with it).
 
     Example:
-        >>> odeify.set_steps(model, 24, scheme="rk4")   # doctest: +SKIP
+        >>> model = odeify.set_steps(model, 24, scheme="rk4")
+        >>> odeify.get_block(model).ode.steps, model.config.odeify["scheme"]
+        (24, 'rk4')
     """
     if isinstance(steps, (torch.Tensor, list, tuple)):
         raise TypeError(
@@ -193,10 +195,14 @@ def steps(model: nn.Module, steps, scheme: str | None = None) -> Iterator[nn.Mod
     ``ode_steps=`` directly.
 
     Example:
-        >>> with odeify.steps(model, 6):       # doctest: +SKIP
-        ...     logits = model(ids).logits     # half the compute of a 12-layer model
-        >>> with odeify.steps(model, torch.tensor([8, 30, 12])):   # doctest: +SKIP
-        ...     out = model.generate(ids, max_new_tokens=20)
+        >>> with odeify.steps(model, 2):       # half the compute of the 4-layer model
+        ...     logits = model(ids).logits
+        >>> logits.shape, odeify.get_block(model).ode.resolved_steps   # its own count after
+        (torch.Size([2, 16, 97]), 4)
+        >>> with odeify.steps(model, torch.tensor([2, 8])):   # one count per sample
+        ...     out = model.generate(ids, max_new_tokens=2, do_sample=False)
+        >>> out.shape
+        torch.Size([2, 18])
     """
     before = _set(model, steps, scheme)
     try:
@@ -212,9 +218,12 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
     spans (t_i = i / steps and L / steps, or the grid of ``discrete_ends``).
 
     Example:
-        >>> plain = odeify.materialize(model, steps=18)   # doctest: +SKIP
-        >>> plain.config.num_hidden_layers                # doctest: +SKIP
-        18
+        >>> plain = odeify.materialize(model, steps=2)
+        >>> type(plain).__name__, plain.config.num_hidden_layers
+        ('GPT2LMHeadModel', 2)
+        >>> with odeify.steps(model, 2, scheme="sequential"):
+        ...     torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
+        True
     """
     _refuse_peft_wrapper(model)
     weight_fn: WeightFunction = get_block(model)

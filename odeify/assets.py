@@ -43,8 +43,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     saved, converted and materialised like any transformers model. About 20 s on 2 cores.
 
     Example:
-        >>> model, tokenizer = load_smollm2()   # doctest: +SKIP
-        >>> model.config.num_hidden_layers       # doctest: +SKIP
+        >>> model, tokenizer = load_smollm2()   # 20 s: too slow to run   # doctest: +SKIP
+        >>> model.config.num_hidden_layers       # needs the model above    # doctest: +SKIP
         30
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,7 +80,7 @@ def gpt2_tokenizer():
     """The GPT-2 BPE tokenizer (50257 tokens), offline.
 
     Example:
-        >>> gpt2_tokenizer()("Hello world").input_ids   # doctest: +SKIP
+        >>> gpt2_tokenizer()("Hello world").input_ids
         [15496, 995]
     """
     from transformers import GPT2TokenizerFast
@@ -98,7 +98,7 @@ def play_text(name: str) -> str:
     """The text of one play, with the Markdown emphasis markers removed.
 
     Example:
-        >>> play_text("hamlet")[:30]   # doctest: +SKIP
+        >>> play_text("hamlet")[:31]
         '# Hamlet\\n\\n## ACT I\\n\\n### SCENE I'
     """
     available = plays()

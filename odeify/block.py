@@ -96,10 +96,11 @@ class ODEBlock(WeightFunction):
         original model's per-layer outputs. Torchdiffeq schemes record nothing.
 
         Example:
-            >>> with block.recording() as states:          # doctest: +SKIP
+            >>> block = odeify.get_block(model)
+            >>> with block.recording() as states:
             ...     logits = model(ids).logits
-            >>> len(states)                                # doctest: +SKIP
-            30
+            >>> len(states), states[-1].shape
+            (4, torch.Size([2, 16, 32]))
         """
         if self._recorded is not None:
             raise RuntimeError("this model's ODE block is already being recorded")
@@ -117,10 +118,14 @@ class ODEBlock(WeightFunction):
         steps the flow itself with :meth:`step`. Pass ``use_cache=False``: bind claims a cache.
 
         Example:
-            >>> with torch.no_grad(), block.capture() as calls:   # doctest: +SKIP
-            ...     model(ids, use_cache=False, ode_steps=12)
-            >>> x, run = calls[0].x, calls[0].run                  # doctest: +SKIP
-            >>> x = block.step(x, run, 0)                          # doctest: +SKIP
+            >>> block = odeify.get_block(model)
+            >>> with torch.no_grad(), block.capture() as calls:
+            ...     _ = model(ids, use_cache=False, ode_steps=12)
+            >>> x, run = calls[0].x, calls[0].run
+            >>> with torch.no_grad():
+            ...     x = block.step(x, run, 0)
+            >>> x.shape
+            torch.Size([2, 16, 32])
         """
         if self._captured is not None:
             raise RuntimeError("this model's ODE block is already capturing its calls")

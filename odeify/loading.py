@@ -18,7 +18,10 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
     """(model, tokenizer or None, is_odeified) for a CLI source.
 
     Example:
-        >>> model, tok, ode = load_model("smollm2")   # doctest: +SKIP
+        >>> _ = odeify.save_pretrained(model, "gpt2-ode")
+        >>> model, tok, ode = load_model("gpt2-ode", tokenizer="gpt2")
+        >>> type(model).__name__, len(tok), ode
+        ('GPT2LMHeadModel', 50257, True)
     """
     import transformers
 

@@ -131,7 +131,9 @@ def lora_config(
 
     Example:
         >>> from peft import get_peft_model
-        >>> model = get_peft_model(odeify(base), odeify.lora_config(r=8))   # doctest: +SKIP
+        >>> model = get_peft_model(odeify(base, progress=False), odeify.lora_config(r=8))
+        >>> sum(p.numel() for p in model.parameters() if p.requires_grad)   # the LoRA factors
+        16384
         >>> odeify.lora_config(r=4, targets=["q_proj", "v_proj"]).target_parameters
         ['q_proj.weight', 'v_proj.weight']
     """
@@ -170,7 +172,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, **kwargs):
     model's module needs (hidden sizes, depth, the number K of basis tensors, the rank).
 
     Example:
-        >>> model = load_adapter(odeify.from_pretrained("smollm2-ode"), "run/adapter")   # doctest: +SKIP
+        >>> from peft import get_peft_model
+        >>> _ = odeify.save_pretrained(model, "gpt2-ode")
+        >>> get_peft_model(model, odeify.lora_config(r=4)).save_pretrained("run/adapter")
+        >>> model = load_adapter(odeify.from_pretrained("gpt2-ode"), "run/adapter")
+        >>> type(model).__name__
+        'PeftModel'
     """
     from peft import PeftModel
     from safetensors import safe_open

@@ -26,7 +26,10 @@ def attach(block: WeightFunction) -> None:
     """Give an ODE block the forward hooks that bring live peft adapters into its forward.
 
     Example:
-        >>> attach(block)   # the ODEBlock constructor does this   # doctest: +SKIP
+        >>> wf = WeightFunction({"fc.weight": torch.Size([3, 2])}, "hat", 4, 4, {}, lambda n: "mlp")
+        >>> attach(wf)   # the ODEBlock constructor does this for its block
+        >>> len(wf._forward_pre_hooks), len(wf._forward_hooks)
+        (1, 1)
     """
     hooks = _LiveAdapters()
     block.register_forward_pre_hook(hooks.before, with_kwargs=True)

@@ -61,7 +61,10 @@ def replace_stack(model: nn.Module, blocks: nn.ModuleList) -> None:
     """Put ``blocks`` where the model's block stack is (how ``odeify`` inserts its ODE block).
 
     Example:
-        >>> replace_stack(model, nn.ModuleList([block]))   # doctest: +SKIP
+        >>> block = odeify.get_block(model)
+        >>> replace_stack(base, nn.ModuleList([block]))
+        >>> find_block(base) is block, len(block_stack(base))
+        (True, 1)
     """
     block_stack(model)
     setattr(_base(model), family_for(model).stack, blocks)
@@ -237,9 +240,11 @@ def stock_model(
     Without ``layer`` the layers keep their fresh init.
 
     Example:
-        >>> weights = block.weights_at([0.0, 0.5])                           # doctest: +SKIP
+        >>> weights = odeify.get_block(model).weights_at([0.0, 0.5])
         >>> plain = stock_model(model, 2, lambda i: {n: w[i] for n, w in weights.items()},
-        ...                     scales=[2.0, 2.0])                           # doctest: +SKIP
+        ...                     scales=[2.0, 2.0])
+        >>> type(plain).__name__, plain.config.num_hidden_layers, is_odeified(plain)
+        ('GPT2LMHeadModel', 2, False)
     """
     if isinstance(source, nn.Module):
         plain = type(source)(_stock_config(source.config, depth))

@@ -116,8 +116,14 @@ class WeightFunction(nn.Module):
         emptied: a checkpointed step recomputed in backward, the adjoint's backward solve.
 
         Example:
-            >>> lookup = block.adapted_basis()       # inside the forward   # doctest: +SKIP
-            >>> lookup("mlp.c_fc.weight").shape      # later, same update    # doctest: +SKIP
+            >>> block = odeify.get_block(model)
+            >>> b, a = torch.ones(4, 128, 1), torch.ones(4, 1, 32)
+            >>> block.set_low_rank({"mlp.c_fc.weight": [(b, a, 1.0)]})   # inside the forward
+            >>> lookup = block.adapted_basis()
+            >>> block.set_low_rank()                                     # the slot is emptied
+            >>> update = lookup("mlp.c_fc.weight") - block.basis_tensor("mlp.c_fc.weight")
+            >>> torch.allclose(update, torch.ones(4, 128, 32))   # the update of its moment
+            True
         """
         return functools.partial(self._adapted, low_rank=self._low_rank)
 
@@ -142,9 +148,9 @@ class WeightFunction(nn.Module):
         one matmul per parameter.
 
         Example:
-            >>> block = odeify.get_block(model)                    # doctest: +SKIP
-            >>> block.weights_at([0.0, 0.5])["attn.c_attn.weight"].shape   # doctest: +SKIP
-            torch.Size([2, 2304, 768])
+            >>> block = odeify.get_block(model)
+            >>> block.weights_at([0.0, 0.5])["attn.c_attn.weight"].shape
+            torch.Size([2, 96, 32])
         """
         return self._combine(self.coefficients(times), names, self.basis_tensor)
 
@@ -171,8 +177,16 @@ class WeightFunction(nn.Module):
         writer; :func:`odeify.lora_hooks.attach` calls it around every forward.
 
         Example:
-            >>> wf.set_low_rank({"fc.weight": [(b, a, 2.0)]}, state="adapter-1")   # doctest: +SKIP
-            >>> wf.set_low_rank()                                                  # doctest: +SKIP
+            >>> shapes = {"fc.weight": torch.Size([3, 2])}
+            >>> wf = WeightFunction(shapes, "hat", 4, 4, {}, lambda n: "mlp")
+            >>> _ = wf.fit({"fc.weight": torch.zeros(4, 3, 2)}, progress=False)
+            >>> b, a = torch.ones(4, 3, 1), torch.ones(4, 1, 2)
+            >>> wf.set_low_rank({"fc.weight": [(b, a, 2.0)]}, state="adapter-1")
+            >>> wf.weights_at([0.5])["fc.weight"][0, 0].tolist()
+            [2.0, 2.0]
+            >>> wf.set_low_rank()
+            >>> wf.weights_at([0.5])["fc.weight"][0, 0].tolist()
+            [0.0, 0.0]
         """
         # A new dict, never mutated: adapted_basis() holds on to the one of its moment.
         self._low_rank = {name: tuple(terms) for name, terms in (factors or {}).items()}
@@ -264,7 +278,9 @@ class WeightFunction(nn.Module):
         ||W(t_l) - p_l|| / ||p_l|| over the layers, measured through the model's own weight path.
 
         Example:
-            >>> wf.fit({"fc.weight": torch.randn(4, 3, 2)}, progress=False)   # doctest: +SKIP
+            >>> shapes = {"fc.weight": torch.Size([3, 2])}
+            >>> wf = WeightFunction(shapes, "hat", 4, 4, {}, lambda n: "mlp")
+            >>> wf.fit({"fc.weight": torch.randn(4, 3, 2)}, progress=False)
             {'fc.weight': 0.0}
         """
         num_layers = next(iter(samples.values())).shape[0]

@@ -108,8 +108,10 @@ def resolve_times(model: nn.Module, times: int | Sequence[float] | None) -> list
     every layer time l / L for a discrete one.
 
     Example:
-        >>> resolve_times(plain_gpt2_with_4_layers, None)   # doctest: +SKIP
+        >>> resolve_times(base, None)   # base: a stock 4-layer GPT-2
         [0.0, 0.25, 0.5, 0.75]
+        >>> len(resolve_times(model, None)), resolve_times(model, 2)   # model: odeified
+        (64, [0.0, 0.5])
     """
     if times is not None:
         return check_times(times)
@@ -130,9 +132,14 @@ def head_weights(model: nn.Module, times: int | Sequence[float] | None = None) -
     discrete one (layer l at t = l / L); ``times`` as in :func:`resolve_times`.
 
     Example:
-        >>> w = head_weights(model, times=[0.0, 0.5])   # doctest: +SKIP
-        >>> w.q.shape                                    # doctest: +SKIP
-        torch.Size([2, 576, 576])
+        >>> w = head_weights(model, times=[0.0, 0.5])
+        >>> w.q.shape, w.shape
+        (torch.Size([2, 32, 32]), HeadShape(num_heads=2, num_kv_heads=2, head_dim=16))
+        >>> config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+        ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+        >>> w = head_weights(LlamaForCausalLM(config))   # GQA: 2 key/value heads for 4 queries
+        >>> w.q.shape, w.k.shape, w.o.shape
+        (torch.Size([2, 32, 32]), torch.Size([2, 16, 32]), torch.Size([2, 32, 32]))
     """
     layout = family_for(model).attention_layout
     shape = HeadShape.of(model.config)

@@ -96,8 +96,14 @@ def diagonal_routing(config) -> Iterator[None]:
     """Inside the block, attention routes key/value tangents to their own query only.
 
     Example:
-        >>> with diagonal_routing(model.config):   # doctest: +SKIP
+        >>> block = get_block(model)
+        >>> args, kwargs = capture_call(model, ids)
+        >>> x0, run = block.bind(*args, **kwargs)
+        >>> with torch.no_grad(), diagonal_routing(model.config):
         ...     x1 = block.step(x0, run, 0)          # same values; JVPs give J_kk v_k
+        >>> with torch.no_grad():
+        ...     torch.allclose(x1, block.step(x0, run, 0), atol=1e-6)
+        True
     """
     if DIAGONAL_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
         ALL_ATTENTION_FUNCTIONS.register(DIAGONAL_ATTENTION, _diagonal_attention)
@@ -125,8 +131,10 @@ def capture_call(model: nn.Module, ids: Tensor) -> tuple[tuple, dict]:
     (masks, positions, RoPE), recorded in the block's capture mode.
 
     Example:
-        >>> args, kwargs = capture_call(model, ids)            # doctest: +SKIP
-        >>> x0, run = get_block(model).bind(*args, **kwargs)   # doctest: +SKIP
+        >>> args, kwargs = capture_call(model, ids)
+        >>> x0, run = get_block(model).bind(*args, **kwargs)
+        >>> x0.shape, run.steps
+        (torch.Size([2, 16, 32]), 4)
     """
     call = _first_call(model, ids)
     return call.args, call.kwargs
@@ -297,9 +305,12 @@ def lyapunov(
         seed: seed of the random initial subspace.
 
     Example:
-        >>> ids = tokenizer("To be, or not to be", return_tensors="pt").input_ids   # doctest: +SKIP
-        >>> lam = lyapunov(odeify(model), ids, k=4)                                 # doctest: +SKIP
-        >>> lam.exponents.shape, lam.largest.argmax()                               # doctest: +SKIP
+        >>> tokens = ids[0, :8]
+        >>> lam = lyapunov(odeify(base, progress=False), tokens, k=2, refine=1, progress=False)
+        >>> lam.exponents.shape, lam.steps, lam.scheme   # [tokens, k]
+        (torch.Size([8, 2]), 4, 'sequential')
+        >>> bool((lam.exponents[:, :-1] >= lam.exponents[:, 1:]).all())   # descending per token
+        True
     """
     block = _block_of(model)
     ids = _check_arguments(model, block, ids, k, oversample)

@@ -33,7 +33,9 @@ def plot_spectra(
     original discrete model) are drawn as markers on the curves.
 
     Example:
-        >>> plot_spectra(spectra(model), "spectra.png", "SmolLM2 converted")   # doctest: +SKIP
+        >>> from odeify.analysis.spectra import spectra
+        >>> plot_spectra(spectra(model, times=8, progress=False), "spectra.png", "GPT-2 converted")
+        PosixPath('spectra.png')
     """
     plt = _pyplot()
     from matplotlib.colors import LogNorm
@@ -126,7 +128,13 @@ def plot_tokens(
     exponents against token position.
 
     Example:
-        >>> plot_tokens(lam, [tok.decode([i]) for i in ids], "tokens.png")   # doctest: +SKIP
+        >>> from odeify.analysis.lyapunov import lyapunov
+        >>> from odeify.train.data import char_tokenizer
+        >>> tok = char_tokenizer({"play": "to be, or not to be"})
+        >>> ids = tok("to be")["input_ids"]
+        >>> lam = lyapunov(model, ids, k=2, refine=0, progress=False)
+        >>> plot_tokens(lam, [tok.decode([i]) for i in ids], "tokens.png")
+        PosixPath('tokens.png')
     """
     plt = _pyplot()
     from matplotlib.patches import Rectangle
@@ -199,7 +207,15 @@ def tokens_html(
     (hover for its top-k exponents), a colour legend, and the given images.
 
     Example:
-        >>> Path("index.html").write_text(tokens_html(lam, tokens, "SmolLM2"))   # doctest: +SKIP
+        >>> from odeify.analysis.lyapunov import lyapunov
+        >>> from odeify.train.data import char_tokenizer
+        >>> tok = char_tokenizer({"play": "to be, or not to be"})
+        >>> ids = tok("to be")["input_ids"]
+        >>> lam = lyapunov(model, ids, k=2, refine=0, progress=False)
+        >>> tokens = [tok.decode([i]) for i in ids]
+        >>> _ = Path("index.html").write_text(tokens_html(lam, tokens, "to be"))
+        >>> Path("index.html").read_text().count("<span style=")   # one coloured span per token
+        5
     """
     colours, (lo, hi) = _colours(lyapunov.largest)
     spans = []
@@ -254,9 +270,17 @@ def write_report(
     """Write spectra.png, tokens.png, index.html and analysis.json (whichever apply) to ``out``.
 
     Example:
-        >>> files = write_report("report", spectra=s, lyapunov=lam, tokens=tokens)  # doctest: +SKIP
-        >>> sorted(files)                                                          # doctest: +SKIP
-        ['html', 'json', 'spectra', 'tokens']
+        >>> from odeify.analysis.lyapunov import lyapunov
+        >>> from odeify.train.data import char_tokenizer
+        >>> tok = char_tokenizer({"play": "to be, or not to be"})
+        >>> ids = tok("to be")["input_ids"]
+        >>> lam = lyapunov(model, ids, k=2, refine=0, progress=False)
+        >>> from odeify.analysis.spectra import spectra
+        >>> s = spectra(model, times=8, progress=False)
+        >>> tokens = [tok.decode([i]) for i in ids]
+        >>> files = write_report("report", spectra=s, lyapunov=lam, tokens=tokens)
+        >>> sorted(files), files["json"]
+        (['html', 'json', 'spectra', 'tokens'], PosixPath('report/analysis.json'))
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -88,9 +88,10 @@ class Spectra:
         |lambda| and the fraction of eigenvalues with positive real part, each [n_times].
 
         Example:
-            >>> s = spectra(model, times=16)                  # doctest: +SKIP
-            >>> s.summary("qk")["radius"].shape               # doctest: +SKIP
-            torch.Size([16])
+            >>> s = spectra(model, times=16, progress=False)
+            >>> {name: curve.shape for name, curve in s.summary("qk").items()}
+            {'radius': torch.Size([16]), 'mean_abs': torch.Size([16]),
+             'positive_real_fraction': torch.Size([16])}
         """
         lam = self.eigenvalues(kind).flatten(1)
         return {

@@ -43,9 +43,14 @@ class Checkpoints:
     ``keep`` kept, each stamped with the recipe config so a resume under another config is refused.
 
     Example:
-        >>> ckpt = Checkpoints("runs/x", config={"lr": 1e-3})          # doctest: +SKIP
-        >>> ckpt.save(100, model, optimizer, scheduler)               # doctest: +SKIP
-        >>> step = ckpt.resume(model, optimizer, scheduler)           # doctest: +SKIP
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        >>> ckpt = Checkpoints("runs/x", config={"lr": 1e-3})
+        >>> ckpt.save(100, model, optimizer, scheduler)
+        PosixPath('runs/x/step-100.pt')
+        >>> step, extra = ckpt.resume(model, optimizer, scheduler)
+        >>> step, extra
+        (100, {})
     """
 
     def __init__(
@@ -110,8 +115,13 @@ class Checkpoints:
         folder before any work.
 
         Example:
-            >>> Checkpoints("runs/x", config={"lr": 1e-3}).check()   # doctest: +SKIP
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+            >>> _ = Checkpoints("runs/x", config={"lr": 1e-3}).save(100, model, optimizer)
+            >>> Checkpoints("runs/x", config={"lr": 1e-3}).check()
             100
+            >>> Checkpoints("runs/x", config={"lr": 0.1}).check()
+            Traceback (most recent call last):
+            ValueError: runs/x/step-100.pt was written under another config (differs in ['lr']); ...
         """
         paths = self.paths()
         if not paths:
@@ -149,7 +159,13 @@ def claim(checkpoints: Checkpoints, metrics: str | os.PathLike, resume: bool) ->
     refusing a folder that holds a run unless ``resume``, and checkpoints of another config.
 
     Example:
-        >>> start = claim(Checkpoints(out / "checkpoints", stamp), out / "metrics.jsonl", resume)  # doctest: +SKIP
+        >>> out, stamp = Path("runs/x"), {"lr": 1e-3}
+        >>> claim(Checkpoints(out / "checkpoints", stamp), out / "metrics.jsonl", resume=False)
+        0
+        >>> optimizer = torch.optim.SGD(model.parameters())
+        >>> _ = Checkpoints(out / "checkpoints", stamp).save(5, model, optimizer)
+        >>> claim(Checkpoints(out / "checkpoints", stamp), out / "metrics.jsonl", resume=True)
+        5
     """
     if not resume and (checkpoints.paths() or Path(metrics).exists()):
         raise FileExistsError(

@@ -81,7 +81,15 @@ def config_stamp(cfg, presentation: tuple[str, ...] = ()) -> dict[str, Any]:
     run looks (progress bars, threads): resuming under any other config is refused.
 
     Example:
-        >>> Checkpoints(out / "checkpoints", config_stamp(cfg, ("progress",)))   # doctest: +SKIP
+        >>> from odeify.train.checkpoints import Checkpoints
+        >>> @dataclasses.dataclass
+        ... class Config:
+        ...     lr: float = 1e-3
+        ...     progress: bool = True
+        >>> config_stamp(Config(), ("progress",))
+        {'lr': 0.001}
+        >>> Checkpoints("out/checkpoints", config_stamp(Config(), ("progress",))).check()
+        0
     """
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in presentation}
 
@@ -117,7 +125,21 @@ def launch(
     The process group torchrun started (if any) is torn down afterwards, also on an error.
 
     Example:
-        >>> launch(Pretrain, Config, ["--config", "tiny.yaml", "--set", "max_steps=3"])  # doctest: +SKIP
+        >>> @dataclasses.dataclass
+        ... class Config:
+        ...     max_steps: int = 10
+        >>> class Count:
+        ...     def __init__(self, cfg):
+        ...         self.cfg = cfg
+        ...     def run(self, resume):
+        ...         return f"ran {self.cfg.max_steps} steps, resume={resume}"
+        ...     def check(self):
+        ...         pass
+        >>> _ = Path("tiny.yaml").write_text("max_steps: 100\\n")
+        >>> launch(Count, Config, ["--config", "tiny.yaml", "--set", "max_steps=3"])
+        'ran 3 steps, resume=False'
+        >>> launch(Count, Config, ["--config", "tiny.yaml", "--check"])
+        Config(max_steps=100)
     """
     from .distributed import teardown
 

@@ -28,7 +28,7 @@ def corpus(spec: str) -> dict[str, str]:
     """The documents a spec names, as {name: text}.
 
     Example:
-        >>> sorted(corpus("shakespeare:hamlet,macbeth"))   # doctest: +SKIP
+        >>> sorted(corpus("shakespeare:hamlet,macbeth"))
         ['hamlet', 'macbeth']
     """
     if spec == "shakespeare":
@@ -70,9 +70,13 @@ def tokenize(docs: dict[str, str], tokenizer, cache: Path | None = CACHE) -> np.
     """All documents as one token array (EOS between documents), memory-mapped from a cache file.
 
     Example:
-        >>> tokens = tokenize(corpus("shakespeare:hamlet"), gpt2_tokenizer())   # doctest: +SKIP
-        >>> tokens.dtype, len(tokens)                                           # doctest: +SKIP
-        (dtype('uint16'), 52815)
+        >>> from odeify.assets import gpt2_tokenizer
+        >>> docs = corpus("shakespeare:hamlet")
+        >>> tokens = tokenize(docs, gpt2_tokenizer(), cache=Path("tokens"))
+        >>> tokens.dtype, len(tokens), type(tokens).__name__
+        (dtype('uint16'), 61624, 'memmap')
+        >>> tokenize(docs, gpt2_tokenizer(), cache=Path("tokens")).filename == tokens.filename
+        True
     """
     if not docs:
         raise ValueError("no documents to tokenize")

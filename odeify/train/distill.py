@@ -19,11 +19,16 @@ N = L / 2 better moves N = L. :class:`odeify.train.sampler.StepSampler` keeps N 
 default) as the anchor that holds the adapted model close to the original at full depth.
 
 Example:
-    >>> teacher = frozen_teacher(model)                          # doctest: +SKIP
-    >>> student = odeify(model)                                  # doctest: +SKIP
-    >>> sampler = StepSampler(num_layers=30, low=10, high=60)    # doctest: +SKIP
-    >>> targets = teacher_targets(teacher, ids, states=True)     # doctest: +SKIP
-    >>> parts = adapt_step(student, targets, ids, labels, sampler.draw(step))  # doctest: +SKIP
+    >>> from odeify.train.sampler import StepSampler
+    >>> teacher = frozen_teacher(base)                     # base: the stock original
+    >>> student = odeify(base, progress=False)
+    >>> sampler = StepSampler(num_layers=4, low=2, high=8, seed=0)
+    >>> ids, labels = ids[:, :-1], ids[:, 1:]
+    >>> weights = LossWeights(kl=1.0, hidden=1.0)
+    >>> targets = teacher_targets(teacher, ids, weights)
+    >>> parts = adapt_step(student, targets, ids, labels, sampler.draw(0), weights)
+    >>> [p["steps"] for p in parts], round(parts[0]["kl"], 6)   # N = L: exact before training
+    ([4, 3], 0.0)
 """
 
 from __future__ import annotations
@@ -80,10 +85,10 @@ def recording(model: nn.Module) -> Iterator[list[Tensor]]:
     backpropagates through them). Native fixed-grid schemes only.
 
     Example:
-        >>> with recording(model) as states:          # doctest: +SKIP
+        >>> with recording(model) as states:
         ...     logits = model(ids).logits
-        >>> len(states)                               # doctest: +SKIP
-        30
+        >>> len(states)   # one state per step, the model's 4 by default
+        4
     """
     with get_block(model).recording() as states:
         yield states
@@ -133,7 +138,10 @@ def frozen_teacher(model: nn.Module) -> nn.Module:
     what the original computes, and :func:`recording` gives its state after every layer.
 
     Example:
-        >>> teacher = frozen_teacher(stock_model)   # doctest: +SKIP
+        >>> teacher = frozen_teacher(base)   # base: a stock GPT-2, left as it is
+        >>> frozen = not any(p.requires_grad for p in teacher.parameters())
+        >>> is_odeified(teacher), is_odeified(base), frozen
+        (True, False, True)
     """
     teacher = copy.deepcopy(model)
     if not is_odeified(teacher):
@@ -169,9 +177,10 @@ def teacher_targets(
     """Run the teacher at N = L on ``ids`` once; every student step count is compared with it.
 
     Example:
-        >>> targets = teacher_targets(teacher, ids, LossWeights(hidden=1.0))   # doctest: +SKIP
-        >>> len(targets.states)                                               # doctest: +SKIP
-        30
+        >>> teacher = frozen_teacher(base)
+        >>> targets = teacher_targets(teacher, ids, LossWeights(hidden=1.0))
+        >>> targets.log_probs.shape, len(targets.states)   # a state per teacher layer
+        (torch.Size([2, 16, 97]), 4)
     """
     block = get_block(teacher)
     num_layers = block.ode.num_layers
@@ -197,8 +206,13 @@ def distill_loss(
     token), ``lm`` (next-token cross-entropy), ``hidden`` (mean over matched states) and ``loss``.
 
     Example:
-        >>> loss, parts = distill_loss(student, ids, labels, targets, steps=15)   # doctest: +SKIP
-        >>> loss.backward()                                                      # doctest: +SKIP
+        >>> teacher, student = frozen_teacher(base), odeify(base, progress=False)
+        >>> ids, labels = ids[:, :-1], ids[:, 1:]
+        >>> targets = teacher_targets(teacher, ids)
+        >>> loss, parts = distill_loss(student, ids, labels, targets, steps=2)
+        >>> loss.backward()
+        >>> sorted(parts), parts["kl"] > 0   # N = 2 of L = 4: not the teacher yet
+        (['kl', 'loss'], True)
     """
     with _autocast(autocast, ids.device), contextlib.ExitStack() as stack:
         states = stack.enter_context(recording(student)) if weights.needs_states else None
@@ -246,8 +260,13 @@ def adapt_step(
     a weight of 1. Returns each count's loss parts (with ``steps``). The caller steps the optimizer.
 
     Example:
-        >>> parts = adapt_step(student, targets, ids, labels, [30, 14])   # doctest: +SKIP
-        >>> optimizer.step(); optimizer.zero_grad()                      # doctest: +SKIP
+        >>> teacher, student = frozen_teacher(base), odeify(base, progress=False)
+        >>> optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        >>> ids, labels = ids[:, :-1], ids[:, 1:]
+        >>> parts = adapt_step(student, teacher_targets(teacher, ids), ids, labels, [4, 2])
+        >>> optimizer.step(); optimizer.zero_grad()
+        >>> [(p["steps"], round(p["kl"], 6)) for p in parts][0]   # N = L matches the teacher
+        (4, 0.0)
     """
     if not counts:
         raise ValueError("adapt_step needs at least one step count")
@@ -271,9 +290,12 @@ def drop_layers(model: nn.Module, keep: int) -> nn.Module:
     dividing L this is exactly ``materialize(odeify(model), keep)`` (every other layer at L / 2).
 
     Example:
-        >>> plain = drop_layers(stock_model, 15)   # doctest: +SKIP
-        >>> plain.config.num_hidden_layers          # doctest: +SKIP
-        15
+        >>> plain = drop_layers(base, 2)   # base: a stock 4-layer GPT-2
+        >>> plain.config.num_hidden_layers
+        2
+        >>> same = odeify.materialize(odeify(base, progress=False), 2)
+        >>> torch.allclose(plain(ids).logits, same(ids).logits, atol=1e-5)
+        True
     """
     if is_odeified(model):
         raise ValueError("drop_layers takes the original (stock) model, not an odeified one")

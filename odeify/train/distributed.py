@@ -6,8 +6,11 @@ Under torchrun each rank takes rows ``rank::world`` of every global batch
 processes; rank 0 writes the checkpoints, metrics and reports.
 
 Example:
-    >>> ctx = setup_distributed()                     # doctest: +SKIP
-    >>> model = wrap(model.to(ctx.device), ctx)       # doctest: +SKIP
+    >>> ctx = setup_distributed()                  # one process: no torchrun around it
+    >>> ctx.rank, ctx.world, ctx.main
+    (0, 1, True)
+    >>> wrap(model.to(ctx.device), ctx) is model   # nothing to wrap in one process
+    True
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def setup_distributed() -> Dist:
     """One process, or the process group torchrun describes: NCCL on GPUs, gloo on CPUs.
 
     Example:
-        >>> setup_distributed().world   # doctest: +SKIP
+        >>> setup_distributed().world
         1
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,7 +103,10 @@ def wrap(
     ``shard`` and one for the rest.
 
     Example:
-        >>> model = wrap(model, ctx, shard=[odeify.get_block(model)])   # doctest: +SKIP
+        >>> ctx = setup_distributed()
+        >>> wrapped = wrap(model, ctx, shard=[odeify.get_block(model)])
+        >>> wrapped is model, ctx.world   # FSDP2 shards only with more than one process
+        (True, 1)
     """
     if compile:
         model.compile()
@@ -125,8 +131,12 @@ def sync(model: nn.Module, last: bool) -> Iterator[None]:
     """Reduce gradients on the last micro-batch (or backward) of an accumulation only.
 
     Example:
-        >>> with sync(model, last=j == accum - 1):   # doctest: +SKIP
-        ...     loss.backward()
+        >>> accum = 2
+        >>> for j in range(accum):
+        ...     with sync(model, last=j == accum - 1):
+        ...         model(ids, labels=ids).loss.backward()
+        >>> model.lm_head.weight.grad.shape
+        torch.Size([97, 32])
     """
     if last:
         yield
@@ -156,9 +166,15 @@ class StateView:
     and key optimizer state by parameter name, so one file resumes any of them.
 
     Example:
-        >>> model_state, optim_state = full_state(model, optimizer)          # doctest: +SKIP
-        >>> ckpt.save(step, StateView(model, optimizer, "model", model_state),
-        ...           StateView(model, optimizer, "optimizer", optim_state))  # doctest: +SKIP
+        >>> from odeify.train.checkpoints import Checkpoints
+        >>> optimizer = torch.optim.AdamW(model.parameters())
+        >>> ckpt, step = Checkpoints("runs/x", config={}), 10
+        >>> model_state, optim_state = full_state(model, optimizer)
+        >>> _ = ckpt.save(step, StateView(model, optimizer, "model", model_state),
+        ...               StateView(model, optimizer, "optimizer", optim_state))
+        >>> views = [StateView(model, optimizer, part) for part in ("model", "optimizer")]
+        >>> ckpt.resume(*views)   # loads the saved state back into model and optimizer
+        (10, {})
     """
 
     def __init__(self, model: nn.Module, optimizer, part: str, saved: dict | None = None):
@@ -185,7 +201,10 @@ def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
     """Model and optimizer state gathered on rank 0 (a collective: every rank calls it).
 
     Example:
-        >>> model_state, optim_state = full_state(model, optimizer)   # doctest: +SKIP
+        >>> optimizer = torch.optim.AdamW(model.parameters())
+        >>> model_state, optim_state = full_state(model, optimizer)
+        >>> model_state.keys() == model.state_dict().keys(), sorted(optim_state)
+        (True, ['param_groups', 'state'])
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 

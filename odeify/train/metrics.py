@@ -18,8 +18,13 @@ class Metrics:
     recipe calls ``log`` on every rank alike.
 
     Example:
-        >>> metrics = Metrics("runs/x/metrics.jsonl")   # doctest: +SKIP
-        >>> metrics.log(step=1, loss=2.5)               # doctest: +SKIP
+        >>> metrics = Metrics("runs/x/metrics.jsonl")
+        >>> metrics.log(step=1, loss=2.5)
+        >>> [{k: v for k, v in r.items() if k != "time"} for r in metrics.read()]
+        [{'step': 1, 'loss': 2.5}]
+        >>> Metrics("runs/y/metrics.jsonl", active=False).log(step=1)   # not rank 0
+        >>> Path("runs/y").exists()
+        False
     """
 
     def __init__(self, path: str | os.PathLike, active: bool = True):
@@ -52,7 +57,13 @@ class Metrics:
         checkpoint (``step`` 0) everything goes, the run starting over.
 
         Example:
-            >>> Metrics("runs/x/metrics.jsonl").resume(100)   # doctest: +SKIP
+            >>> metrics = Metrics("runs/x/metrics.jsonl")
+            >>> for step in (50, 100, 150):
+            ...     metrics.log(step=step)
+            >>> metrics.log(event="final")
+            >>> Metrics("runs/x/metrics.jsonl").resume(100)
+            >>> [r.get("step") for r in metrics.read()]
+            [50, 100]
         """
         if not self.active or not self.path.exists():
             return

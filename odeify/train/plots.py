@@ -24,7 +24,9 @@ def plot_sweep(
     ``ylim`` cuts the axis to a range of interest (points outside are off the plot).
 
     Example:
-        >>> plot_sweep({"hat basis": {15: 3.5e6, 30: 24.6}}, "ppl.png", "SmolLM2", {"original": 24.6})   # doctest: +SKIP
+        >>> curves = {"hat basis": {15: 3.5e6, 30: 24.6}}
+        >>> plot_sweep(curves, "ppl.png", "SmolLM2", {"original": 24.6})
+        PosixPath('ppl.png')
     """
     import matplotlib
 
@@ -105,7 +107,15 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
     are in), with the original and 1.5x it as reference lines.
 
     Example:
-        >>> plot_runs([json.loads(Path("runs/adapt/results.json").read_text())], Path("runs/adapt"))   # doctest: +SKIP
+        >>> run = {  # what results.json of a finished run holds, in short
+        ...     "model": "SmolLM2", "layers": 30, "heldout": ["hamlet"], "label": "C",
+        ...     "mode": "adapt", "original_perplexity": 24.6,
+        ...     "cost_model": {"layer_params": 3.5e6, "head_params": 2.8e7},
+        ...     "before": {"15": {"perplexity": 3.5e6}, "30": {"perplexity": 24.6}},
+        ...     "after": {"15": {"perplexity": 33.0}, "30": {"perplexity": 25.1}},
+        ... }
+        >>> [p.name for p in plot_runs([run], Path("runs/adapt"))]
+        ['perplexity.png', 'perplexity_flops.png', 'perplexity_after.png']
     """
     original = runs[0]["original_perplexity"]
     reference = {f"original (N = {runs[0]['layers']})": original}
@@ -143,7 +153,14 @@ def plot_budget(run_dirs: list[Path], out: Path, labels: list[str]) -> Path | No
     one line style and marker per run. ``labels`` name the runs, one per folder.
 
     Example:
-        >>> plot_budget([Path("runs/adapt"), Path("runs/drop15")], Path("cmp"), ["C", "(a)"])   # doctest: +SKIP
+        >>> metrics = Metrics("runs/adapt/metrics.jsonl")
+        >>> for flops, ppl in ((1e15, 40.0), (2e15, 30.0)):   # what eval_every logs
+        ...     metrics.log(event="curve", original=24.6, flops=flops,
+        ...                 steps={"15": {"perplexity": ppl}})
+        >>> plot_budget([Path("runs/adapt"), Path("runs/drop15")], Path("cmp"), ["C", "(a)"])
+        PosixPath('cmp/perplexity_budget.png')
+        >>> plot_budget([Path("runs/drop15")], Path("cmp"), ["(a)"]) is None   # no curves logged
+        True
     """
     curves: dict[str, dict] = {}
     styles: dict[str, dict] = {}
