@@ -71,7 +71,19 @@ def load_with_tokenizer(source: str, tokenizer: str | None = None):
     vocabulary: what a training recipe needs before any work.
 
     Example:
-        >>> model, tok, ode = load_with_tokenizer("smollm2")   # a 20 s load  # doctest: +SKIP
+        >>> from odeify.train.data import char_tokenizer
+        >>> _ = odeify.save_pretrained(model, "bare")
+        >>> load_with_tokenizer("bare")
+        Traceback (most recent call last):
+        ValueError: bare has no tokenizer; set tokenizer: gpt2 or a folder
+        >>> load_with_tokenizer("bare", tokenizer="gpt2")   # GPT-2's 50257 tokens, 97 embeddings
+        Traceback (most recent call last):
+        ValueError: the tokenizer has 50257 tokens but the model's vocabulary only 97: ...
+        >>> tok = char_tokenizer({"play": "to be, or not to be"})
+        >>> _ = odeify.save_pretrained(model, "gpt2-ode", tokenizer=tok)
+        >>> model, tok, ode = load_with_tokenizer("gpt2-ode")
+        >>> type(model).__name__, len(tok), ode
+        ('GPT2LMHeadModel', 10, True)
     """
     model, tok, ode = load_model(source, tokenizer=tokenizer)
     if tok is None:
