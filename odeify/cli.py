@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text
+
 
 def _steps_list(text: str) -> list[int]:
     try:
@@ -107,7 +109,7 @@ def cmd_eval(args) -> int:
         )
         print(f"plot: {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"steps": results, "reference": reference}, indent=2))
+        write_text(args.json, json.dumps({"steps": results, "reference": reference}, indent=2))
     return 0
 
 

@@ -73,6 +73,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import odeify as ode_lib
+from odeify.atomic import replace_folder, write_text
 from odeify.bases import BASES
 from odeify.lora import lora_config
 from odeify.surgery import is_odeified_folder
@@ -608,7 +609,8 @@ class AdaptDepth:
         trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
         if cfg.train == "lora":
             if self.ctx.main:
-                self.student.save_pretrained(out / "adapter")
+                with replace_folder(out / "adapter", overwrite=True) as tmp:
+                    self.student.save_pretrained(tmp)
             self.student = self.student.merge_and_unload()  # what is evaluated, checked and saved
         after = self.evaluate(self.windows, self.counts, cfg.progress)
         if cfg.eval_every:
@@ -617,8 +619,8 @@ class AdaptDepth:
         results = self.results(before, after, trainable)
         if self.ctx.main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            (out / "report.md").write_text(report_table([results]))
+            write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+            write_text(out / "report.md", report_table([results]))
             plot_runs([results], out)
             if cfg.save_model:
                 ode_lib.save_pretrained(
@@ -756,7 +758,7 @@ def compare(run_dirs: list[str], out: str, names: list[str] | None = None) -> st
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     table = report_table(runs) + key
-    (target / "report.md").write_text(table)
+    write_text(target / "report.md", table)
     plot_runs(runs, target)
     plot_budget(folders, target, [r["label"] for r in runs])
     return table

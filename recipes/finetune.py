@@ -62,6 +62,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import odeify as ode_lib
+from odeify.atomic import replace_folder, write_text
 from odeify.lora import load_adapter, lora_config
 from odeify.surgery import is_odeified, is_odeified_folder
 from odeify.train import data
@@ -516,7 +517,7 @@ class Finetune:
         summary["perplexity_after"] = {str(k): v for k, v in after.items()}
         summary["eval_tokens"] = int(self.windows.numel())
         if self.ctx.main:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.plot(before, after)
             if cfg.progress:
                 self.print_table(before, after, summary)
@@ -527,13 +528,15 @@ class Finetune:
         """``adapter/`` (LoRA) or ``model/``; returns the adapter's size for the summary."""
         out = self.out
         if self.cfg.method == "lora":
-            model.save_pretrained(out / "adapter")
+            with replace_folder(out / "adapter", overwrite=True) as tmp:
+                model.save_pretrained(tmp)
             return {"adapter_bytes": (out / "adapter" / "adapter_model.safetensors").stat().st_size}
         if is_odeified(model):
             ode_lib.save_pretrained(model, out / "model", tokenizer=self.tokenizer, overwrite=True)
         else:
-            model.save_pretrained(out / "model")
-            self.tokenizer.save_pretrained(out / "model")
+            with replace_folder(out / "model", overwrite=True) as tmp:
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
         return {}
 
     def plot(self, before: dict[int, float], after: dict[int, float]) -> None:

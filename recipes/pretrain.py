@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 import odeify as ode_lib
 from odeify.assets import gpt2_tokenizer
+from odeify.atomic import replace_folder, write_text
 from odeify.surgery import block_stack
 from odeify.train import data
 from odeify.train.checkpoints import Checkpoints, claim
@@ -428,8 +429,8 @@ class Pretrain:
         if not ctx.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(
-            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+        write_text(
+            self.out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
         )
         for label, c in self.counts.items():
             print(
@@ -577,7 +578,7 @@ class Pretrain:
         export_state = full_state(self.model, self.optimizer)[0] if cfg.export else None
         if ctx.main:
             self.metrics.log(event="final", step=cfg.max_steps, **summary)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_text(out / "summary.json", json.dumps(summary, indent=2))
             self.print_table(summary, final)
             plot_sweep(
                 {self.name: {k: math.exp(v) for k, v in final.items()}},
@@ -610,8 +611,9 @@ def export(cfg: Config, hf_config, state: dict, tokenizer, path: Path) -> None:
     if cfg.ode:
         ode_lib.save_pretrained(model.eval(), path, tokenizer=tokenizer, overwrite=True)
     else:
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        with replace_folder(path, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_text
 from .lyapunov import Lyapunov
 from .spectra import KINDS, Spectra
 
@@ -273,10 +274,10 @@ def write_report(
         written["tokens"] = plot_tokens(lyapunov, tokens, out / "tokens.png", title)
         images = tuple(p.name for p in (written.get("spectra"), written["tokens"]) if p is not None)
         page = out / "index.html"
-        page.write_text(tokens_html(lyapunov, tokens, title, images), encoding="utf-8")
+        write_text(page, tokens_html(lyapunov, tokens, title, images))
         written["html"] = page
         numbers["lyapunov"] = lyapunov.to_dict(tokens)
     path = out / "analysis.json"
-    path.write_text(json.dumps(numbers, indent=1))
+    write_text(path, json.dumps(numbers, indent=1))
     written["json"] = path
     return written
