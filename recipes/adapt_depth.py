@@ -78,7 +78,7 @@ from odeify.bases import BASES
 from odeify.lora import lora_config
 from odeify.surgery import is_odeified_folder
 from odeify.train import data
-from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.checkpoints import Checkpoints, claim, finished
 from odeify.train.config import config_stamp, launch, recipe_parser
 from odeify.train.cost import CostModel, steps_for_budget
 from odeify.train.distill import (
@@ -423,6 +423,13 @@ class AdaptDepth:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints",
+            config_stamp(cfg, _PRESENTATION),
+            keep=cfg.keep,
+            trainable_only=True,
+        )
 
     def check(self) -> None:
         """Every check of the config that needs no data and no model (one process)."""
@@ -430,6 +437,9 @@ class AdaptDepth:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Adapt (or train baseline (a)) as configured; returns what ``results.json`` holds."""
+        done = finished(self.checkpoints, self.out / "results.json", resume)
+        if done is not None:
+            return done
         extra = self.setup(resume)
         before = extra.get("before")
         if before is None:
@@ -445,11 +455,6 @@ class AdaptDepth:
         cfg = self.cfg
         self.ctx = setup_distributed()
         validate(cfg, self.ctx.world)
-        self.out = Path(cfg.out_dir)
-        stamp = config_stamp(cfg, _PRESENTATION)
-        self.checkpoints = Checkpoints(
-            self.out / "checkpoints", stamp, keep=cfg.keep, trainable_only=True
-        )
         self.metrics = Metrics(self.out / "metrics.jsonl", active=self.ctx.main)
         start = claim(self.checkpoints, self.metrics.path, resume)
         if resume:
@@ -619,7 +624,6 @@ class AdaptDepth:
         results = self.results(before, after, trainable)
         if self.ctx.main:
             out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
             write_text(out / "report.md", report_table([results]))
             plot_runs([results], out)
             if cfg.save_model:
@@ -628,6 +632,7 @@ class AdaptDepth:
                 )
             if cfg.progress:
                 print(report_table([results]))
+            write_text(out / "results.json", json.dumps(results, indent=2) + "\n")  # last: done
         self.ctx.barrier()
         return results
 

@@ -66,7 +66,7 @@ from odeify.atomic import replace_folder, write_text
 from odeify.lora import load_adapter, lora_config
 from odeify.surgery import is_odeified, is_odeified_folder
 from odeify.train import data
-from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.checkpoints import Checkpoints, claim, finished
 from odeify.train.config import config_stamp, launch
 from odeify.train.distributed import setup_distributed, sync, wrap
 from odeify.train.evaluate import sweep
@@ -335,6 +335,13 @@ class Finetune:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints",
+            config_stamp(cfg, _PRESENTATION),
+            keep=cfg.keep,
+            trainable_only=cfg.method == "lora",
+        )
 
     def check(self) -> None:
         """Every check of the config that needs no data and no model (one process)."""
@@ -342,6 +349,9 @@ class Finetune:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Fine-tune as configured; returns the summary also written to ``out_dir/summary.json``."""
+        done = finished(self.checkpoints, self.out / "summary.json", resume)
+        if done is not None:
+            return done
         extra = self.setup(resume)
         before = {int(k): v for k, v in extra.get("before", {}).items()}
         if not before:
@@ -368,13 +378,6 @@ class Finetune:
         cfg = self.cfg
         self.ctx = setup_distributed()
         validate(cfg, self.ctx.world)
-        self.out = Path(cfg.out_dir)
-        self.checkpoints = Checkpoints(
-            self.out / "checkpoints",
-            config_stamp(cfg, _PRESENTATION),
-            keep=cfg.keep,
-            trainable_only=cfg.method == "lora",
-        )
         self.metrics = Metrics(self.out / "metrics.jsonl", active=self.ctx.main)
         start = claim(self.checkpoints, self.metrics.path, resume)
         if resume:
@@ -517,10 +520,10 @@ class Finetune:
         summary["perplexity_after"] = {str(k): v for k, v in after.items()}
         summary["eval_tokens"] = int(self.windows.numel())
         if self.ctx.main:
-            write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.plot(before, after)
             if cfg.progress:
                 self.print_table(before, after, summary)
+            write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: done
         self.ctx.barrier()
         return summary
 

@@ -7,9 +7,11 @@ the data position, and a run killed at any point and resumed sees the batches an
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,22 @@ class Checkpoints:
             scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         return state["step"], state["extra"]
+
+
+def finished(checkpoints: Checkpoints, summary: str | os.PathLike, resume: bool) -> dict | None:
+    """On ``resume``, the summary of a run that already finished (``summary``, the file a run
+    writes last, exists; its checkpoints' config is checked), so the recipe returns it instead
+    of redoing the end of the run; otherwise None.
+
+    Example:
+        >>> done = finished(Checkpoints(out / "checkpoints", stamp), out / "summary.json", True)  # doctest: +SKIP
+    """
+    summary = Path(summary)
+    if not resume or not summary.exists():
+        return None
+    checkpoints.check()
+    print(f"{summary.parent} holds a finished run: nothing to resume ({summary})", file=sys.stderr)
+    return json.loads(summary.read_text())
 
 
 def claim(checkpoints: Checkpoints, metrics: str | os.PathLike, resume: bool) -> int:
