@@ -74,7 +74,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def is_checkpoint_folder(path: Path) -> bool:
+def _is_checkpoint_folder(path: Path) -> bool:
     """Whether ``path`` holds only what a transformers, peft or odeify save writes (a config and
     weight, tokenizer and card files, no subfolders)."""
     entries = list(path.iterdir())
@@ -111,7 +111,7 @@ def check_target(path: str | os.PathLike, overwrite: bool = False, force: bool =
             f"{path} is the working directory or a parent of it; an overwrite would replace it "
             "whole: choose another folder (or pass force=True, CLI --force)"
         )
-    if any(path.iterdir()) and not is_checkpoint_folder(path):
+    if any(path.iterdir()) and not _is_checkpoint_folder(path):
         raise FileExistsError(
             f"{path} holds files that are not a model checkpoint; an overwrite would delete them: "
             "choose another folder (or pass force=True, CLI --force)"
