@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_text
+from ..atomic import atomic_file, write_text
 from .lyapunov import Lyapunov
 from .spectra import KINDS, Spectra
 
@@ -100,7 +100,8 @@ def plot_spectra(
     )
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format=path.suffix[1:] or "png", dpi=110)
     plt.close(fig)
     return path
 
@@ -188,7 +189,8 @@ def plot_tokens(
     curves.legend(fontsize=8, ncol=min(8, lyapunov.exponents.shape[1]))
     curves.grid(alpha=0.3)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format=path.suffix[1:] or "png", dpi=110)
     plt.close(fig)
     return path
 
