@@ -29,12 +29,8 @@ CHECKPOINT_PREFIX = "step-"
 # Version 2 holds only tensors and plain data (loads with weights_only=True); version 1 (no
 # "format" key) also held NumPy's RNG state as an array, read through an allow-list.
 FORMAT = 2
-_OLD_FORMAT_GLOBALS = [
-    np._core.multiarray._reconstruct,
-    np.ndarray,
-    np.dtype,
-    np.dtypes.UInt32DType,
-]
+_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy < 2
+_OLD_FORMAT_GLOBALS = [_MULTIARRAY._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _rng_state() -> dict[str, Any]:
