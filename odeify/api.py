@@ -137,7 +137,7 @@ def _ode_config(
     )
     resolve_solver(ode.scheme)
     if steps is not None:
-        check_steps(steps)
+        spans(check_steps(steps), ode.num_layers, ode.discrete_ends)
     probe = make_basis(ode.basis, ode.num_basis, ode.num_layers, **ode.basis_kwargs)
     if init == "random" and not probe.learned:
         raise ValueError(

@@ -255,6 +255,11 @@ class ODEBlock(WeightFunction):
             # torchdiffeq evaluates at times it picks; there is no per-step KV slot to fill.
             _claim_cache(run.cache, (solver.name, None), 0, x.shape[1])
             run.cache = None
+        if not solver.fixed_grid and x.dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"the adaptive solver {solver.name!r} cannot run a {x.dtype} model: its step-size "
+                "control underflows ('underflow in dt'); use model.float() or a fixed-grid scheme"
+            )
         field = _TorchdiffeqField(self, run)
         t = torch.tensor([0.0, 1.0], dtype=torch.float32, device=x.device)
         kwargs = {"method": solver.method}

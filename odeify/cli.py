@@ -18,6 +18,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .atomic import write_text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1, got {value}")
+    return value
 
 
 def _steps_list(text: str) -> list[int]:
@@ -37,7 +48,7 @@ def _convert_options(parser: argparse.ArgumentParser) -> None:
         "--basis", default="hat", help="hat | chebyshev | legendre | fourier (default: hat)"
     )
     parser.add_argument(
-        "--num-basis", type=int, default=None, help="K basis tensors (default: L, exact)"
+        "--num-basis", type=_positive_int, default=None, help="K basis tensors (default: L, exact)"
     )
     parser.add_argument(
         "--scheme", default="sequential", help="default scheme saved with the model"
@@ -59,16 +70,20 @@ def _report_fit(block) -> None:
 
 def cmd_convert(args) -> int:
     from . import get_block, odeify, save_pretrained
+    from .atomic import check_target
     from .loading import load_model
 
+    check_target(args.out, args.overwrite, args.force)  # before the minutes of converting
     model, tokenizer, ode = load_model(args.source, args.dtype)
     if ode:
-        raise SystemExit(f"{args.source} is already odeified")
+        raise ValueError(f"{args.source} is already odeified")
     start = time.perf_counter()
     odeify(model, basis=args.basis, num_basis=args.num_basis, scheme=args.scheme)
     print(f"converted in {time.perf_counter() - start:.1f} s")
     _report_fit(get_block(model))
-    save_pretrained(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    save_pretrained(
+        model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, force=args.force
+    )
     print(f"saved to {args.out}")
     return 0
 
@@ -83,8 +98,11 @@ def cmd_eval(args) -> int:
 
     model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer)
     if tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
-    ids = windows(tokenize(corpus(args.corpus), tokenizer), args.seq_len, args.max_windows)
+        raise ValueError(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
+    seq_len = _seq_len(args.seq_len, getattr(model.config, "max_position_embeddings", None))
+    ids = windows(tokenize(corpus(args.corpus), tokenizer), seq_len, args.max_windows)
+    if len(ids) == 0:
+        raise ValueError(f"{args.corpus} is shorter than one window of {seq_len} tokens")
     reference = {}
     if not ode:
         reference["original"] = perplexity(model, ids, batch_size=args.batch_size, desc="original")
@@ -109,8 +127,25 @@ def cmd_eval(args) -> int:
         )
         print(f"plot: {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"steps": results, "reference": reference}, indent=2))
+        write_text(args.json, json.dumps({"steps": results, "reference": reference}, indent=2))
     return 0
+
+
+def _seq_len(asked: int | None, positions: int | None) -> int:
+    """--seq-len, by default 512 clipped to the model's positions; more than it reads is refused."""
+    if asked is None:
+        if positions is not None and positions < 512:
+            print(
+                f"--seq-len {positions}: the model reads at most {positions} tokens",
+                file=sys.stderr,
+            )
+            return positions
+        return 512
+    if positions is not None and asked > positions:
+        raise ValueError(
+            f"--seq-len {asked} is more than the {positions} positions the model reads"
+        )
+    return asked
 
 
 def cmd_generate(args) -> int:
@@ -119,7 +154,7 @@ def cmd_generate(args) -> int:
 
     model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer)
     if tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
+        raise ValueError(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
     if not ode:
         odeify(model)
     block = get_block(model)
@@ -171,25 +206,25 @@ def _analysis_inputs(args):
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
-        raise SystemExit(
+        raise ValueError(
             f"--device {args.device!r} is not a torch device ({error}); try cpu or cuda"
         ) from None
     if args.threads is not None:
         if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else args.text
     if text is None or not text.strip():
-        raise SystemExit("the text is empty: pass the text to analyse with --text or --text-file")
+        raise ValueError("the text is empty: pass the text to analyse with --text or --text-file")
     model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer)
     if tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
+        raise ValueError(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     context = getattr(model.config, "max_position_embeddings", None)
     if ids.numel() == 0:
-        raise SystemExit("the text has no tokens after tokenisation: pass a longer --text")
+        raise ValueError("the text has no tokens after tokenisation: pass a longer --text")
     if context is not None and ids.numel() > context:
-        raise SystemExit(
+        raise ValueError(
             f"the text has {ids.numel()} tokens but {args.model} reads at most {context}: pass a "
             "shorter --text (Lyapunov exponents need the whole text in one forward pass)"
         )
@@ -201,22 +236,19 @@ def _analyse(args, model, ids, ode: bool):
     from . import get_block, odeify
     from .analysis import lyapunov, spectra
 
-    try:
-        layers = None
-        if not ode:
-            layers = spectra(model)
-            odeify(model, progress=False)
-            print(
-                f"{args.model} is not odeified: odeified it in memory (hat basis, exact at its "
-                f"{get_block(model).ode.num_layers} steps) for the spectra over t and the Lyapunov "
-                "exponents; the original layers' spectra are drawn as markers"
-            )
-        spectrum = spectra(model, times=args.times)
-        lam = lyapunov(
-            model, ids, steps=args.steps, scheme=args.scheme, k=args.top_k, refine=args.refine
+    layers = None
+    if not ode:
+        layers = spectra(model)
+        odeify(model, progress=False)
+        print(
+            f"{args.model} is not odeified: odeified it in memory (hat basis, exact at its "
+            f"{get_block(model).ode.num_layers} steps) for the spectra over t and the Lyapunov "
+            "exponents; the original layers' spectra are drawn as markers"
         )
-    except ValueError as error:
-        raise SystemExit(f"odeify analyze: {error}") from None
+    spectrum = spectra(model, times=args.times)
+    lam = lyapunov(
+        model, ids, steps=args.steps, scheme=args.scheme, k=args.top_k, refine=args.refine
+    )
     return spectrum, layers, lam
 
 
@@ -265,6 +297,12 @@ def _add_convert(sub) -> None:
     p.add_argument("source", help="'smollm2' (bundled), a transformers folder, or a .gguf file")
     p.add_argument("out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --overwrite, also replace a folder that is not a checkpoint, or the working "
+        "directory",
+    )
     _convert_options(p)
     p.set_defaults(func=cmd_convert)
 
@@ -284,9 +322,16 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--corpus", default="shakespeare:hamlet", help="'shakespeare[:plays]', a file or a folder"
     )
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    p.add_argument("--max-windows", type=int, default=4, help="windows evaluated (default 4)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=None,
+        help="tokens per window (default 512, or the model's positions if fewer)",
+    )
+    p.add_argument(
+        "--max-windows", type=_positive_int, default=4, help="windows evaluated (default 4)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer folder, or 'gpt2' (default: the model's)"
     )
@@ -300,9 +345,11 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the ODE model (KV-cached)")
     p.add_argument("model", help="an odeified folder, or any source 'convert' takes")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default: the model's)")
+    p.add_argument(
+        "--steps", type=_positive_int, default=None, help="solver steps (default: the model's)"
+    )
     p.add_argument("--scheme", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -317,7 +364,9 @@ def _add_demo(sub) -> None:
         "--out", default="out/demo", help="folder for results.json, the plot and the report"
     )
     p.add_argument("--play", default="hamlet")
-    p.add_argument("--tokens", type=int, default=2048, help="evaluation tokens (windows of 512)")
+    p.add_argument(
+        "--tokens", type=_positive_int, default=2048, help="evaluation tokens (windows of 512)"
+    )
     p.add_argument("--steps", type=_steps_list, default=[10, 15, 20, 24, 30, 36, 45, 60])
     p.set_defaults(func=cmd_demo)
 
@@ -336,7 +385,10 @@ def _add_analyze(sub) -> None:
         "--out", default="report", help="folder for the PNGs, index.html and analysis.json"
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="solver steps of the flow (default: the model's)"
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="solver steps of the flow (default: the model's)",
     )
     p.add_argument(
         "--scheme", default=None, help="native scheme of the flow (default: the model's)"
@@ -373,10 +425,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input raises in the library: reported as argparse reports a bad argument.
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with torch.no_grad():
-        return args.func(args)
+    """Run the ``odeify`` command; a user error prints one line ``odeify: error: ...`` to
+    stderr and exits with status 2, as argparse does for a bad argument.
+
+    Example:
+        >>> main(["convert", "smollm2", "out/smollm2-ode"])   # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with torch.no_grad():
+            return args.func(args)
+    except _USER_ERRORS as error:
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from .api import get_block, odeify
 from .api import steps as at_steps
 from .assets import load_smollm2
+from .atomic import write_text
 from .evaluate import perplexity
 from .train.data import corpus, tokenize, windows
 from .train.evaluate import sweep
@@ -86,8 +87,8 @@ def run_demo(
         f"greedy_at_{min(step_counts)}_steps": few_text,
         "seconds": round(time.perf_counter() - clock, 1),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(_report(results, curve, original_ppl, min(step_counts)))
+    write_text(out / "results.json", json.dumps(results, indent=2))
+    write_text(out / "report.md", _report(results, curve, original_ppl, min(step_counts)))
     print(_report(results, curve, original_ppl, min(step_counts)))
     print(f"wrote {out / 'results.json'}, {plot}, {out / 'report.md'}")
     return results

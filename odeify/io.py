@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,19 +12,31 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
+from .adapters import family_for
 from .api import get_block, odeify
+from .atomic import replace_folder
 from .config import FORMAT_VERSION, ODEConfig
 from .surgery import set_num_layers, stock_model
 
+CHECKSUM_FILE = "checksum.json"
+
 
 def save_pretrained(
-    model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write an odeified model (and optionally its tokenizer) to ``path`` atomically.
 
-    The files go to a temporary folder beside ``path`` that is renamed into place at the end, so
-    an interrupted save leaves no half-written checkpoint. ``model.save_pretrained(path)`` also
-    works (not atomically).
+    The files go to a temporary folder beside ``path``, are fsynced, and replace ``path`` only
+    once complete; an old model there is deleted after the new one is in place, so a kill at any
+    point leaves the old or the new model (see :mod:`odeify.atomic`). A checksum of the tensors
+    goes to ``checksum.json``, verified by :func:`from_pretrained`. An existing ``path`` needs
+    ``overwrite``; the working directory, a parent of it, or a folder holding anything but a
+    checkpoint also needs ``force``. ``model.save_pretrained(path)`` also works (not atomically,
+    no checksum).
 
     Example:
         >>> odeify.save_pretrained(model, "gpt2-ode")
@@ -34,23 +45,32 @@ def save_pretrained(
         ['config.json', 'generation_config.json', 'model.safetensors']
     """
     get_block(model)
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with replace_folder(path, overwrite, force) as tmp:
         model.save_pretrained(tmp)
+        # Of the tensors as written (tied weights once, in the saved dtype), read back.
+        digest = {
+            "sha256": tensor_checksum(_read_state(tmp)),
+            "fitted_with": _fitted_with(get_block(model).ode.to_dict()),
+        }
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(digest, indent=1) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
+
+
+def tensor_checksum(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order.
+
+    Example:
+        >>> tensor_checksum({"w": torch.zeros(2)})[:12]
+        '1b4484e4be5f'
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -70,10 +90,18 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path} has no model.safetensors (files present: {present})")
 
 
-def from_pretrained(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+def from_pretrained(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    verify: bool = True,
+) -> nn.Module:
     """Load a model saved after :func:`odeify.odeify`; needs nothing but the saved folder.
 
-    The round trip is bit-exact: same class, same ODE settings, same tensors and dtype.
+    The round trip is bit-exact: same class, same ODE settings, same tensors and dtype. Every
+    ODE setting is checked against the tensors it implies (family, layer count, basis kind and
+    K, learned time units); with ``verify`` the tensors' checksum written by
+    :func:`save_pretrained` is checked too (about a second for SmolLM2-135M; folders saved
+    without one load unchecked).
 
     Example:
         >>> _ = odeify.save_pretrained(model, "gpt2-ode")
@@ -82,6 +110,36 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         ('GPT2LMHeadModel', True)
     """
     path = Path(path)
+    ode, config = _read_config(path)
+    state = _read_state(path)
+    checksum = _read_checksum(path)
+    if checksum is not None:
+        _check_fitted_with(path, ode, checksum)
+        if verify and tensor_checksum(state) != checksum["sha256"]:
+            raise ValueError(
+                f"{path}: the tensors do not match the checksum written with them (the weight "
+                f"files were changed or corrupted); pass verify=False to load them anyway"
+            )
+    # A one-layer skeleton gives the block's parameter shapes without building L layers.
+    model = stock_model(config, 1)
+    family = family_for(model)
+    if family.name != ode.family:
+        raise ValueError(
+            f"{path}: config.json describes a {family.name} model but its odeify section says "
+            f"family {ode.family!r}"
+        )
+    dtype = next(t.dtype for k, t in state.items() if ".basis." in k)
+    model.to(dtype)
+    options = {k: v for k, v in ode.to_dict().items() if k not in ("family", "version")}
+    odeify(model, init="none", progress=False, **options)
+    set_num_layers(model.config, config.num_hidden_layers)
+    _load_state(path, model, state)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _read_config(path: Path) -> tuple[ODEConfig, transformers.PretrainedConfig]:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
     config_file = path / "config.json"
@@ -89,29 +147,77 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         raise FileNotFoundError(
             f"{path} has no config.json; is it a folder written by save_pretrained?"
         )
-    raw = json.loads(config_file.read_text())
-    settings = raw.get("odeify")
+    settings = json.loads(config_file.read_text()).get("odeify")
     if settings is None:
         raise ValueError(
             f"{config_file} has no 'odeify' section: it is a plain transformers checkpoint. Load it "
             "with AutoModelForCausalLM.from_pretrained and call odeify(model)."
+        )
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"{config_file}: the 'odeify' section must be a mapping of ODE settings, got "
+            f"{settings!r}"
         )
     if settings.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by odeify format version {settings.get('version')}; this odeify "
             f"reads version {FORMAT_VERSION}. Convert the original model again with this version."
         )
-    ode = ODEConfig.from_dict(settings)
-    state = _read_state(path)
-
+    try:
+        ode = ODEConfig.from_dict(settings)
+    except TypeError as error:  # a required field missing
+        raise ValueError(f"{config_file}: incomplete 'odeify' section ({error})") from None
     config = transformers.AutoConfig.from_pretrained(path)
-    # A one-layer skeleton gives the block's parameter shapes without building L layers.
-    model = stock_model(config, 1)
-    dtype = next(t.dtype for k, t in state.items() if ".basis." in k)
-    model.to(dtype)
-    options = {k: v for k, v in ode.to_dict().items() if k not in ("family", "version")}
-    odeify(model, init="none", progress=False, **options)
-    set_num_layers(model.config, config.num_hidden_layers)
+    if config.num_hidden_layers != ode.num_layers:
+        raise ValueError(
+            f"{config_file} describes {config.num_hidden_layers} layers but its odeify section "
+            f"says num_layers = {ode.num_layers}: one of them was edited"
+        )
+    return ode, config
+
+
+def _read_checksum(path: Path) -> dict | None:
+    file = path / CHECKSUM_FILE
+    if not file.exists():
+        return None  # saved before checksums, or by model.save_pretrained
+    try:
+        checksum = json.loads(file.read_text())
+        checksum["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{file} is not a checksum file written by odeify") from None
+    return checksum
+
+
+def _check_fitted_with(path: Path, ode: ODEConfig, checksum: dict) -> None:
+    """The settings that give the tensors their meaning, as saved beside them."""
+    saved = checksum.get("fitted_with", {})
+    now = _fitted_with(ode.to_dict())
+    differ = sorted(k for k in saved if saved[k] != now.get(k))
+    if differ:
+        pairs = ", ".join(f"{k} {now.get(k)!r} (saved with {saved[k]!r})" for k in differ)
+        raise ValueError(
+            f"{path}/config.json does not match the tensors saved with it: {pairs}; restore the "
+            "config or convert the model again"
+        )
+
+
+def _fitted_with(settings: dict) -> dict:
+    fields = ("family", "num_layers", "basis", "num_basis", "basis_kwargs")
+    return {k: v for k, v in settings.items() if k in fields}
+
+
+def _load_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (config implies {tuple(expected[k].shape)})"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{path} does not match its config (basis kind, num_basis or model size edited?): "
+            + "; ".join(wrong[:4])
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (lm_head = embeddings) are saved once; they are loaded through their twin.
     params = model.state_dict(keep_vars=True)
@@ -121,6 +227,3 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         raise ValueError(
             f"{path} does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
-    if device is not None:
-        model.to(device)
-    return model.eval()

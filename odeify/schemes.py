@@ -16,6 +16,9 @@ import torch
 from torch import Tensor
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
+# A sane bound on a step count: the grid's N weight sets (and KV slots) are allocated up front.
+MAX_STEPS = 100_000
+
 # torchdiffeq methods that walk a fixed grid (given a step size) rather than adapting it.
 _TORCHDIFFEQ_FIXED = (
     "euler",
@@ -129,11 +132,15 @@ def resolve_solver(name: str) -> Solver:
 
 
 def check_steps(steps) -> int:
-    """A step count must be an integer >= 1 (bools are refused)."""
+    """A step count must be an integer in [1, MAX_STEPS] (bools are refused)."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an integer >= 1, got {steps!r} ({type(steps).__name__})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(
+            f"steps must be at most {MAX_STEPS:,} (one weight set each), got {steps:,}"
+        )
     return int(steps)
 
 
@@ -153,6 +160,10 @@ def check_sample_steps(steps) -> Tensor:
         raise TypeError(f"per-sample steps must be integers, got dtype {counts.dtype}")
     if (counts < 1).any():
         raise ValueError(f"every per-sample step count must be >= 1, got {counts.tolist()}")
+    if (counts > MAX_STEPS).any():
+        raise ValueError(
+            f"per-sample step counts must be at most {MAX_STEPS:,}, got {counts.tolist()}"
+        )
     return counts.long()
 
 

@@ -21,6 +21,7 @@ weights (``materialize``, ``diffeqformer.random_init``, the spectra) is typed ag
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 
 import torch
@@ -28,8 +29,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .bases import make_basis
+from .bases import TimeBasis, make_basis
 from .weights import Weights, vectors_in_own_dtype
+
+# Relative residual above which a fit that K >= L makes exact is reported as not exact.
+EXACT_FIT_TOLERANCE = 1e-4
 
 # One low-rank update of a basis tensor [K, out, in]: (B [K, out, r], A [K, r, in], s), i.e.
 # dB_k = s B_k A_k, as peft's ``ParamWrapper.get_delta_factors`` returns it.
@@ -293,7 +297,9 @@ class WeightFunction(nn.Module):
             if c.shape[0] == c.shape[1] and torch.equal(c, torch.eye(c.shape[0], dtype=c.dtype)):
                 solution = flat  # the hat basis at its own nodes: a copy, bit-exact
             else:
-                solution = torch.linalg.lstsq(c, flat.double().cpu()).solution
+                # gelsd (SVD): deterministic, and the minimum-norm solution when K > L, where the
+                # default driver leaves large residuals on full-row-rank systems.
+                solution = torch.linalg.lstsq(c, flat.double().cpu(), driver="gelsd").solution
             basis.copy_(solution.reshape(basis.shape).to(basis.dtype))
         fitted = self.weights_at(layer_times)
         self.fit_residuals = {
@@ -301,7 +307,29 @@ class WeightFunction(nn.Module):
             for name in self.names
         }
         self._weight_cache = None
+        _warn_inexact(self.fit_residuals, next(iter(self.time_basis.values())), num_layers)
         return self.fit_residuals
+
+
+def _warn_inexact(residuals: Mapping[str, float], basis: TimeBasis, num_layers: int) -> None:
+    """K >= L promises a fit exact at every layer; say so when it is not, and when K > L
+    leaves a fixed basis undetermined between the layers (a learned one is trained there)."""
+    num_basis = basis.num_basis
+    if num_basis > num_layers and not basis.learned:
+        warnings.warn(
+            f"num_basis K = {num_basis} > L = {num_layers} layers: the layers do not determine "
+            "the basis tensors; the minimum-norm fit is exact at the layer times, but W(t) "
+            "between them is not fitted to anything (use K <= L)",
+            stacklevel=3,
+        )
+    worst = max(residuals, key=residuals.get)
+    if num_basis >= num_layers and residuals[worst] > EXACT_FIT_TOLERANCE:
+        warnings.warn(
+            f"the fit is not exact although K = {num_basis} >= L = {num_layers}: relative "
+            f"residual {residuals[worst]:.2e} for {worst} (the basis is ill-conditioned at this "
+            "K in the model's dtype; the hat basis is exact at K = L)",
+            stacklevel=3,
+        )
 
 
 def _relative_error(approx: Tensor, exact: Tensor) -> float:

@@ -73,11 +73,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import odeify as ode_lib
+from odeify.atomic import replace_folder, write_text
 from odeify.bases import BASES
 from odeify.loading import load_with_tokenizer
 from odeify.lora import lora_config
 from odeify.train import data
-from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.checkpoints import Checkpoints, claim, finished
 from odeify.train.config import config_stamp, launch, recipe_parser
 from odeify.train.cost import CostModel, steps_for_budget
 from odeify.train.distill import (
@@ -394,6 +395,13 @@ class AdaptDepth:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints",
+            config_stamp(cfg, _PRESENTATION),
+            keep=cfg.keep,
+            trainable_only=True,
+        )
 
     def check(self) -> None:
         """Every check of the config that needs no data and no model (one process)."""
@@ -401,6 +409,9 @@ class AdaptDepth:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Adapt (or train baseline (a)) as configured; returns what ``results.json`` holds."""
+        done = finished(self.checkpoints, self.out / "results.json", resume)
+        if done is not None:
+            return done
         extra = self.setup(resume)
         before = extra.get("before")
         if before is None:
@@ -416,11 +427,6 @@ class AdaptDepth:
         cfg = self.cfg
         self.ctx = setup_distributed()
         validate(cfg, self.ctx.world)
-        self.out = Path(cfg.out_dir)
-        stamp = config_stamp(cfg, _PRESENTATION)
-        self.checkpoints = Checkpoints(
-            self.out / "checkpoints", stamp, keep=cfg.keep, trainable_only=True
-        )
         self.metrics = Metrics(self.out / "metrics.jsonl", active=self.ctx.main)
         start = claim(self.checkpoints, self.metrics.path, resume)
         if resume:
@@ -580,7 +586,8 @@ class AdaptDepth:
         trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
         if cfg.train == "lora":
             if self.ctx.main:
-                self.student.save_pretrained(out / "adapter")
+                with replace_folder(out / "adapter", overwrite=True) as tmp:
+                    self.student.save_pretrained(tmp)
             self.student = self.student.merge_and_unload()  # what is evaluated, checked and saved
         after = self.evaluate(self.windows, self.counts, cfg.progress)
         if cfg.eval_every:
@@ -589,8 +596,7 @@ class AdaptDepth:
         results = self.results(before, after, trainable)
         if self.ctx.main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            (out / "report.md").write_text(report_table([results]))
+            write_text(out / "report.md", report_table([results]))
             plot_runs([results], out)
             if cfg.save_model:
                 ode_lib.save_pretrained(
@@ -598,6 +604,7 @@ class AdaptDepth:
                 )
             if cfg.progress:
                 print(report_table([results]))
+            write_text(out / "results.json", json.dumps(results, indent=2) + "\n")  # last: done
         self.ctx.barrier()
         return results
 
@@ -728,7 +735,7 @@ def compare(run_dirs: list[str], out: str, names: list[str] | None = None) -> st
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     table = report_table(runs) + key
-    (target / "report.md").write_text(table)
+    write_text(target / "report.md", table)
     plot_runs(runs, target)
     plot_budget(folders, target, [r["label"] for r in runs])
     return table

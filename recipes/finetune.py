@@ -62,11 +62,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import odeify as ode_lib
+from odeify.atomic import replace_folder, write_text
 from odeify.loading import load_with_tokenizer
 from odeify.lora import load_adapter, lora_config
 from odeify.surgery import is_odeified
 from odeify.train import data
-from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.checkpoints import Checkpoints, claim, finished
 from odeify.train.config import config_stamp, launch
 from odeify.train.distributed import setup_distributed, sync, wrap
 from odeify.train.evaluate import sweep
@@ -304,6 +305,13 @@ class Finetune:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints",
+            config_stamp(cfg, _PRESENTATION),
+            keep=cfg.keep,
+            trainable_only=cfg.method == "lora",
+        )
 
     def check(self) -> None:
         """Every check of the config that needs no data and no model (one process)."""
@@ -311,6 +319,9 @@ class Finetune:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Fine-tune as configured; returns the summary also written to ``out_dir/summary.json``."""
+        done = finished(self.checkpoints, self.out / "summary.json", resume)
+        if done is not None:
+            return done
         extra = self.setup(resume)
         before = {int(k): v for k, v in extra.get("before", {}).items()}
         if not before:
@@ -337,13 +348,6 @@ class Finetune:
         cfg = self.cfg
         self.ctx = setup_distributed()
         validate(cfg, self.ctx.world)
-        self.out = Path(cfg.out_dir)
-        self.checkpoints = Checkpoints(
-            self.out / "checkpoints",
-            config_stamp(cfg, _PRESENTATION),
-            keep=cfg.keep,
-            trainable_only=cfg.method == "lora",
-        )
         self.metrics = Metrics(self.out / "metrics.jsonl", active=self.ctx.main)
         start = claim(self.checkpoints, self.metrics.path, resume)
         if resume:
@@ -486,10 +490,10 @@ class Finetune:
         summary["perplexity_after"] = {str(k): v for k, v in after.items()}
         summary["eval_tokens"] = int(self.windows.numel())
         if self.ctx.main:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.plot(before, after)
             if cfg.progress:
                 self.print_table(before, after, summary)
+            write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: done
         self.ctx.barrier()
         return summary
 
@@ -497,13 +501,15 @@ class Finetune:
         """``adapter/`` (LoRA) or ``model/``; returns the adapter's size for the summary."""
         out = self.out
         if self.cfg.method == "lora":
-            model.save_pretrained(out / "adapter")
+            with replace_folder(out / "adapter", overwrite=True) as tmp:
+                model.save_pretrained(tmp)
             return {"adapter_bytes": (out / "adapter" / "adapter_model.safetensors").stat().st_size}
         if is_odeified(model):
             ode_lib.save_pretrained(model, out / "model", tokenizer=self.tokenizer, overwrite=True)
         else:
-            model.save_pretrained(out / "model")
-            self.tokenizer.save_pretrained(out / "model")
+            with replace_folder(out / "model", overwrite=True) as tmp:
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
         return {}
 
     def plot(self, before: dict[int, float], after: dict[int, float]) -> None:

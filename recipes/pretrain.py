@@ -57,9 +57,10 @@ from tqdm.auto import tqdm
 
 import odeify as ode_lib
 from odeify.assets import gpt2_tokenizer
+from odeify.atomic import replace_folder, write_text
 from odeify.surgery import block_stack
 from odeify.train import data
-from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.checkpoints import Checkpoints, claim, finished
 from odeify.train.config import config_stamp, launch
 from odeify.train.distributed import (
     StateView,
@@ -320,6 +321,10 @@ class Pretrain:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.name = "DiffEqFormer" if cfg.ode else "baseline"
+        self.out = Path(cfg.out_dir)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints", config_stamp(cfg, _PRESENTATION), keep=cfg.keep
+        )
 
     def check(self) -> None:
         """Every check of the config that needs no data and no model (one process)."""
@@ -327,6 +332,9 @@ class Pretrain:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train as configured; returns the summary also written to ``out_dir/summary.json``."""
+        done = finished(self.checkpoints, self.out / "summary.json", resume)
+        if done is not None:
+            return done
         self.setup(resume)
         self.train()
         final = self.evaluate(self.val_final, self.final_counts)
@@ -344,9 +352,6 @@ class Pretrain:
                 "precision bf16 on CPU is not supported for the ODE model: use fp32 (precision: "
                 "auto does) or a GPU"
             )
-        self.out = Path(cfg.out_dir)
-        stamp = config_stamp(cfg, _PRESENTATION)
-        self.checkpoints = Checkpoints(self.out / "checkpoints", stamp, keep=cfg.keep)
         self.metrics = Metrics(self.out / "metrics.jsonl", active=ctx.main)
         self.start = claim(self.checkpoints, self.metrics.path, resume)
         if resume:
@@ -428,8 +433,8 @@ class Pretrain:
         if not ctx.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(
-            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+        write_text(
+            self.out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
         )
         for label, c in self.counts.items():
             print(
@@ -577,7 +582,6 @@ class Pretrain:
         export_state = full_state(self.model, self.optimizer)[0] if cfg.export else None
         if ctx.main:
             self.metrics.log(event="final", step=cfg.max_steps, **summary)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.print_table(summary, final)
             plot_sweep(
                 {self.name: {k: math.exp(v) for k, v in final.items()}},
@@ -587,6 +591,7 @@ class Pretrain:
             if cfg.export:
                 export(cfg, self.hf_config, export_state, self.tokenizer, out / "model")
                 print(f"exported to {out / 'model'}")
+            write_text(out / "summary.json", json.dumps(summary, indent=2))  # last: the run is done
         ctx.barrier()
         return summary
 
@@ -610,8 +615,9 @@ def export(cfg: Config, hf_config, state: dict, tokenizer, path: Path) -> None:
     if cfg.ode:
         ode_lib.save_pretrained(model.eval(), path, tokenizer=tokenizer, overwrite=True)
     else:
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        with replace_folder(path, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The analysis report (PNGs, HTML, JSON) and the ``odeify analyze`` command."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -89,6 +90,8 @@ def test_cli_analyze(gpt2_folder, capsys):
         (["--text", TEXT, "--threads", "0"], "--threads must be >= 1"),
     ],
 )
-def test_cli_bad_input(gpt2_folder, tmp_path, extra, message):
-    with pytest.raises(SystemExit, match=message):
+def test_cli_bad_input(gpt2_folder, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["analyze", str(gpt2_folder / "ode"), "--out", str(tmp_path / "r"), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(f"odeify: error: .*{message}", err)

@@ -1,6 +1,7 @@
 """The odeify command: convert, eval (table, PNG, JSON), generate, and its errors."""
 
 import json
+import re
 
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -39,9 +40,20 @@ def test_convert_writes_a_loadable_model_and_reports_the_fit(source, tmp_path, c
     assert (converted / "tokenizer.json").exists() or (converted / "vocab.json").exists()
 
 
-def test_convert_refuses_to_overwrite(converted, source):
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        main(["convert", str(source), str(converted)])
+def _user_error(argv, capsys) -> str:
+    """A user error: status 2 and one line ``odeify: error: ...`` on stderr, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("odeify: error: ")
+    return errors[0]
+
+
+def test_convert_refuses_to_overwrite(converted, source, capsys):
+    assert "--overwrite" in _user_error(["convert", str(source), str(converted)], capsys)
     assert (
         main(
             [
@@ -108,9 +120,57 @@ def test_bad_step_lists_are_usage_errors(converted, steps):
     assert exit_info.value.code == 2
 
 
-def test_unknown_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a bundled model"):
-        main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")])
+def test_unknown_source(tmp_path, capsys):
+    err = _user_error(["convert", str(tmp_path / "nope"), str(tmp_path / "out")], capsys)
+    assert "not a bundled model" in err
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--corpus", "no/such/corpus.txt"], "corpus"),
+        (["--scheme", "warp"], "unknown scheme 'warp'"),
+        (["--seq-len", "4096"], "--seq-len 4096 is more than the 128 positions"),
+        (["--dtype", "float16", "--scheme", "dopri5"], "dopri5.*float16"),
+    ],
+)
+def test_eval_user_errors_are_one_line(converted, extra, match, capsys):
+    argv = ["eval", str(converted), "--steps", "3", "--max-windows", "1", *extra]
+    assert re.search(match, _user_error(argv, capsys))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "M", "--prompt", "x", "--steps", "0"],
+        ["eval", "M", "--seq-len", "0"],
+        ["eval", "M", "--max-windows", "0"],
+        ["eval", "M", "--batch-size", "0"],
+        ["convert", "M", "out", "--num-basis", "0"],
+    ],
+)
+def test_zero_counts_are_usage_errors(converted, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(converted) if a == "M" else a for a in argv])
+    assert exit_info.value.code == 2 and "integer >= 1" in capsys.readouterr().err
+
+
+def test_the_default_window_fits_a_model_with_fewer_positions(converted, capsys):
+    assert main(["eval", str(converted), "--steps", "3", "--max-windows", "1"]) == 0
+    assert "--seq-len 128" in capsys.readouterr().err
+
+
+def test_convert_checks_the_output_before_converting(source, tmp_path, capsys, monkeypatch):
+    import odeify.loading
+
+    monkeypatch.setattr(odeify.loading, "load_model", lambda *a: pytest.fail("converted first"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    err = _user_error(["convert", str(source), str(tmp_path / "taken"), "--overwrite"], capsys)
+    assert "not a model checkpoint" in err and "--force" in err
+    monkeypatch.chdir(tmp_path / "taken")
+    assert "working directory" in _user_error(["convert", str(source), ".", "--overwrite"], capsys)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 
 def test_version(capsys):

@@ -172,6 +172,8 @@ def test_refuses_mixed_layer_types(make_llama):
         ({"scheme": "rk5"}, "unknown scheme"),
         ({"steps": 0}, "steps must be >= 1"),
         ({"init": "random-ish"}, "init must be"),
+        ({"steps": 10**18}, "steps must be at most 100,000"),
+        ({"discrete_ends": 1, "steps": 2}, "discrete_ends = 1 a grid needs more than 2 steps"),
     ],
 )
 def test_bad_arguments_fail_before_any_change(make_gpt2, kwargs, match):

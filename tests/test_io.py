@@ -50,7 +50,9 @@ def test_save_refuses_to_overwrite_and_leaves_the_folder_alone(make_gpt2, tmp_pa
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_pretrained(model, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
-    save_pretrained(model, tmp_path, overwrite=True)
+    with pytest.raises(FileExistsError, match="not a model checkpoint.*force=True"):
+        save_pretrained(model, tmp_path, overwrite=True)
+    save_pretrained(model, tmp_path, overwrite=True, force=True)
     assert not (tmp_path / "keep.txt").exists() and from_pretrained(tmp_path) is not None
 
 

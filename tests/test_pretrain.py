@@ -7,13 +7,14 @@ Runs that need their own process are forked from this one (see tests/_launch.py)
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from _launch import RECIPES, argv, fork, join, recipe
+from _launch import RECIPES, argv, fork, join, recipe, records
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import odeify
@@ -261,3 +262,19 @@ def test_llama_family(tmp_path, cache, one_thread):
 )
 def test_shipped_configs_are_valid(path):
     assert pretrain.main(["--config", str(path), "--check"]).out_dir
+
+
+def test_a_finished_run_resumes_to_its_summary_and_a_moved_one_resumes(tmp_path, cache, single):
+    moved = tmp_path / "moved"
+    shutil.copytree(single, moved)
+    config = {**TINY, "token_cache": str(cache), "out_dir": str(moved)}
+    summary = (moved / "summary.json").read_text()
+    metrics = (moved / "metrics.jsonl").read_text()
+    assert pretrain.main([*argv(config), "--resume"]) == json.loads(summary)
+    assert (moved / "summary.json").read_text() == summary  # tokens_per_s kept, not null
+    assert (moved / "metrics.jsonl").read_text() == metrics  # no second "final" record
+    (moved / "summary.json").unlink()  # killed before the end: the copy resumes and finishes
+    resumed = pretrain.main([*argv(config), "--resume"])
+    expected = json.loads(summary)["final"]["perplexity"]
+    assert resumed["final"]["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert len([r for r in records(moved) if r.get("event") == "final"]) == 1

@@ -132,3 +132,11 @@ def test_model_to_another_dtype_after_conversion(make_llama):
     half = _logits(model)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adaptive_solvers_refuse_half_precision_naming_the_dtype(make_gpt2, dtype):
+    model = odeify(make_gpt2(), progress=False).to(dtype)
+    ids = torch.randint(1, 97, (1, 4))
+    with pytest.raises(ValueError, match=f"dopri5.*{dtype}.*model.float\\(\\)"):
+        model(ids, ode_steps=4, ode_scheme="dopri5", use_cache=False)

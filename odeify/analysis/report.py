@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file, write_text
 from .lyapunov import Lyapunov
 from .spectra import KINDS, Spectra
 
@@ -101,7 +102,8 @@ def plot_spectra(
     )
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format=path.suffix[1:] or "png", dpi=110)
     plt.close(fig)
     return path
 
@@ -195,7 +197,8 @@ def plot_tokens(
     curves.legend(fontsize=8, ncol=min(8, lyapunov.exponents.shape[1]))
     curves.grid(alpha=0.3)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format=path.suffix[1:] or "png", dpi=110)
     plt.close(fig)
     return path
 
@@ -297,10 +300,10 @@ def write_report(
         written["tokens"] = plot_tokens(lyapunov, tokens, out / "tokens.png", title)
         images = tuple(p.name for p in (written.get("spectra"), written["tokens"]) if p is not None)
         page = out / "index.html"
-        page.write_text(tokens_html(lyapunov, tokens, title, images), encoding="utf-8")
+        write_text(page, tokens_html(lyapunov, tokens, title, images))
         written["html"] = page
         numbers["lyapunov"] = lyapunov.to_dict(tokens)
     path = out / "analysis.json"
-    path.write_text(json.dumps(numbers, indent=1))
+    write_text(path, json.dumps(numbers, indent=1))
     written["json"] = path
     return written

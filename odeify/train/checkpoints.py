@@ -7,8 +7,12 @@ the data position, and a run killed at any point and resumed sees the batches an
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +20,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_file
+from .config import LOCATION_FIELDS
+
 CHECKPOINT_PREFIX = "step-"
 
 
+# Version 2 holds only tensors and plain data (loads with weights_only=True); version 1 (no
+# "format" key) also held NumPy's RNG state as an array, read through an allow-list.
+FORMAT = 2
+_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy < 2
+_OLD_FORMAT_GLOBALS = [_MULTIARRAY._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -31,11 +46,36 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's contents, never unpickling anything but tensors and plain data; a file that
+    cannot be read so is refused with a ValueError that says why."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (a save killed before it began writing?)")
+    try:
+        with torch.serialization.safe_globals(_OLD_FORMAT_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain data, which odeify never "
+            f"unpickles (crafted, or not written by odeify): {str(error).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated or corrupt: {error})"
+        ) from None
+    if not isinstance(state, dict) or not {"step", "config", "model"} <= set(state):
+        raise ValueError(f"{path} is not a checkpoint written by odeify's recipes")
+    return state
 
 
 class Checkpoints:
@@ -73,33 +113,34 @@ class Checkpoints:
         return {k: v for k, v in state.items() if k in trainable}
 
     def paths(self) -> list[Path]:
+        """The checkpoints in the folder, oldest first (files not named step-<int>.pt ignored)."""
         found = self.folder.glob(f"{CHECKPOINT_PREFIX}*.pt") if self.folder.exists() else []
-        return sorted(found, key=lambda p: int(p.stem[len(CHECKPOINT_PREFIX) :]))
+        numbered = [p for p in found if p.stem[len(CHECKPOINT_PREFIX) :].isdigit()]
+        return sorted(numbered, key=lambda p: int(p.stem[len(CHECKPOINT_PREFIX) :]))
 
     def save(
         self, step: int, model: nn.Module, optimizer, scheduler=None, extra: dict | None = None
     ) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{CHECKPOINT_PREFIX}{step}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(
-            {
-                "step": step,
-                "config": self.config,
-                "model": self._model_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "rng": _rng_state(),
-                "extra": extra or {},
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        state = {
+            "format": FORMAT,
+            "step": step,
+            "config": self.config,
+            "model": self._model_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "rng": _rng_state(),
+            "extra": extra or {},
+        }
+        with atomic_file(path, "wb") as f:
+            torch.save(state, f)
         for old in self.paths()[: -self.keep]:
             old.unlink()
         return path
 
     def _check_config(self, path: Path, config: dict[str, Any]) -> None:
+        # Where the run lives is no part of it: a moved or copied run folder resumes.
+        config = {k: v for k, v in config.items() if k not in LOCATION_FIELDS}
         if config != self.config:
             differ = sorted(
                 k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k)
@@ -109,10 +150,34 @@ class Checkpoints:
                 "the same config or start a new run folder"
             )
 
+    def _newest(self, mmap: bool = False) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable checkpoint and its contents; unreadable newer ones are skipped
+        with a warning, and when none is readable the error says what each one was."""
+        problems = []
+        for path in reversed(self.paths()):
+            try:
+                state = _load(path, mmap)
+            except ValueError as error:
+                problems.append(str(error))
+                continue
+            if problems:
+                warnings.warn(
+                    f"resuming from {path.name}, the newest readable checkpoint: "
+                    + "; ".join(problems),
+                    stacklevel=3,
+                )
+            return path, state
+        if problems:
+            raise ValueError(
+                f"no checkpoint in {self.folder} can be read: " + "; ".join(problems) + ". Start "
+                "the run again (without --resume, or in another out_dir)"
+            )
+        return None
+
     def check(self) -> int:
-        """The step of the newest checkpoint (0 when there is none), refusing one written under
-        another config. The file is memory-mapped, not read, so a recipe can refuse a wrong run
-        folder before any work.
+        """The step of the newest readable checkpoint (0 when there is none), refusing one
+        written under another config. The file is memory-mapped, not read, so a recipe can
+        refuse a wrong run folder before any work.
 
         Example:
             >>> optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -123,25 +188,26 @@ class Checkpoints:
             Traceback (most recent call last):
             ValueError: runs/x/step-100.pt was written under another config (differs in ['lr']); ...
         """
-        paths = self.paths()
-        if not paths:
+        newest = self._newest(mmap=True)
+        if newest is None:
             return 0
-        state = torch.load(paths[-1], map_location="cpu", weights_only=False, mmap=True)
-        self._check_config(paths[-1], state["config"])
+        path, state = newest
+        self._check_config(path, state["config"])
         return state["step"]
 
     def resume(self, model: nn.Module, optimizer, scheduler=None) -> tuple[int, dict]:
-        """Load the newest checkpoint; returns (step, extra), or (0, {}) when there is none."""
-        paths = self.paths()
-        if not paths:
+        """Load the newest readable checkpoint; returns (step, extra), or (0, {}) when there is
+        none."""
+        newest = self._newest()
+        if newest is None:
             return 0, {}
-        state = torch.load(paths[-1], map_location="cpu", weights_only=False)
-        self._check_config(paths[-1], state["config"])
+        path, state = newest
+        self._check_config(path, state["config"])
         if self.trainable_only:
             expected = self._model_state(model).keys()
             if state["model"].keys() != expected:
                 raise ValueError(
-                    f"{paths[-1]} holds other trainable tensors than this model "
+                    f"{path} holds other trainable tensors than this model "
                     f"({sorted(set(state['model']) ^ set(expected))[:4]} differ)"
                 )
             model.load_state_dict(state["model"], strict=False)
@@ -152,6 +218,22 @@ class Checkpoints:
             scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         return state["step"], state["extra"]
+
+
+def finished(checkpoints: Checkpoints, summary: str | os.PathLike, resume: bool) -> dict | None:
+    """On ``resume``, the summary of a run that already finished (``summary``, the file a run
+    writes last, exists; its checkpoints' config is checked), so the recipe returns it instead
+    of redoing the end of the run; otherwise None.
+
+    Example:
+        >>> done = finished(Checkpoints(out / "checkpoints", stamp), out / "summary.json", True)  # doctest: +SKIP
+    """
+    summary = Path(summary)
+    if not resume or not summary.exists():
+        return None
+    checkpoints.check()
+    print(f"{summary.parent} holds a finished run: nothing to resume ({summary})", file=sys.stderr)
+    return json.loads(summary.read_text())
 
 
 def claim(checkpoints: Checkpoints, metrics: str | os.PathLike, resume: bool) -> int:

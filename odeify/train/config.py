@@ -76,9 +76,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+# Where a run lives, not what it is: a run folder moved or copied elsewhere resumes.
+LOCATION_FIELDS = ("out_dir",)
+
+
 def config_stamp(cfg, presentation: tuple[str, ...] = ()) -> dict[str, Any]:
     """The config a run's checkpoints are stamped with, less the fields that only change how a
-    run looks (progress bars, threads): resuming under any other config is refused.
+    run looks (progress bars, threads) and where it lives (``out_dir``): resuming under any
+    other config is refused.
 
     Example:
         >>> from odeify.train.checkpoints import Checkpoints
@@ -91,7 +96,8 @@ def config_stamp(cfg, presentation: tuple[str, ...] = ()) -> dict[str, Any]:
         >>> Checkpoints("out/checkpoints", config_stamp(Config(), ("progress",))).check()
         0
     """
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in presentation}
+    dropped = (*presentation, *LOCATION_FIELDS)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in dropped}
 
 
 def recipe_parser(description: str) -> argparse.ArgumentParser:

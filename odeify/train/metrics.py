@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from ..atomic import write_text
+
 # Events a finished run logs once at its end: a resumed run logs them again.
 END_EVENTS = ("after", "final")
 
@@ -40,15 +42,18 @@ class Metrics:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
-        """Every record; a last line torn by a kill (half written) is left out."""
+        """Every record; a last line torn by a kill (half written, perhaps mid-character) is
+        left out."""
         if not self.path.exists():
             return []
         records = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
         return records
 
     def resume(self, step: int) -> None:
@@ -72,6 +77,4 @@ class Metrics:
             for r in self.read()
             if step and r.get("step", 0) <= step and r.get("event") not in END_EVENTS
         ]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

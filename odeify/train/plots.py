@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..atomic import atomic_file
 from .metrics import Metrics
 
 
@@ -64,7 +65,8 @@ def plot_sweep(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")  # a legend under the axes may be wider than them
+    with atomic_file(path, "wb") as f:  # a legend under the axes may be wider than them
+        fig.savefig(f, format=path.suffix[1:] or "png", bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -1,0 +1,136 @@
+"""Checkpoints of a run folder never run code on load, and resume survives what a kill or a
+stray file leaves: a corrupt newest checkpoint, a torn metrics line, a moved folder."""
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.config import config_stamp
+from odeify.train.metrics import Metrics
+
+
+def _trained():
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return model, optimizer, scheduler
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path):
+    model, optimizer, _ = _trained()
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"step": 999, "config": {}, "model": _Payload(marker)}, folder / "step-999.pt")
+    for call in (
+        lambda c: c.check(),
+        lambda c: c.resume(model, optimizer),
+    ):
+        with pytest.raises(ValueError, match="never unpickles"):
+            call(Checkpoints(folder, {}))
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(tmp_path):
+    model, optimizer, scheduler = _trained()
+    path = Checkpoints(tmp_path, {"lr": 0.1, "sizes": (1, 2)}).save(1, model, optimizer, scheduler)
+    torch.load(path, weights_only=True)  # what any reader can do safely
+    expected = random.random(), np.random.rand(), torch.rand(1)
+    Checkpoints(tmp_path, {"lr": 0.1, "sizes": (1, 2)}).resume(*_trained())
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(1), expected[2])
+
+
+def test_checkpoints_of_the_previous_format_still_resume(tmp_path):
+    model, optimizer, scheduler = _trained()
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    state = {
+        "step": 4,
+        "config": {"lr": 0.1, "out_dir": "/somewhere/else"},
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        "extra": {"tokens_seen": 40},
+    }
+    torch.save(state, tmp_path / "step-4.pt")
+    expected = np.random.rand()
+    assert Checkpoints(tmp_path, {"lr": 0.1}).resume(*_trained()) == (4, {"tokens_seen": 40})
+    assert np.random.rand() == expected
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    model, optimizer, _ = _trained()
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, keep=2)
+    ckpt.save(1, model, optimizer)
+    newest = ckpt.save(2, model, optimizer)
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="resuming from step-1.pt.*step-2.pt is not a readable"):
+        assert ckpt.check() == 1
+    with pytest.warns(UserWarning, match="step-1.pt"):
+        assert ckpt.resume(model, optimizer)[0] == 1
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [("step-5.pt", b"", "step-5.pt is empty"), ("step-5.pt", b"junk", "not a readable checkpoint")],
+)
+def test_an_empty_or_stray_checkpoint_is_named(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(
+        ValueError, match=f"no checkpoint in .* can be read: .*{match}.*Start the run again"
+    ):
+        Checkpoints(tmp_path, {}).check()
+
+
+def test_files_not_named_like_checkpoints_are_ignored(tmp_path):
+    model, optimizer, _ = _trained()
+    (tmp_path / "step-best.pt").write_bytes(b"mine")
+    Checkpoints(tmp_path, {"lr": 0.1}).save(3, model, optimizer)
+    assert Checkpoints(tmp_path, {"lr": 0.1}).check() == 3
+
+
+def test_a_moved_run_folder_resumes(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Config:
+        lr: float = 0.1
+        out_dir: str = "runs/a"
+
+    model, optimizer, _ = _trained()
+    Checkpoints(tmp_path / "a", config_stamp(Config())).save(2, model, optimizer)
+    os.rename(tmp_path / "a", tmp_path / "b")
+    moved = Checkpoints(tmp_path / "b", config_stamp(Config(out_dir=str(tmp_path / "b"))))
+    assert claim(moved, tmp_path / "b" / "metrics.jsonl", resume=True) == 2
+
+
+def test_a_torn_line_mid_character_is_left_out(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "note": "caf\xc3\xa9"}\n{"step": 2, "note": "caf\xc3')
+    metrics = Metrics(path)
+    assert [r["step"] for r in metrics.read()] == [1]
+    path.write_bytes(b'{"step": 1}\n12')  # a torn record that parses as a number
+    metrics.resume(1)
+    assert path.read_text() == '{"step": 1}\n'
+    assert pickle.dumps(metrics.read())

@@ -1,0 +1,154 @@
+"""Saving never loses a model or deletes what odeify did not write; a saved folder that
+contradicts itself (edited config, flipped bits) is refused on load."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from odeify import from_pretrained, odeify, save_pretrained
+from odeify.atomic import atomic_file, replace_folder, write_text
+
+IDS = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def model(make_gpt2):
+    return odeify(make_gpt2(), progress=False)
+
+
+def test_working_directory_and_its_parents_are_refused(model, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for target in (".", "..", str(work)):
+        with pytest.raises(FileExistsError, match="working directory"):
+            save_pretrained(model, target, overwrite=True)
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_overwriting_a_checkpoint_keeps_no_leftovers(model, tmp_path):
+    save_pretrained(model, tmp_path / "m")
+    save_pretrained(model, tmp_path / "m", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert from_pretrained(tmp_path / "m") is not None
+
+
+def test_a_failed_save_keeps_the_old_model(model, tmp_path):
+    save_pretrained(model, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with (
+        pytest.raises(RuntimeError, match="disk full"),
+        replace_folder(tmp_path / "m", overwrite=True) as tmp,
+    ):
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import odeify.atomic as atomic
+stage = sys.argv[2]
+real_rename = Path.rename
+def rename(self, target):
+    if stage == "between" and Path(target).name == Path(sys.argv[1]).name and "odeify-tmp" in self.name:
+        os.kill(os.getpid(), signal.SIGKILL)  # the old model set aside, the new one not yet in
+    return real_rename(self, target)
+Path.rename = rename
+with atomic.replace_folder(sys.argv[1], overwrite=True) as tmp:
+    (tmp / "config.json").write_text('{"new": true}')
+    if stage == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("stage", ["writing", "between"])
+def test_a_killed_save_leaves_a_model_and_the_next_save_cleans_up(tmp_path, stage):
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "config.json").write_text('{"old": true}')
+    script = tmp_path / "kill.py"
+    script.write_text(textwrap.dedent(_KILLED_SAVE))
+    run = subprocess.run([sys.executable, str(script), str(target), stage])
+    assert run.returncode == -signal.SIGKILL
+    assert len(list(tmp_path.glob(".m.odeify-*"))) >= 1  # what the killed save left
+    with replace_folder(target, overwrite=True) as tmp:
+        # The old model is back in place (or was never moved) before the next write starts.
+        assert json.loads((target / "config.json").read_text()) == {"old": True}
+        (tmp / "config.json").write_text('{"newer": true}')
+    assert json.loads((target / "config.json").read_text()) == {"newer": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kill.py", "m"]
+
+
+def test_write_text_replaces_whole_files_only(tmp_path):
+    target = tmp_path / "summary.json"
+    write_text(target, "old")
+    with pytest.raises(OSError, match="disk full"), atomic_file(target) as f:
+        f.write("half")
+        raise OSError("disk full")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def _edit_config(folder, edit):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+    save_pretrained(model, tmp_path / "m")
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda c: c["odeify"].update(basis="chebyshev"),
+            "basis 'chebyshev' \\(saved with 'hat'\\)",
+        ),
+        (lambda c: c["odeify"].update(num_layers=8), "describes 4 layers.*num_layers = 8"),
+        (lambda c: c.update(odeify="x"), "must be a mapping"),
+        (lambda c: c["odeify"].pop("num_layers"), "incomplete 'odeify' section"),
+        (lambda c: c["odeify"].update(family="llama"), "family 'llama'"),
+    ],
+)
+def test_a_config_that_contradicts_its_tensors_is_refused(saved, edit, match):
+    _edit_config(saved, edit)
+    with pytest.raises(ValueError, match=match):
+        from_pretrained(saved)
+
+
+def test_a_changed_tensor_fails_the_checksum(saved):
+    state = load_file(saved / "model.safetensors")
+    name = next(k for k in state if ".basis." in k)
+    state[name].view(torch.int32).view(-1)[0] ^= 1 << 30  # one flipped bit
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="do not match the checksum.*verify=False"):
+        from_pretrained(saved)
+    assert from_pretrained(saved, verify=False) is not None
+
+
+def test_folders_saved_without_a_checksum_still_load(saved, model):
+    (saved / "checksum.json").unlink()
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(saved)(IDS).logits, model.eval()(IDS).logits)
+
+
+def test_basis_edit_without_a_checksum_file_is_caught_by_shapes(saved):
+    (saved / "checksum.json").unlink()
+    _edit_config(saved, lambda c: c["odeify"].update(basis="fourier", num_basis=3))
+    with pytest.raises(ValueError, match="does not match"):
+        from_pretrained(saved)
