@@ -42,7 +42,7 @@ def save_pretrained(
         >>> odeify.save_pretrained(model, "gpt2-ode")
         PosixPath('gpt2-ode')
         >>> sorted(p.name for p in Path("gpt2-ode").iterdir())
-        ['config.json', 'generation_config.json', 'model.safetensors']
+        ['checksum.json', 'config.json', 'generation_config.json', 'model.safetensors']
     """
     get_block(model)
     with replace_folder(path, overwrite, force) as tmp:
