@@ -12,10 +12,12 @@ Features:
   ``time_features``, E = ``time_directions``, unit width ``time_hidden``), norms starting at the
   identity, biases at zero. ``ode: false`` trains the same config without odeify (the
   baseline). Parameter counts of both are printed.
-- Data: a corpus spec (``shakespeare``, ``shakespeare:hamlet,...``, a text file or folder,
-  ``hf:NAME[:CONFIG[:SPLIT]]``), held-out documents (``heldout``: e.g. a few plays) or a
-  held-out fraction, each split tokenised once into a cached uint16/uint32 memmap; GPT-2 BPE
-  or any tokenizer folder. Batches are a pure function of (seed, step).
+- Data: a corpus spec (``shakespeare``, ``shakespeare:hamlet,...``, a text, ``.jsonl`` file or
+  folder, ``hf:NAME[:CONFIG[:SPLIT]]``, streamed), held-out documents (``heldout``: e.g. a few
+  plays) or a held-out fraction, each split streamed once through ``data_workers`` tokenising
+  processes into cached token shards (``odeify.train.shards``; rank 0 prepares, the others wait)
+  that are read memory-mapped; GPT-2 BPE or any tokenizer folder. Batches are a pure function of
+  (seed, step).
 - Training: AdamW with weight decay on matrices only (norms, biases, time units excluded),
   linear warmup + cosine decay, gradient clipping, gradient accumulation, bf16 autocast where
   the device supports it (``precision: auto``), optional ``torch.compile``, per-step activation
