@@ -2,6 +2,7 @@
 
     python benchmarks/measure_data.py corpus /tmp/odeify-data --sizes 0.1 0.5 2   # write text
     python benchmarks/measure_data.py run /tmp/odeify-data --sizes 0.1 0.5 2 --json out.json
+    python benchmarks/measure_data.py watch PID SHARD_FOLDER 10   # RSS during one preparation
     rm -r /tmp/odeify-data                                                        # afterwards
 
 ``corpus`` writes, for each size in GB, a folder of the bundled plays with their lines shuffled
@@ -126,9 +127,33 @@ def run(root: Path, sizes: list[float]) -> list[dict]:
     return results
 
 
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def watch(pid: int, folder: Path, every: float) -> None:
+    """Sample a running preparation (process ``pid`` and its workers) until it ends: resident
+    memory of each against the tokens written so far (listed shards plus the open one)."""
+    peak = {"main": 0.0, "workers": 0.0}
+    while Path(f"/proc/{pid}").exists():
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            main, workers = _rss_mib(pid), [_rss_mib(int(c)) for c in children]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        written = sum(p.stat().st_size for p in folder.glob("shard-*")) // 2
+        peak = {"main": max(peak["main"], main), "workers": max([peak["workers"], *workers])}
+        sample = {"time": time.time(), "tokens": written, "main_rss_mib": main}
+        print(json.dumps({**sample, "workers_rss_mib": workers, "peak": peak}), flush=True)
+        time.sleep(every)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["corpus", "run", "step"])
+    parser.add_argument("what", choices=["corpus", "run", "step", "watch"])
     parser.add_argument("args", nargs="+")
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.5, 2.0])
     parser.add_argument("--workers", type=int, default=1)
@@ -140,6 +165,8 @@ def main() -> None:
     elif args.what == "step":
         kind, folder, scratch = args.args
         print(json.dumps(step(kind, folder, scratch, args.workers, args.batches)))
+    elif args.what == "watch":
+        watch(int(args.args[0]), Path(args.args[1]), float(args.args[2]))
     else:
         results = run(Path(args.args[0]), args.sizes)
         if args.json:

@@ -125,7 +125,7 @@ def prepare(
 
     Example:
         >>> tokens = prepare("shakespeare", gpt2_tokenizer(), "data/plays", workers=2)   # doctest: +SKIP
-        prepared shakespeare: 38 documents, 1,647,412 tokens in 1 shard (3.3 MB) ...
+        prepared shakespeare: 38 documents, 1,721,820 tokens in 1 shard(s) (3.4 MB), ...
     """
     docs = spec if isinstance(spec, Documents) else Documents(spec)
     out = Path(out_dir)
