@@ -3,6 +3,7 @@
     python benchmarks/measure_data.py corpus /tmp/odeify-data --sizes 0.1 0.5 2   # write text
     python benchmarks/measure_data.py run /tmp/odeify-data --sizes 0.1 0.5 2 --json out.json
     python benchmarks/measure_data.py watch PID SHARD_FOLDER 10   # RSS during one preparation
+    python benchmarks/measure_data.py throughput /tmp/odeify-data --sizes 0.03 --json t.json
     rm -r /tmp/odeify-data                                                        # afterwards
 
 ``corpus`` writes, for each size in GB, a folder of the bundled plays with their lines shuffled
@@ -50,6 +51,11 @@ def write_corpus(root: Path, sizes: list[float]) -> None:
         print(f"{folder}: {copy} files, {written / 1e9:.2f} GB")
 
 
+def _cpu_seconds(who) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _peaks() -> dict[str, float]:
     mib = lambda who: resource.getrusage(who).ru_maxrss / 1024
     return {
@@ -66,7 +72,7 @@ def step(kind: str, folder: str, scratch: str, workers: int, batches: int) -> di
     from odeify.train import data, shards
 
     tokenizer = gpt2_tokenizer()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     if kind == "today":
         tokens = data.tokenize(data.corpus(folder), tokenizer, cache=Path(scratch))
         result = {"tokens": len(tokens)}
@@ -77,7 +83,7 @@ def step(kind: str, folder: str, scratch: str, workers: int, batches: int) -> di
             if sum(map(len, batch)) >= shards.BATCH_CHARS:
                 batches_of_text, batch = [*batches_of_text, batch], []
         batches_of_text.append(batch)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         encoded = (backend.encode_batch(b, add_special_tokens=False) for b in batches_of_text)
         result = {"tokens": sum(len(e.ids) for b in encoded for e in b)}
     elif kind == "prepare":
@@ -89,7 +95,7 @@ def step(kind: str, folder: str, scratch: str, workers: int, batches: int) -> di
         else:
             tokens = shards.Shards(folder, tokenizer)
         loader = data.Batches(tokens, batch_size=16, seq_len=1024, seed=0)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         for i in range(batches):
             loader.get(i)
         result = {
@@ -97,7 +103,15 @@ def step(kind: str, folder: str, scratch: str, workers: int, batches: int) -> di
             "ms_per_batch": 1e3 * (time.perf_counter() - began) / batches,
         }
     seconds = time.perf_counter() - began
-    return {**result, "seconds": seconds, "tokens_per_s": result["tokens"] / seconds, **_peaks()}
+    # CPU seconds (this process, and the pool's workers once reaped) do not depend on how many
+    # other jobs share the cores, as wall-clock seconds do.
+    cpu = {
+        "cpu_s": time.process_time() - cpu,
+        "workers_cpu_s": _cpu_seconds(resource.RUSAGE_CHILDREN),
+    }
+    rates = {"tokens_per_s": result["tokens"] / seconds}
+    rates["tokens_per_cpu_s"] = result["tokens"] / (cpu["cpu_s"] + cpu["workers_cpu_s"])
+    return {**result, "seconds": seconds, **rates, **cpu, **_peaks()}
 
 
 def _child(kind: str, folder, scratch, workers: int = 1, batches: int = 300) -> dict:
@@ -107,6 +121,19 @@ def _child(kind: str, folder, scratch, workers: int = 1, batches: int = 300) -> 
     result = json.loads(out.strip().splitlines()[-1])
     print(f"{kind:>8} {Path(folder).name:>8} workers={workers}: {json.dumps(result)}", flush=True)
     return {"kind": kind, "corpus": str(folder), "workers": workers, **result}
+
+
+def throughput(root: Path, size: float) -> list[dict]:
+    """The tokenizer's own batch call, and prepare with 1 and 2 workers, on one corpus."""
+    scratch = Path(tempfile.mkdtemp(prefix="odeify-shards-"))
+    try:
+        results = [_child("backend", root / f"{size}GB", scratch)]
+        for workers in (1, 2):
+            folder = root / f"{size}GB"
+            results.append(_child("prepare", folder, scratch / f"w{workers}", workers=workers))
+    finally:
+        shutil.rmtree(scratch)
+    return results
 
 
 def run(root: Path, sizes: list[float]) -> list[dict]:
@@ -153,7 +180,7 @@ def watch(pid: int, folder: Path, every: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["corpus", "run", "step", "watch"])
+    parser.add_argument("what", choices=["corpus", "run", "step", "watch", "throughput"])
     parser.add_argument("args", nargs="+")
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.5, 2.0])
     parser.add_argument("--workers", type=int, default=1)
@@ -168,7 +195,8 @@ def main() -> None:
     elif args.what == "watch":
         watch(int(args.args[0]), Path(args.args[1]), float(args.args[2]))
     else:
-        results = run(Path(args.args[0]), args.sizes)
+        measure = run if args.what == "run" else lambda root, sizes: throughput(root, sizes[0])
+        results = measure(Path(args.args[0]), args.sizes)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -46,7 +46,7 @@ class Documents:
         self.path = Path(spec).expanduser()
         if spec == "shakespeare" or spec.startswith("shakespeare:"):
             names = spec.split(":", 1)[1].split(",") if ":" in spec else list(plays())
-            self.kind, self.plays = "plays", sorted(n.strip() for n in names if n.strip())
+            self.kind, self.plays = "plays", sorted({n.strip() for n in names if n.strip()})
             unknown = sorted(set(self.plays) - set(plays()))
             if unknown:
                 raise ValueError(f"unknown plays {unknown}; choose among {', '.join(plays())}")
