@@ -144,7 +144,7 @@ def prepare(
     writer = _Writer(out, index, shard_tokens)
     began, tokens_before = time.perf_counter(), index["tokens"]
     bar = tqdm(
-        desc=f"preparing {out.name}",
+        desc="tokenising" + (" the held-out part" if part is not None and part.held else ""),
         unit="tok",
         unit_scale=True,
         initial=index["tokens"],
@@ -297,8 +297,9 @@ def _start(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
     one (an unfinished run of another identity is discarded; a finished one is an error)."""
     index = _read_index(out)
     if index is not None and {k: index.get(k) for k in identity} == identity:
-        for stray in out.glob("*.tmp"):
-            stray.unlink()
+        if not index["complete"]:
+            for stray in out.glob("*.tmp"):  # the shard being written when the run stopped
+                stray.unlink()
         return index
     if index is not None and index["complete"]:
         changed = sorted(k for k in identity if index.get(k) != identity[k])
