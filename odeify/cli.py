@@ -1,10 +1,11 @@
-"""The ``odeify`` command: convert, eval, generate, demo.
+"""The ``odeify`` command: convert, eval, generate, demo, analyze, prepare.
 
 odeify convert smollm2 out/smollm2-ode            # or a transformers folder, or a .gguf file
 odeify eval out/smollm2-ode --steps 15,30,60 --plot out/ppl.png
 odeify generate out/smollm2-ode --prompt "To be, or not" --steps 30
 odeify demo                                       # the main job on the bundled defaults
 odeify analyze smollm2 --text "To be, or not to be" --out report/
+odeify prepare corpus/ data/tokens --tokenizer gpt2 --workers 8   # token shards for pretraining
 """
 
 from __future__ import annotations
@@ -184,6 +185,25 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.out), play=args.play, tokens=args.tokens, step_counts=args.steps)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .train import data, shards
+
+    docs = data.Documents(args.corpus)
+    tokenizer = data.load_tokenizer(args.tokenizer, docs)
+    options = {"workers": args.workers, "progress": not args.quiet}
+    if not (args.heldout or args.heldout_fraction):
+        size = args.shard_tokens or shards.SHARD_TOKENS
+        shards.prepare(docs, tokenizer, args.out, shard_tokens=size, **options)
+        return 0
+    heldout = [n for n in (args.heldout or "").split(",") if n]
+    split = data.Split(docs.names(), heldout, args.heldout_fraction or 0.0, args.corpus)
+    for part in (split.train, split.held):
+        prepared = shards.cached(docs, tokenizer, part, args.out, **options)
+        print(f"{'held out' if part.held else 'training'}: {prepared.folder}")
+    print(f"pretrain on them with: --set token_cache={args.out}")
     return 0
 
 
@@ -414,13 +434,40 @@ def _add_analyze(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="tokenise a corpus into token shards (streamed, in worker processes)"
+    )
+    p.add_argument(
+        "corpus", help="'shakespeare[:plays]', a text or .jsonl file, a folder, or 'hf:NAME'"
+    )
+    p.add_argument("out", help="folder for the shards and index.json")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2', 'char', or a tokenizer folder")
+    p.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
+    p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 2^26)")
+    p.add_argument(
+        "--heldout",
+        default=None,
+        help="comma-separated held-out documents: prepare the "
+        "pretrain recipe's two splits into OUT as its token_cache",
+    )
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=None,
+        help="as --heldout, a share of the documents",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="odeify", description="Continuous-depth (neural-ODE) transformers."
     )
     parser.add_argument("--version", action="version", version=f"odeify {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, _add_eval, _add_generate, _add_demo, _add_analyze):
+    for add in (_add_convert, _add_eval, _add_generate, _add_demo, _add_analyze, _add_prepare):
         add(sub)
     return parser
 

@@ -12,10 +12,12 @@ Features:
   ``time_features``, E = ``time_directions``, unit width ``time_hidden``), norms starting at the
   identity, biases at zero. ``ode: false`` trains the same config without odeify (the
   baseline). Parameter counts of both are printed.
-- Data: a corpus spec (``shakespeare``, ``shakespeare:hamlet,...``, a text file or folder,
-  ``hf:NAME[:CONFIG[:SPLIT]]``), held-out documents (``heldout``: e.g. a few plays) or a
-  held-out fraction, each split tokenised once into a cached uint16/uint32 memmap; GPT-2 BPE
-  or any tokenizer folder. Batches are a pure function of (seed, step).
+- Data: a corpus spec (``shakespeare``, ``shakespeare:hamlet,...``, a text, ``.jsonl`` file or
+  folder, ``hf:NAME[:CONFIG[:SPLIT]]``, streamed), held-out documents (``heldout``: e.g. a few
+  plays) or a held-out fraction, each split streamed once through ``data_workers`` tokenising
+  processes into cached token shards (``odeify.train.shards``; rank 0 prepares, the others wait)
+  that are read memory-mapped; GPT-2 BPE or any tokenizer folder. Batches are a pure function of
+  (seed, step).
 - Training: AdamW with weight decay on matrices only (norms, biases, time units excluded),
   linear warmup + cosine decay, gradient clipping, gradient accumulation, bf16 autocast where
   the device supports it (``precision: auto``), optional ``torch.compile``, per-step activation
@@ -56,12 +58,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import odeify as ode_lib
-from odeify.assets import gpt2_tokenizer
 from odeify.atomic import replace_folder, write_text
 from odeify.surgery import block_stack
-from odeify.train import data
+from odeify.train import data, shards
 from odeify.train.checkpoints import Checkpoints, claim, finished
 from odeify.train.config import config_stamp, launch
+from odeify.train.data import load_tokenizer
 from odeify.train.distributed import (
     StateView,
     full_state,
@@ -77,7 +79,7 @@ from odeify.train.plots import plot_sweep
 from odeify.train.sampler import StepSampler
 
 # Keys that change what a run prints, not what it computes: a resume may change them.
-_PRESENTATION = ("progress", "log_every")
+_PRESENTATION = ("progress", "log_every", "data_workers")
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Config:
     heldout: list[str] = field(default_factory=list)  # held-out document names, e.g. plays
     heldout_fraction: float = 0.05  # without names: this share of the documents
     token_cache: str | None = None  # None: ~/.cache/odeify/tokens
+    data_workers: int = 1  # processes that tokenise the corpus into shards (once, then cached)
     # optimisation
     seq_len: int = 128
     batch_size: int = 16  # global, in sequences per optimizer step
@@ -196,21 +199,6 @@ def validate(cfg: Config, world: int) -> None:
 
 
 # -------------------------------------------------------------------------------------- data
-def load_tokenizer(spec: str, docs: dict[str, str]):
-    """The offline GPT-2 BPE for 'gpt2', characters for 'char' (the character set of all of
-    ``docs``, held-out ones included, so validation has no unknown tokens), else a folder's."""
-    if spec == "gpt2":
-        return gpt2_tokenizer()
-    if spec == "char":
-        return data.char_tokenizer(docs)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(spec)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {spec} has no EOS token to separate documents")
-    return tokenizer
-
-
 # ------------------------------------------------------------------------------------- model
 def model_config(cfg: Config, tokenizer):
     """The transformers config both models share."""
@@ -362,15 +350,17 @@ class Pretrain:
 
     def setup_data(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        docs = data.corpus(cfg.corpus)
-        self.train_docs, self.val_docs = data.split(
-            docs, cfg.heldout, cfg.heldout_fraction, cfg.corpus
-        )
+        docs = data.Documents(cfg.corpus)
+        self.split = data.Split(docs.names(), cfg.heldout, cfg.heldout_fraction, cfg.corpus)
         self.tokenizer = load_tokenizer(cfg.tokenizer, docs)
         cache = data.CACHE if cfg.token_cache is None else Path(cfg.token_cache)
+        # Rank 0 prepares (or finds) the shards; the others wait for it, then only read them.
         with ctx.main_first():
-            self.train_tokens = data.tokenize(self.train_docs, self.tokenizer, cache)
-            self.val_tokens = data.tokenize(self.val_docs, self.tokenizer, cache)
+            shown = ctx.main and cfg.progress
+            self.train_tokens, self.val_tokens = (
+                shards.cached(docs, self.tokenizer, part, cache, cfg.data_workers, shown)
+                for part in (self.split.train, self.split.held)
+            )
         self.batches = data.Batches(self.train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
         val_all = data.windows(self.val_tokens, cfg.seq_len + 1)
         windows_each = min(cfg.eval_windows, len(val_all))
@@ -443,9 +433,9 @@ class Pretrain:
             )
         print(
             f"training {self.name} ({cfg.family}, d={cfg.d_model}, L={cfg.n_layer}) on "
-            f"{len(self.train_tokens):,} tokens of {len(self.train_docs)} documents; validation "
-            f"{len(self.val_tokens):,} tokens of {len(self.val_docs)} "
-            f"({', '.join(sorted(self.val_docs)[:6])}); "
+            f"{len(self.train_tokens):,} tokens of {self.train_tokens.documents:,} documents; "
+            f"validation {len(self.val_tokens):,} tokens of {self.val_tokens.documents:,}"
+            f" ({self.split.describe()}); "
             f"{ctx.world} process(es) on {ctx.device.type}, {'bf16' if self.bf16 else 'fp32'}"
             + (f", resuming at step {self.start}" if self.start else "")
         )

@@ -18,7 +18,7 @@ from _launch import RECIPES, argv, fork, join, recipe, records
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import odeify
-from odeify.train import data
+from odeify.train import data, shards
 
 pretrain = recipe("pretrain")
 
@@ -51,11 +51,11 @@ TINY = {
 def cache(tmp_path_factory):
     """A token cache filled once here, so forked runs only read it."""
     folder = tmp_path_factory.mktemp("tokens")
-    docs = data.corpus(TINY["corpus"])
-    train, val = data.split(docs, TINY["heldout"])
-    tokenizer = data.char_tokenizer(docs)
-    data.tokenize(train, tokenizer, folder)
-    data.tokenize(val, tokenizer, folder)
+    docs = data.Documents(TINY["corpus"])
+    split = data.Split(docs.names(), TINY["heldout"])
+    tokenizer = data.load_tokenizer(TINY["tokenizer"], docs)
+    for part in (split.train, split.held):
+        shards.cached(docs, tokenizer, part, folder, progress=False)
     return folder
 
 

@@ -1,0 +1,179 @@
+"""Token shards: streamed preparation in worker processes, resumption, bad input, the loader."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _launch import fork, join
+
+from odeify.assets import gpt2_tokenizer
+from odeify.cli import main as cli
+from odeify.train import data, shards
+from odeify.train.distributed import setup_distributed, teardown
+
+PLAYS = "shakespeare:hamlet,macbeth,othello"
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A small folder corpus: 12 documents of a few hundred characters."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i in range(12):
+        where = root / "sub" if i % 3 == 0 else root
+        (where / f"doc{i:02d}.txt").write_text(f"Document {i}. " + "To be, or not to be. " * i)
+    return root
+
+
+def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2):
+    """Shakespeare through shards (several of them, two workers) equals today's tokenize()."""
+    docs = data.Documents(PLAYS)
+    split = data.Split(docs.names(), ["macbeth"])
+    train_docs, held_docs = data.split(data.corpus(PLAYS), ["macbeth"])
+    today = data.tokenize(train_docs, gpt2, cache=None)
+    options = {"workers": 2, "part": split.train, "shard_tokens": 20_000, "batch_chars": 9_000}
+    ours = shards.prepare(docs, gpt2, tmp_path / "train", **options)
+    assert len(ours.maps) == 2 and ours.documents == 2  # a shard holds whole documents
+    assert np.array_equal(ours[0 : len(ours)], today)
+    held = shards.prepare(docs, gpt2, tmp_path / "held", part=split.held, progress=False)
+    assert np.array_equal(held[0 : len(held)], data.tokenize(held_docs, gpt2, cache=None))
+    a, b = data.Batches(today, 8, 64, seed=3), data.Batches(ours, 8, 64, seed=3)
+    for step in range(20):
+        assert torch.equal(a.get(step)[0], b.get(step)[0])
+        assert torch.equal(a.get(step, rank=1, world=2)[1], b.get(step, rank=1, world=2)[1])
+    assert torch.equal(data.windows(today, 65), data.windows(ours, 65))
+
+
+def test_reused_then_resumed_after_a_crash(tmp_path, folder, monkeypatch):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    clean = shards.prepare(
+        str(folder), tokenizer, tmp_path / "clean", shard_tokens=300, batch_chars=200
+    )
+    again = shards.prepare(
+        str(folder), tokenizer, tmp_path / "clean", shard_tokens=300, batch_chars=200
+    )
+    assert again.index["digest"] == clean.index["digest"]
+
+    out, closed, close = tmp_path / "crashed", [], shards._Writer.close_shard
+
+    def killed_at_the_third_shard(writer):
+        closed.append(writer.name)
+        if len(closed) == 3:
+            raise RuntimeError("killed")
+        close(writer)
+
+    monkeypatch.setattr(shards._Writer, "close_shard", killed_at_the_third_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        shards.prepare(str(folder), tokenizer, out, shard_tokens=300, batch_chars=200)
+    assert (out / "shard-00002.uint16.tmp").exists()  # written, never listed
+    listed = json.loads((out / "index.json").read_text())
+    assert not listed["complete"] and len(listed["shards"]) == 2 and 0 < listed["read"] < 12
+    with pytest.raises(ValueError, match="unfinished"):
+        shards.Shards(out)
+    monkeypatch.undo()
+
+    encoded = []
+    encode = shards._Encoder.__call__
+    monkeypatch.setattr(shards._Encoder, "__call__", lambda s, t: encoded.extend(t) or encode(s, t))
+    resumed = shards.prepare(str(folder), tokenizer, out, shard_tokens=300, batch_chars=200)
+    assert len(encoded) == 12 - listed["read"]  # only the documents after the listed shards
+    assert resumed.index["digest"] == clean.index["digest"]
+    assert np.array_equal(resumed[0 : len(resumed)], clean[0 : len(clean)])
+    assert not list(out.glob("*.tmp"))
+
+
+def test_bad_input(tmp_path, folder, gpt2, capsys):
+    (folder / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")
+    (folder / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
+    out = tmp_path / "shards"
+    prepared = shards.prepare(str(folder), gpt2, out, progress=False)
+    assert prepared.documents == 12 and prepared.index["skipped"] == ["image.txt", "latin1.md"]
+    assert "skipped 2 file(s) that are not UTF-8 text" in capsys.readouterr().out
+
+    other = data.char_tokenizer(["To be"])
+    with pytest.raises(ValueError, match="another tokenizer"):
+        shards.Shards(out, other)
+    with pytest.raises(ValueError, match="different .*tokenizer"):
+        shards.prepare(str(folder), other, out)
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**index, "format": 0}))
+    with pytest.raises(ValueError, match="format version 0"):
+        shards.Shards(out, gpt2)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no .txt or .md"):
+        shards.prepare(str(empty), gpt2, tmp_path / "x")
+    (empty / "blank.txt").write_text("")
+    (empty / "binary.txt").write_bytes(b"\0\1\2")
+    with pytest.raises(ValueError, match=r"no text to tokenise \(1 file\(s\) skipped"):
+        shards.prepare(str(empty), gpt2, tmp_path / "x")
+    assert not (tmp_path / "x" / "index.json").exists()
+
+
+def test_jsonl_and_streamed_hf_datasets(tmp_path, gpt2, monkeypatch):
+    lines = [{"text": "first"}, {"text": "second", "id": 2}, {"text": "third"}]
+    path = tmp_path / "web.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n\n")
+    assert data.corpus(str(path)) == {"web:1": "first", "web:2": "second", "web:3": "third"}
+    prepared = shards.prepare(str(path), gpt2, tmp_path / "jsonl", progress=False)
+    assert prepared.documents == 3 and prepared[0 : len(prepared)].tolist().count(50256) == 3
+
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "alpha"}, {"text": "  "}, {"text": "beta"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert data.corpus("hf:owt::validation") == {"owt/0": "alpha", "owt/2": "beta"}
+    assert calls == [("owt", None, "validation", True)]
+    split = data.Split(data.Documents("hf:owt").names(), [], 0.5)
+    kept = [split.held(f"owt/{i}", "x") for i in range(400)]
+    assert 150 < sum(k is not None for k in kept) < 250  # about half, by name hash
+
+
+def _prepare_under_torchrun(args):
+    folder, out, log = map(Path, args)
+    ctx = setup_distributed()
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    encode = shards._Encoder.__call__
+
+    def logged(self, texts):
+        with open(log / f"rank{ctx.rank}", "a") as f:
+            f.write(f"{len(texts)}\n")
+        return encode(self, texts)
+
+    shards._Encoder.__call__ = logged  # this forked process's copy of the module only
+    with ctx.main_first():
+        tokens = shards.prepare(str(folder), tokenizer, out, progress=False)
+    (log / f"tokens{ctx.rank}").write_text(str(len(tokens)))
+    teardown()
+
+
+def test_under_torchrun_one_rank_tokenises(tmp_path, folder):
+    log = tmp_path / "log"
+    log.mkdir()
+    join(fork(_prepare_under_torchrun, [str(folder), str(tmp_path / "out"), str(log)], world=2))
+    assert (log / "rank0").read_text().split() == ["12"] and not (log / "rank1").exists()
+    assert (log / "tokens0").read_text() == (log / "tokens1").read_text() != "0"
+
+
+def test_cli_prepare(tmp_path, folder, capsys):
+    out = tmp_path / "out"
+    assert cli(["prepare", str(folder), str(out), "--tokenizer", "char", "--quiet"]) == 0
+    assert "12 documents" in capsys.readouterr().out and shards.Shards(out).documents == 12
+    cache = tmp_path / "cache"
+    args = ["prepare", str(folder), str(cache), "--tokenizer", "char", "--heldout", "doc04"]
+    assert cli([*args, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--set token_cache={cache}" in printed and len(list(cache.iterdir())) == 2
