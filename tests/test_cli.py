@@ -111,3 +111,16 @@ def test_bad_step_lists_are_usage_errors(converted, steps):
 def test_unknown_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a bundled model"):
         main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")])
+
+
+def test_calibrate_saves_the_schedules_with_the_model(converted, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("Friends, Romans, countrymen, lend me your ears. " * 40)
+    out = tmp_path / "gpt2-cal"
+    args = ["calibrate", str(converted), str(out), "--steps", "2", "--corpus", str(text)]
+    assert main([*args, "--iters", "3", "--seq-len", "32"]) == 0
+    assert "calibrated schedules for N = 2" in capsys.readouterr().out
+    schedules = get_block(from_pretrained(out)).ode.schedules
+    assert list(schedules) == ["2"] and schedules["2"]["num_layers"] == 3
+    with pytest.raises(ValueError, match="shorter than one batch"):
+        main([*args, "--seq-len", "100000", "--overwrite"])
