@@ -65,16 +65,9 @@ def main() -> None:
         with odeify.steps(model, n, schedule=schedule):
             return perplexity(model, evals, batch_size=4, progress=False)
 
-    record(n=30, method="original", ppl=ppl(30, "uniform"))
     counts = [int(n) for n in args.steps.split(",")]
-    for n in counts:
-        record(n=n, method="uniform (gains L/N)", ppl=ppl(n, "uniform"))
-        for init in ("dp", "bi", "angular"):
-            result = odeify.calibrate(
-                model, [n], data, init=init, learn_gains=False, learn_times=False, progress=False
-            )[n]
-            record(n=n, method=f"{init} alone (gains 1)", layers=result.layers, ppl=ppl(n))
-    for spec in args.learned.split(","):
+
+    def learned(spec: str) -> None:
         init, what = spec.split(":")
         for n in counts:
             result = odeify.calibrate(
@@ -94,10 +87,27 @@ def main() -> None:
                 ppl=ppl(n),
                 kl_first=result.losses[0],
                 kl_last=result.losses[-1],
+                iters=args.iters,
                 seconds=round(result.seconds, 1),
                 peak_rss_mb=round(result.peak_rss_mb),
                 schedule=result.schedule.to_dict(),
             )
+
+    def alone(n: int) -> None:
+        record(n=n, method="uniform (gains L/N)", ppl=ppl(n, "uniform"))
+        for init in ("dp", "bi", "angular"):
+            result = odeify.calibrate(
+                model, [n], data, init=init, learn_gains=False, learn_times=False, progress=False
+            )[n]
+            record(n=n, method=f"{init} alone (gains 1)", layers=result.layers, ppl=ppl(n))
+
+    record(n=30, method="original", ppl=ppl(30, "uniform"))
+    specs = args.learned.split(",")
+    learned(specs[0])  # the main result first: the runs share two cores with others
+    for n in counts:
+        alone(n)
+    for spec in specs[1:]:
+        learned(spec)
 
 
 if __name__ == "__main__":

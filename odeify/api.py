@@ -14,7 +14,7 @@ from .block import ODEBlock
 from .config import ODEConfig
 from .diffeqformer import random_init
 from .family import Family
-from .schemes import check_steps, resolve_solver, spans
+from .schemes import check_steps, resolve_solver
 from .surgery import (
     block_stack,
     find_block,
@@ -234,7 +234,6 @@ def materialize(model: nn.Module, steps: int, schedule: str | None = None) -> nn
             f"with {count} layers cannot express for an ODE of depth {num_layers}; materialise at "
             f"steps={num_layers} or use a config without it"
         )
-    spans(count, num_layers, block.ode.discrete_ends)  # a grid the discrete ends fit in
     sequential = resolve_solver("sequential")
     plan = block.schedule_for(sequential, count, schedule)
     times, _ = plan.stage_times(sequential.native.offsets)
