@@ -4,18 +4,22 @@ from odeify import odeify
 model = odeify(model)                    # L blocks -> one ODE block, exact at L steps
 with odeify.steps(model, 6): model(ids)  # retarget depth
 plain = odeify.materialize(model, 18)    # back to a stock model with 18 layers
+odeify.calibrate(model, steps=[6], data=ids)  # a schedule that makes 6 steps work
 """
 
 from .api import get_block, materialize, odeify, set_steps, steps
+from .calibrate import calibrate
 from .config import ODEConfig
 from .io import from_pretrained, save_pretrained
 from .lora import lora_config
+from .schedule import Schedule
 
 __version__ = "0.1.0"
 
 # `from odeify import odeify` gives the function; the other verbs hang off it too.
 for _name, _fn in {
     "steps": steps,
+    "calibrate": calibrate,
     "set_steps": set_steps,
     "materialize": materialize,
     "get_block": get_block,
@@ -27,6 +31,8 @@ for _name, _fn in {
 
 __all__ = [
     "ODEConfig",
+    "Schedule",
+    "calibrate",
     "from_pretrained",
     "get_block",
     "materialize",

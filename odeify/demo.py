@@ -1,9 +1,12 @@
 """The main job on the bundled defaults: SmolLM2-135M on Shakespeare.
 
-Convert, check fidelity at N = L, sweep the step count, and write a plot and a report. It shows
-honestly what holds for a converted pretrained model: it reproduces the original at N = L, and
-training-free retargeting to other step counts degrades (pretrained layers are not smooth in
-depth); depth adaptation (recipes/adapt_depth.py) is what makes it retargetable.
+Convert, check fidelity at N = L, sweep the step count on the uniform grid, calibrate the
+schedule of a few step counts (:func:`odeify.calibrate`: step times and gains fitted in a minute
+on other plays, weights frozen) and compare, and write a plot and a report. It shows honestly
+what holds for a converted pretrained model: it reproduces the original at N = L; uniform
+retargeting to fewer steps fails (pretrained layers are not smooth in depth); a calibrated
+schedule recovers much of it without touching a weight; depth adaptation
+(recipes/adapt_depth.py) trains the weights on top.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from .api import get_block, odeify
 from .api import steps as at_steps
 from .assets import load_smollm2
 from .atomic import write_text
+from .calibrate import calibrate
 from .evaluate import perplexity
 from .train.data import corpus, tokenize, windows
 from .train.evaluate import sweep
 from .train.plots import plot_sweep
 
 PROMPT = "To be, or not to be, that is the question:"
+# Calibration text: plays the demo never evaluates on (the evaluated play is left out).
+CALIBRATION_PLAYS = ("othello", "king-lear", "romeo-and-juliet", "julius-caesar")
 
 
 def _greedy(model, tokenizer, n_new: int = 24) -> tuple[list[int], str]:
@@ -37,15 +43,25 @@ def _greedy(model, tokenizer, n_new: int = 24) -> tuple[list[int], str]:
 
 @torch.no_grad()
 def run_demo(
-    out: Path, play: str = "hamlet", tokens: int = 2048, step_counts: list[int] | None = None
+    out: Path,
+    play: str = "hamlet",
+    tokens: int = 2048,
+    step_counts: list[int] | None = None,
+    calibrated: list[int] | None = None,
+    calibrate_iters: int = 30,
 ) -> dict:
-    """Run the demo and write ``results.json``, ``perplexity.png`` and ``report.md`` under ``out``."""
+    """Run the demo and write ``results.json``, ``perplexity.png`` and ``report.md`` under ``out``.
+
+    ``calibrated``: the step counts whose schedules the demo calibrates (default [20], each
+    ``calibrate_iters`` Adam steps of 2 x 128 tokens), compared with the uniform grid.
+    """
     out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
     print("loading SmolLM2-135M-Instruct (GGUF, dequantised to float32)...")
     model, tokenizer = load_smollm2()
     num_layers = model.config.num_hidden_layers
-    step_counts = sorted(set(step_counts or [num_layers]) | {num_layers})
+    targets = sorted(n for n in (calibrated or [20]) if n < num_layers)
+    step_counts = sorted(set(step_counts or [num_layers]) | {num_layers} | set(targets))
     ids = windows(tokenize(corpus(f"shakespeare:{play}"), tokenizer), 512, max(1, tokens // 512))
     print(f"evaluating on {ids.numel()} tokens of {play} ({len(ids)} windows of 512)")
 
@@ -66,8 +82,18 @@ def run_demo(
     with at_steps(model, min(step_counts)):
         few_tokens, few_text = _greedy(model, tokenizer)
 
+    plays = ",".join(p for p in CALIBRATION_PLAYS if p != play)
+    data = torch.from_numpy(tokenize(corpus(f"shakespeare:{plays}"), tokenizer).astype("int64"))
+    start = time.perf_counter()
+    fits = calibrate(model, targets, data, iters=calibrate_iters, seq_len=128)
+    calibrate_seconds = time.perf_counter() - start
+    tuned = sweep(model, ids, targets, progress=True).perplexity()
+    uniform = {n: curve[n] for n in targets}  # swept before any schedule was calibrated
+    with at_steps(model, targets[0]):
+        tuned_text = _greedy(model, tokenizer)[1]
+
     plot = plot_sweep(
-        {"odeified, hat basis, sequential": curve},
+        {"uniform grid (t_i = i/N, gains L/N)": curve, "calibrated schedule": tuned},
         out / "perplexity.png",
         f"SmolLM2-135M ({num_layers} layers) on {play}, training-free retargeting",
         {"original": original_ppl},
@@ -85,6 +111,20 @@ def run_demo(
         "greedy_tokens_equal_at_L": ode_tokens == original_tokens,
         "greedy_original": original_text,
         f"greedy_at_{min(step_counts)}_steps": few_text,
+        "calibrated": {
+            str(n): {
+                "uniform_perplexity": uniform[n],
+                "calibrated_perplexity": tuned[n],
+                "initial_layers": fits[n].layers,
+                "schedule": fits[n].schedule.to_dict(),
+                "kl_first_last": [fits[n].losses[0], fits[n].losses[-1]],
+            }
+            for n in targets
+        },
+        "calibrate_seconds": round(calibrate_seconds, 1),
+        "calibrate_iters": calibrate_iters,
+        f"greedy_at_{targets[0]}_steps_calibrated": tuned_text,
+        "calibration_plays": plays,
         "seconds": round(time.perf_counter() - clock, 1),
     }
     write_text(out / "results.json", json.dumps(results, indent=2))
@@ -95,6 +135,15 @@ def run_demo(
 
 
 def _report(results: dict, curve: dict[int, float], original: float, fewest: int) -> str:
+    first = min(results["calibrated"], key=int)
+    calibrated = "\n".join(
+        ["| steps N | uniform | calibrated | vs original |", "|---|---|---|---|"]
+        + [
+            f"| {n} | {c['uniform_perplexity']:,.1f} | {c['calibrated_perplexity']:,.2f} | "
+            f"{c['calibrated_perplexity'] / original:,.2f}x |"
+            for n, c in results["calibrated"].items()
+        ]
+    )
     rows = "\n".join(
         f"| {n} | {ppl:,.2f} | {ppl / original:,.2f}x |"
         + (" (= L)" if n == results["layers"] else "")
@@ -112,13 +161,25 @@ original = {results["max_abs_logit_diff_at_L"]:.2e}; greedy tokens equal: {resul
 |---|---|---|
 {rows}
 
-Training-free retargeting degrades: the pretrained layers are not a smooth function of depth,
-so W(t) between layers is a blend the model never saw. Depth adaptation
-(recipes/adapt_depth.py) trains the weight functions so other step counts work.
+Uniform retargeting degrades: the pretrained layers are not a smooth function of depth, so
+W(t) between layers is a blend the model never saw, and L/N times each update overshoots.
+
+## Calibrated schedules (weights untouched)
+
+{calibrated}
+
+Calibrated on {results["calibration_plays"]} (never evaluated here) in
+{results["calibrate_seconds"]} s, {results["calibrate_iters"]} Adam steps of 2 x 128 tokens per
+step count: the initial nodes come from a one-step jump cost over the original's layers, then
+the step times and one gain per attention and MLP update are fitted by KL to the original. No
+weight changes; the schedules are saved with the model and used by odeify.steps, generate and
+materialize. What calibration cannot fix, depth adaptation (recipes/adapt_depth.py) trains into
+the weights: it starts from these schedules and changes the weight functions themselves.
 
 Greedy continuation of "{PROMPT}"
 - original / odeified at N = L: {results["greedy_original"]!r}
 - odeified at N = {fewest}: {results[f"greedy_at_{fewest}_steps"]!r}
+- calibrated at N = {first}: {results[f"greedy_at_{first}_steps_calibrated"]!r}
 
 {results["eval_tokens"]} tokens, windows of 512; total {results["seconds"]} s.
 """

@@ -209,7 +209,7 @@ def _copy_outer(source: nn.Module, plain: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _fill_layers(plain: nn.Module, layer: LayerState, scales: Sequence[float] | None) -> None:
+def _fill_layers(plain: nn.Module, layer: LayerState, scales: Sequence | None) -> None:
     family = family_for(plain)
     for i, block in enumerate(block_stack(plain)):
         state, params = layer(i), dict(block.named_parameters())
@@ -219,9 +219,13 @@ def _fill_layers(plain: nn.Module, layer: LayerState, scales: Sequence[float] | 
                 f"{type(plain).__name__} has {sorted(params)}"
             )
         scale = 1.0 if scales is None else scales[i]
+        # One scale for both output projections, or one each (attention's, then the MLP's).
+        per_projection = scale if isinstance(scale, tuple) else (scale,) * 2
         for name, w in state.items():
-            if scale != 1.0 and family.module_of(name) in family.output_projections:
-                w = w * scale
+            module = family.module_of(name)
+            if module in family.output_projections:
+                s = per_projection[family.output_projections.index(module)]
+                w = w if s == 1.0 else w * s
             params[name].copy_(w.t() if family.is_transposed(name) else w)
 
 
@@ -229,14 +233,15 @@ def stock_model(
     source: nn.Module | PretrainedConfig,
     depth: int,
     layer: LayerState | None = None,
-    scales: Sequence[float] | None = None,
+    scales: Sequence[float | tuple[float, float]] | None = None,
 ) -> nn.Module:
     """A stock transformers model with ``depth`` layers.
 
     ``source`` is a model (stock or odeified), whose class, config, dtype, device, train/eval
     mode and weights outside the block stack the new model takes; or a config, for a freshly
     initialised model of its architecture. ``layer(i)`` gives layer i's parameters in odeify's
-    layout (linear weights [out, in]); the output projections are multiplied by ``scales[i]``.
+    layout (linear weights [out, in]); the output projections are multiplied by ``scales[i]``
+    (a float, or a pair: the attention's and the MLP's, as a schedule's gains are).
     Without ``layer`` the layers keep their fresh init.
 
     Example:

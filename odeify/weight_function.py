@@ -138,8 +138,12 @@ class WeightFunction(nn.Module):
         return basis
 
     def coefficients(self, times) -> dict[str, Tensor]:
-        """c(t) of every time basis for times given as a list of floats or a tensor: {group: [n, K]}."""
-        t64 = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
+        """c(t) of every time basis for times given as a list of floats or a tensor: {group: [n, K]}.
+        A tensor of times that requires grad stays in the graph (calibrated step times)."""
+        if isinstance(times, Tensor):
+            t64 = times.to("cpu", torch.float64).reshape(-1)
+        else:
+            t64 = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
         device = next(iter(self.basis.parameters())).device
         out = {}
         for group, basis in self.time_basis.items():

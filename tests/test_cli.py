@@ -180,3 +180,16 @@ def test_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"odeify {odeify.__version__}"
+
+
+def test_calibrate_saves_the_schedules_with_the_model(converted, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("Friends, Romans, countrymen, lend me your ears. " * 40)
+    out = tmp_path / "gpt2-cal"
+    args = ["calibrate", str(converted), str(out), "--steps", "2", "--corpus", str(text)]
+    assert main([*args, "--iters", "3", "--seq-len", "32"]) == 0
+    assert "calibrated schedules for N = 2" in capsys.readouterr().out
+    schedules = get_block(from_pretrained(out)).ode.schedules
+    assert list(schedules) == ["2"] and schedules["2"]["num_layers"] == 3
+    err = _user_error([*args, "--seq-len", "100000", "--overwrite"], capsys)
+    assert "shorter than one batch" in err

@@ -1,0 +1,233 @@
+"""Step schedules: where each of N native solver steps starts in depth time and how much each
+stage update is scaled.
+
+A :class:`Schedule` for N steps holds the start time t_i of every step (strictly increasing, in
+[0, 1); step i ends where step i + 1 starts, the last at 1) and its gains: for ``sequential``
+one per sub-update (attention, then MLP, of every step: 2N), for the parallel native schemes
+one step size per step (N). The uniform schedule (t_i = i / N, gains L / N) is what
+``odeify.steps`` has always run; discrete ends are a schedule too (the first and last d steps
+one layer long at the layer times, gain 1, the middle sharing the rest), and calibrated
+schedules (:func:`odeify.calibrate`) are stored in the model's ODE settings, one per N.
+
+Times and gains are floats, or tensors while :func:`odeify.calibrate` learns them (the weights
+of the grid and the updates then stay in the autograd graph).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .schemes import layer_bounds, resolve_solver, spans
+
+UNIFORM = "uniform"
+CALIBRATED = "calibrated"
+CHOICES = (CALIBRATED, UNIFORM)
+
+
+def _floats(values) -> list[float]:
+    if isinstance(values, Tensor):
+        return [float(v) for v in values.detach().reshape(-1).tolist()]
+    return [float(v) for v in values]
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """The grid of N native solver steps: step start times and stage gains.
+
+    Args:
+        times: t_0 < ... < t_{N-1} in [0, 1), the start of each step (a float list or a
+            tensor), in units of 1 / ``unit``.
+        gains: 2N scales of the attention and MLP updates (``sequential``: step i's are
+            ``gains[2i]``, ``gains[2i + 1]``) or N step sizes (parallel native schemes).
+        num_layers: L of the model the schedule was made for.
+        scheme: the native scheme it is for.
+        name: what made it ('uniform', 'discrete_ends', 'calibrated', ...), for messages.
+        unit: the unit of ``times`` (1: they are the times). The uniform grid gives step
+            numbers i in units of N, so a stage time is the one quotient (i + c) / N.
+
+    Example:
+        >>> s = Schedule.uniform(3, num_layers=6)
+        >>> s.starts, s.gains
+        ([0.0, 0.3333333333333333, 0.6666666666666666], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
+        >>> Schedule.from_dict(s.to_dict()).key == s.key
+        True
+    """
+
+    times: Sequence[float] | Tensor
+    gains: Sequence[float] | Tensor
+    num_layers: int
+    scheme: str = "sequential"
+    name: str = CALIBRATED
+    unit: float = 1.0
+
+    def __post_init__(self) -> None:
+        solver = resolve_solver(self.scheme)
+        if solver.native is None:
+            raise ValueError(
+                f"a schedule is a grid of native steps; {self.scheme!r} is not a native scheme"
+            )
+        if not (isinstance(self.unit, (int, float)) and self.unit > 0):
+            raise ValueError(f"a schedule's unit must be a number > 0, got {self.unit!r}")
+        times, gains = [t / self.unit for t in _floats(self.times)], _floats(self.gains)
+        if not times:
+            raise ValueError("a schedule needs at least one step")
+        if any(not math.isfinite(t) or t < 0.0 or t >= 1.0 for t in times):
+            raise ValueError(f"schedule times must lie in [0, 1), got {times}")
+        if any(b <= a for a, b in zip(times, times[1:], strict=False)):
+            raise ValueError(f"schedule times must be strictly increasing, got {times}")
+        expected = self.gains_per_step * len(times)
+        if len(gains) != expected:
+            raise ValueError(
+                f"a {self.scheme!r} schedule of {len(times)} steps needs {expected} gains "
+                f"({self.gains_per_step} per step), got {len(gains)}"
+            )
+        if any(not math.isfinite(g) for g in gains):
+            raise ValueError(f"schedule gains must be finite, got {gains}")
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
+            raise ValueError(f"num_layers must be an integer, got {self.num_layers!r}")
+
+    # ------------------------------------------------------------------------------ builders
+    @classmethod
+    def uniform(cls, steps: int, num_layers: int, scheme: str = "sequential") -> Schedule:
+        """t_i = i / N and every update scaled by L / N (step size 1 / N): today's grid, exactly.
+
+        Example:
+            >>> Schedule.uniform(2, 4, scheme="heun").gains
+            [0.5, 0.5]
+        """
+        h = 1.0 / steps
+        per_step = [h * num_layers] * 2 if _is_sequential(scheme) else [h]
+        return cls(
+            [float(i) for i in range(steps)], per_step * steps, num_layers, scheme, UNIFORM, steps
+        )
+
+    @classmethod
+    def discrete_ends(
+        cls, steps: int, num_layers: int, ends: int, scheme: str = "sequential"
+    ) -> Schedule:
+        """The first and last ``ends`` steps one layer long at the layer times (gain 1), the
+        middle N - 2d steps sharing the other L - 2d layers evenly (see
+        :func:`odeify.schemes.layer_bounds`).
+
+        Example:
+            >>> s = Schedule.discrete_ends(4, 6, ends=1)
+            >>> s.times, s.unit, s.gains[::2]
+            ([0.0, 1.0, 3.0, 5.0], 6, [1.0, 2.0, 2.0, 1.0])
+        """
+        bounds = layer_bounds(steps, num_layers, ends)
+        sizes = [s / num_layers for s in spans(steps, num_layers, ends)]
+        sequential = _is_sequential(scheme)
+        gains = [g for h in sizes for g in ([h * num_layers] * 2 if sequential else [h])]
+        return cls(bounds[:-1], gains, num_layers, scheme, "discrete_ends", num_layers)
+
+    @classmethod
+    def from_layers(
+        cls, layers: Sequence[int], num_layers: int, gains: Sequence[float] | None = None
+    ) -> Schedule:
+        """A ``sequential`` schedule that visits the given layers of the original (times l / L),
+        each update scaled by 1 (the kept layers of a pruned model) unless ``gains`` says.
+
+        Example:
+            >>> Schedule.from_layers([0, 2, 5], 6).starts
+            [0.0, 0.3333333333333333, 0.8333333333333334]
+        """
+        gains = [1.0] * (2 * len(layers)) if gains is None else gains
+        return cls([layer / num_layers for layer in layers], gains, num_layers, "sequential")
+
+    # ------------------------------------------------------------------------------ the grid
+    @property
+    def steps(self) -> int:
+        return len(self.times)
+
+    @property
+    def starts(self) -> list[float]:
+        """The start time t_i of every step, as floats."""
+        return [t / self.unit for t in _floats(self.times)]
+
+    @property
+    def gains_per_step(self) -> int:
+        return 2 if _is_sequential(self.scheme) else 1
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the grid for the weight and KV caches (times and gains as floats)."""
+        return (self.scheme, tuple(self.starts), tuple(_floats(self.gains)))
+
+    def stage_times(self, offsets: Sequence[float]) -> tuple[list, list[int]]:
+        """The distinct stage times of the grid and, for each (step, stage), its index.
+
+        A stage at fraction c of step i is at (p_i + c (p_{i+1} - p_i)) / unit, the p the
+        ``times`` and p_N = unit (t = 1). With tensor times the result is one tensor of all
+        stage times in order (one index per time).
+
+        Example:
+            >>> Schedule.uniform(2, 4, scheme="heun").stage_times((0.0, 1.0))
+            ([0.0, 0.5, 1.0], [0, 1, 1, 2])
+        """
+        if isinstance(self.times, Tensor):
+            p = self.times / self.unit
+            ends = torch.cat([p[1:], p.new_ones(1)])
+            flat = [a + c * (b - a) for a, b in zip(p, ends, strict=True) for c in offsets]
+            return torch.stack(flat), list(range(len(flat)))
+        bounds = [*self.times, self.unit]
+        flat = [
+            (bounds[i] + c * (bounds[i + 1] - bounds[i])) / self.unit
+            for i in range(self.steps)
+            for c in offsets
+        ]
+        times = sorted(set(flat))
+        where = {t: j for j, t in enumerate(times)}
+        return times, [where[t] for t in flat]
+
+    def step_gains(self, i: int):
+        """Step i's gains: (attention, MLP) for ``sequential``, else its step size."""
+        if self.gains_per_step == 2:
+            return self.gains[2 * i], self.gains[2 * i + 1]
+        return self.gains[i]
+
+    def check_layers(self, num_layers: int) -> None:
+        """Refuse a schedule made for a model of another depth."""
+        if self.num_layers != num_layers:
+            raise ValueError(
+                f"this schedule was made for a model of {self.num_layers} layers; the model has "
+                f"{num_layers}. Calibrate it again for this model (odeify.calibrate)"
+            )
+
+    # ----------------------------------------------------------------------------- saving
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: times (as times, unit 1), gains, num_layers, scheme, name."""
+        return {
+            "times": self.starts,
+            "gains": _floats(self.gains),
+            "num_layers": self.num_layers,
+            "scheme": self.scheme,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Schedule:
+        """The schedule of :meth:`to_dict` (validated)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a saved schedule is a dict, got {type(data).__name__}")
+        known = {"times", "gains", "num_layers", "scheme", "name"}
+        if set(data) - known or not {"times", "gains", "num_layers"} <= set(data):
+            raise ValueError(
+                f"a saved schedule has the keys {sorted(known)} (scheme and name optional), "
+                f"got {sorted(data)}"
+            )
+        return cls(**data)
+
+    def __repr__(self) -> str:
+        times = ", ".join(f"{t:.3f}" for t in self.starts)
+        return f"Schedule({self.name}, N={self.steps}, L={self.num_layers}, times=[{times}])"
+
+
+def _is_sequential(scheme: str) -> bool:
+    native = resolve_solver(scheme).native
+    return native is not None and native.name == "sequential"
