@@ -8,9 +8,12 @@ names carry the writer's pid) are removed, or an old folder put back, by the nex
 same parent.
 
 Example:
-    >>> with replace_folder("out/model", overwrite=True) as tmp:   # doctest: +SKIP
+    >>> with replace_folder("out/model", overwrite=True) as tmp:
     ...     model.save_pretrained(tmp)
-    >>> write_text("out/summary.json", "{}")                       # doctest: +SKIP
+    >>> write_text("out/summary.json", "{}").read_text()
+    '{}'
+    >>> sorted(os.listdir("out"))   # no temporary file or folder is left beside them
+    ['model', 'summary.json']
 """
 
 from __future__ import annotations
@@ -43,8 +46,15 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     ``path``, on an exception removed (``path`` keeps its old content).
 
     Example:
-        >>> with atomic_file("runs/x/step-3.pt", "wb") as f:   # doctest: +SKIP
-        ...     torch.save(state, f)
+        >>> with atomic_file("runs/x/step-3.pt", "wb") as f:
+        ...     torch.save({"step": 3}, f)
+        >>> with atomic_file("runs/x/step-3.pt", "wb") as f:   # a write that fails half-way
+        ...     _ = f.write(b"half a checkpoint")
+        ...     raise OSError("disk full")
+        Traceback (most recent call last):
+        OSError: disk full
+        >>> torch.load("runs/x/step-3.pt"), os.listdir("runs/x")   # the old file, nothing else
+        ({'step': 3}, ['step-3.pt'])
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +77,10 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically.
 
     Example:
-        >>> write_text("out/summary.json", json.dumps(summary))   # doctest: +SKIP
+        >>> write_text("out/summary.json", '{"loss": 2.5}')
+        PosixPath('out/summary.json')
+        >>> Path("out/summary.json").read_text()
+        '{"loss": 2.5}'
     """
     with atomic_file(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -90,9 +103,18 @@ def check_target(path: str | os.PathLike, overwrite: bool = False, force: bool =
     checkpoint, without ``force``.
 
     Example:
-        >>> check_target(".", overwrite=True)   # doctest: +SKIP
+        >>> check_target("out/new")   # nothing there yet: free to write
+        PosixPath('out/new')
+        >>> _ = write_text("out/new/notes.txt", "mine")
+        >>> check_target("out/new")
         Traceback (most recent call last):
-        FileExistsError: ... is the working directory or a parent of it ...
+        FileExistsError: out/new exists; pass overwrite=True (CLI: --overwrite) to replace it
+        >>> check_target("out/new", overwrite=True)
+        Traceback (most recent call last):
+        FileExistsError: out/new holds files that are not a model checkpoint; ...
+        >>> check_target(".", overwrite=True)
+        Traceback (most recent call last):
+        FileExistsError: . is the working directory or a parent of it; ...
     """
     path = Path(path)
     if not path.exists():
@@ -154,8 +176,15 @@ def replace_folder(
     place), on an exception it is removed. :func:`check_target` decides what may be replaced.
 
     Example:
-        >>> with replace_folder("out/model", overwrite=True) as tmp:   # doctest: +SKIP
+        >>> with replace_folder("out/model") as tmp:
         ...     model.save_pretrained(tmp)
+        >>> with replace_folder("out/model", overwrite=True) as tmp:   # a save that fails
+        ...     _ = (tmp / "config.json").write_text("{")
+        ...     raise RuntimeError("the save failed")
+        Traceback (most recent call last):
+        RuntimeError: the save failed
+        >>> os.listdir("out"), "model_type" in (Path("out/model") / "config.json").read_text()
+        (['model'], True)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

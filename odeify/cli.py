@@ -560,8 +560,17 @@ def main(argv: list[str] | None = None) -> int:
     stderr and exits with status 2, as argparse does for a bad argument.
 
     Example:
-        >>> main(["convert", "smollm2", "out/smollm2-ode"])   # doctest: +SKIP
+        >>> config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=97, n_positions=32)
+        >>> GPT2LMHeadModel(config).save_pretrained("gpt2-tiny")
+        >>> main(["convert", "gpt2-tiny", "gpt2-tiny-ode"])
+        converted in ... s
+        fit: 12 parameters, K = 2, L = 2
+             max relative residual ...
+        saved to gpt2-tiny-ode
         0
+        >>> main(["convert", "gpt2-tiny", "gpt2-tiny-ode"])   # stderr: "odeify: error: ... exists"
+        Traceback (most recent call last):
+        SystemExit: 2
     """
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -226,7 +226,15 @@ def finished(checkpoints: Checkpoints, summary: str | os.PathLike, resume: bool)
     of redoing the end of the run; otherwise None.
 
     Example:
-        >>> done = finished(Checkpoints(out / "checkpoints", stamp), out / "summary.json", True)  # doctest: +SKIP
+        >>> out, stamp = Path("runs/x"), {"lr": 1e-3}
+        >>> print(finished(Checkpoints(out / "checkpoints", stamp), out / "summary.json", True))
+        None
+        >>> out.mkdir(parents=True)
+        >>> _ = (out / "summary.json").write_text('{"loss": 2.5}')   # the run's last write
+        >>> finished(Checkpoints(out / "checkpoints", stamp), out / "summary.json", True)
+        {'loss': 2.5}
+        >>> print(finished(Checkpoints(out / "checkpoints", stamp), out / "summary.json", False))
+        None
     """
     summary = Path(summary)
     if not resume or not summary.exists():

@@ -143,8 +143,13 @@ def corpus(spec: str) -> dict[str, str]:
     """The documents a spec names, as {name: text}: all in memory, for small corpora.
 
     Example:
-        >>> sorted(corpus("shakespeare:hamlet,macbeth"))   # doctest: +SKIP
+        >>> sorted(corpus("shakespeare:hamlet,macbeth"))
         ['hamlet', 'macbeth']
+        >>> Path("notes").mkdir()
+        >>> _ = Path("notes/a.txt").write_text("to be")
+        >>> _ = Path("notes/b.md").write_bytes(b"\\xff\\xfe")   # not UTF-8 text: skipped
+        >>> corpus("notes")
+        {'a.txt': 'to be'}
     """
     return dict(Documents(spec))
 
