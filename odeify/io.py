@@ -128,7 +128,13 @@ def from_pretrained(
             f"{path}: config.json describes a {family.name} model but its odeify section says "
             f"family {ode.family!r}"
         )
-    dtype = next(t.dtype for k, t in state.items() if ".basis." in k)
+    dtype = next((t.dtype for k, t in state.items() if ".basis." in k), None)
+    if dtype is None:
+        raise ValueError(
+            f"{path}: config.json has an odeify section but the weights are a stock model's (no "
+            "basis tensors); load it with AutoModelForCausalLM.from_pretrained, or delete the "
+            "odeify section from config.json"
+        )
     model.to(dtype)
     options = {k: v for k, v in ode.to_dict().items() if k not in ("family", "version")}
     odeify(model, init="none", progress=False, **options)

@@ -42,10 +42,12 @@ def _namespace(models: bool) -> dict:
     }
     torch.manual_seed(0)  # every example sees the same random numbers, run alone or not
     if models:
-        config = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=97, n_positions=64)
-        namespace["base"] = GPT2LMHeadModel(config).eval()
-        namespace["model"] = odeify.odeify(GPT2LMHeadModel(config).eval(), progress=False)
-        namespace["ids"] = torch.randint(0, config.vocab_size, (2, 16))
+        # One config each: models built from one config object share it, and odeify() writes its
+        # settings into the config, which would make `base` look odeified.
+        config = lambda: GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=97, n_positions=64)
+        namespace["base"] = GPT2LMHeadModel(config()).eval()
+        namespace["model"] = odeify.odeify(GPT2LMHeadModel(config()).eval(), progress=False)
+        namespace["ids"] = torch.randint(0, 97, (2, 16))
     return namespace
 
 

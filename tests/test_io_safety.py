@@ -152,3 +152,12 @@ def test_basis_edit_without_a_checksum_file_is_caught_by_shapes(saved):
     _edit_config(saved, lambda c: c["odeify"].update(basis="fourier", num_basis=3))
     with pytest.raises(ValueError, match="does not match"):
         from_pretrained(saved)
+
+
+def test_a_stock_folder_whose_config_claims_odeify_is_refused(make_gpt2, tmp_path):
+    stock = make_gpt2()
+    odeify_settings = odeify(make_gpt2(), progress=False).config.odeify
+    stock.config.odeify = odeify_settings  # e.g. a config object shared with an odeified model
+    stock.save_pretrained(tmp_path / "stock")
+    with pytest.raises(ValueError, match="weights are a stock model's"):
+        from_pretrained(tmp_path / "stock")
