@@ -160,12 +160,9 @@ def _new_block(
     return block
 
 
-def _set(model: nn.Module, steps, scheme: str | None, schedule: str | None = None) -> tuple:
-    ode = get_block(model).ode
-    before = (ode.steps, ode.scheme, ode.schedule)
+def _changes(steps, scheme: str | None, schedule: str | None) -> dict:
     changes = {"steps": steps, "scheme": scheme, "schedule": schedule}
-    ode.update(**{key: value for key, value in changes.items() if value is not None})
-    return before
+    return {key: value for key, value in changes.items() if value is not None}
 
 
 def set_steps(
@@ -186,7 +183,7 @@ def set_steps(
         raise TypeError(
             "set_steps saves one step count; use odeify.steps(...) for per-sample counts"
         )
-    _set(model, steps, scheme, schedule)
+    get_block(model).ode.update(**_changes(steps, scheme, schedule))
     return model
 
 
@@ -202,6 +199,10 @@ def steps(
     ``ode_steps=`` directly. A step count with a calibrated schedule (:func:`odeify.calibrate`)
     runs it; ``schedule="uniform"`` forces the uniform grid t_i = i / N, gains L / N.
 
+    The change holds for the calling thread only, and nothing is saved: other threads running
+    the same model keep its own settings (or their own ``with`` blocks), so a server can give each
+    request its depth. Blocks nest; leaving one, by an exception too, restores what was before.
+
     Example:
         >>> with odeify.steps(model, 2):       # half the compute of the 4-layer model
         ...     logits = model(ids).logits
@@ -214,11 +215,8 @@ def steps(
         >>> out.shape
         torch.Size([2, 18])
     """
-    before = _set(model, steps, scheme, schedule)
-    try:
+    with get_block(model).ode.local(**_changes(steps, scheme, schedule)):
         yield model
-    finally:
-        get_block(model).ode.update(steps=before[0], scheme=before[1], schedule=before[2])
 
 
 @torch.no_grad()

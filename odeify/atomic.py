@@ -2,10 +2,13 @@
 of either, whenever the process is killed.
 
 A file is written to a temporary file in the same folder, fsynced, renamed over the target and
-the folder fsynced. A folder is written to a temporary sibling; the old folder is renamed aside,
-the new one renamed in, and only then is the old one deleted. Leftovers of killed writes (their
-names carry the writer's pid) are removed, or an old folder put back, by the next write to the
-same parent.
+the folder fsynced. A folder is written to a temporary sibling, then swapped with the old one in
+one atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``: a reader finds the old folder or the
+new one at the path, at every instant), and only then is the old one deleted. Where the exchange
+is not available, the old folder is renamed aside and the new one renamed in (a reader can then
+find no folder for that instant; a kill between the two leaves the old one aside, put back by the
+next write). Leftovers of killed writes (their names carry the writer's pid) are removed, or an
+old folder put back, by the next write to the same parent.
 
 Example:
     >>> with replace_folder("out/model", overwrite=True) as tmp:
@@ -19,6 +22,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import os
 import re
 import shutil
@@ -141,6 +147,31 @@ def check_target(path: str | os.PathLike, overwrite: bool = False, force: bool =
     return path
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2():
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    except (OSError, TypeError):  # no C library to open by name (Windows)
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the system cannot (then nothing moved)."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False  # a kernel or filesystem without RENAME_EXCHANGE
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -199,6 +230,9 @@ def replace_folder(
                 with file.open("rb") as f:
                     os.fsync(f.fileno())
         _fsync_dir(tmp)
+        if path.exists() and _exchange(tmp, path):
+            _fsync_dir(path.parent)  # tmp now holds the old folder; finally deletes it
+            return
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=tag.format(_OLD), dir=path.parent))

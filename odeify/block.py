@@ -25,7 +25,7 @@ from torchdiffeq import odeint, odeint_adjoint
 # Private to transformers (pinned at 5.23): how its output_hidden_states hooks collect states.
 from transformers.utils.output_capturing import _active_collector
 
-from . import lora_hooks
+from . import local, lora_hooks
 from .config import ODEConfig, ODESettings
 from .family import Family, Stage
 from .schedule import CALIBRATED, CHOICES, Schedule
@@ -79,8 +79,6 @@ class ODEBlock(WeightFunction):
             setattr(self, key, value)
         self.layer_idx = 0
         self.gradient_checkpointing = False  # transformers' gradient_checkpointing_enable() sets it
-        self._recorded: list[Tensor] | None = None  # filled inside recording()
-        self._captured: list[Call] | None = None  # filled inside capture()
         self._warned: set[tuple[str, int]] = set()  # (scheme, N) told they run uniform
         lora_hooks.attach(self)
 
@@ -105,13 +103,10 @@ class ODEBlock(WeightFunction):
             >>> len(states), states[-1].shape
             (4, torch.Size([2, 16, 32]))
         """
-        if self._recorded is not None:
+        if local.get(self, "recording") is not None:
             raise RuntimeError("this model's ODE block is already being recorded")
-        self._recorded = []
-        try:
-            yield self._recorded
-        finally:
-            self._recorded = None
+        with local.holding(self, "recording", []) as states:
+            yield states
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[Call]]:
@@ -130,13 +125,10 @@ class ODEBlock(WeightFunction):
             >>> x.shape
             torch.Size([2, 16, 32])
         """
-        if self._captured is not None:
+        if local.get(self, "capture") is not None:
             raise RuntimeError("this model's ODE block is already capturing its calls")
-        self._captured = []
-        try:
-            yield self._captured
-        finally:
-            self._captured = None
+        with local.holding(self, "capture", []) as calls:
+            yield calls
 
     # ---------------------------------------------------------------------------------- forward
     def solver(self, scheme: str | None = None, steps=None) -> tuple[Solver, int | Tensor]:
@@ -288,8 +280,9 @@ class ODEBlock(WeightFunction):
 
     def forward(self, *args, **kwargs) -> Tensor:
         x, run = self.bind(*args, **kwargs)
-        if self._captured is not None:
-            self._captured.append(Call(args, kwargs, x, run))
+        captured = local.get(self, "capture")
+        if captured is not None:
+            captured.append(Call(args, kwargs, x, run))
             return x
         record = run.collected is not None and "hidden_states" in run.collected
         if record:
@@ -301,13 +294,14 @@ class ODEBlock(WeightFunction):
             return x
         remat = (self.gradient_checkpointing or self.ode.checkpoint_steps) and self.training
         remat = remat and torch.is_grad_enabled()
+        recorded = local.get(self, "recording")
         for i in range(run.steps):
             if remat:
                 x = checkpoint(self.step, x, run, i, use_reentrant=False)
             else:
                 x = self.step(x, run, i)
-            if self._recorded is not None:
-                self._recorded.append(x)
+            if recorded is not None:
+                recorded.append(x)
             if record:
                 _record_hidden(run.collected, x)
         return x

@@ -5,13 +5,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
+from . import local
 from .schedule import CHOICES, Schedule
 from .schemes import check_sample_steps, check_steps, resolve_solver, spans
 
@@ -143,7 +146,9 @@ class ODESettings:
     settings (``save_pretrained`` writes it, :func:`odeify.from_pretrained` reads it). This view
     reads the fields of :class:`ODEConfig` from it as attributes, and every change, attribute
     assignment included, goes through :meth:`update`, which validates before it writes. The ODE
-    block's ``ode`` is such a view of its parent's config.
+    block's ``ode`` is such a view of its parent's config. Inside :meth:`local` (what
+    ``with odeify.steps(...)`` enters) the calling thread reads its own changes over the saved
+    ones; other threads and the saved dict never see them.
 
     Example:
         >>> from transformers import GPT2Config
@@ -161,10 +166,15 @@ class ODESettings:
     def __setattr__(self, name: str, value: Any) -> None:
         self.update(**{name: value})
 
-    def update(self, **changes: Any) -> None:
-        """Validate and apply changes of fields: a scheme must resolve, a step count must be an
+    def _data(self) -> dict[str, Any]:
+        saved = self._config.odeify
+        changes = local.get(self._config, "settings")
+        return saved if changes is None else {**saved, **changes}
+
+    def _checked(self, data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+        """Changes validated against ``data``: a scheme must resolve, a step count must be an
         integer grid the discrete ends fit in (or per-sample counts, a 1-D integer tensor)."""
-        data = self._config.odeify
+        changes = dict(changes)
         if "scheme" in changes:
             resolve_solver(changes["scheme"])
         steps = changes.get("steps")
@@ -174,15 +184,40 @@ class ODESettings:
             merged = {**data, **changes}
             spans(check_steps(steps), merged["num_layers"], merged["discrete_ends"])
         ODEConfig.from_dict({**data, **changes})  # known fields, and the dataclass's own checks
-        data.update(changes)
+        return changes
+
+    def update(self, **changes: Any) -> None:
+        """Validate changes of fields and write them into the saved settings."""
+        self._config.odeify.update(self._checked(self._config.odeify, changes))
+
+    @contextlib.contextmanager
+    def local(self, **changes: Any) -> Iterator[ODESettings]:
+        """Validated changes that hold for the calling thread until the ``with`` block ends;
+        nested blocks stack, and the saved settings are never touched.
+
+        Example:
+            >>> from transformers import GPT2Config
+            >>> config = GPT2Config()
+            >>> config.odeify = ODEConfig(family="gpt2", num_layers=12).to_dict()
+            >>> settings = ODESettings(config)
+            >>> with settings.local(steps=6):
+            ...     settings.resolved_steps, config.odeify["steps"]
+            (6, None)
+            >>> settings.resolved_steps
+            12
+        """
+        before = local.get(self._config, "settings") or {}
+        changes = self._checked(self._data(), changes)
+        with local.holding(self._config, "settings", {**before, **changes}):
+            yield self
 
     @property
     def resolved_steps(self) -> int:
-        steps = self._config.odeify["steps"]
-        return self._config.odeify["num_layers"] if steps is None else steps
+        steps = self._data()["steps"]
+        return self._data()["num_layers"] if steps is None else steps
 
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._config.odeify)
+        return copy.deepcopy(self._data())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (ODESettings, ODEConfig)):
@@ -192,11 +227,11 @@ class ODESettings:
     __hash__ = None
 
     def __repr__(self) -> str:
-        return f"ODESettings({self._config.odeify!r})"
+        return f"ODESettings({self._data()!r})"
 
 
 def _field(name: str, doc: str) -> property:
-    return property(lambda self: self._config.odeify[name], doc=doc)
+    return property(lambda self: self._data()[name], doc=doc)
 
 
 for _f in dataclasses.fields(ODEConfig):

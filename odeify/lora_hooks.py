@@ -19,6 +19,7 @@ import sys
 
 from torch import nn
 
+from . import local
 from .weight_function import WeightFunction
 
 
@@ -57,10 +58,8 @@ def _adapter_state(wrappers: list[tuple[str, nn.Module]]) -> tuple:
 
 
 class _LiveAdapters:
-    """The pre/post hook pair of one block; holds peft's fallback contexts between the two."""
-
-    def __init__(self) -> None:
-        self._open: list[contextlib.ExitStack] = []
+    """The pre/post hook pair of one block; holds peft's fallback contexts between the two, for
+    the calling thread (the slot itself is per thread too: see :mod:`odeify.local`)."""
 
     def before(self, block: WeightFunction, args, kwargs) -> None:
         wrappers = _wrappers(block)
@@ -85,10 +84,11 @@ class _LiveAdapters:
                     # The context a ParamWrapper's own forward runs its base layer in (peft 0.21).
                     stack.enter_context(w._activate_lora(w.active_adapters))
                 opened = stack.pop_all()
-        self._open.append(opened)
+        local.put(self, "fallback", opened)
 
     def after(self, block: WeightFunction, args, kwargs, output) -> None:
         block.set_low_rank()
-        opened = self._open.pop() if self._open else None
+        opened = local.get(self, "fallback")
         if opened is not None:
+            local.put(self, "fallback", None)
             opened.close()

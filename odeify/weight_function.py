@@ -4,10 +4,11 @@ A :class:`WeightFunction` holds the basis tensors P_k of every block parameter (
 the original parameter names, [K, *shape]; linear weights always [K, out, in]) and the time
 bases c(t) (``time_basis``: one per weight group when learned, one shared otherwise). It
 evaluates W at any times, fits the P_k to layer samples by least squares, and keeps the weights
-of the current integration grid cached until a parameter, the grid or the adapter state changes.
+of the last few integration grids cached (one entry per grid, safe to read and fill from several
+threads) until a parameter or the adapter state changes.
 
 Low-rank updates dB_k = s B_k A_k of the basis tensors (continuous LoRA, see :mod:`odeify.lora`)
-have one declared slot, set through :meth:`WeightFunction.set_low_rank`: while it is filled,
+have one declared slot per thread, set through :meth:`WeightFunction.set_low_rank`: while it is filled,
 ``basis_tensor`` and ``weights_at`` include the full update and ``grid_weights`` carries it as
 factors beside the cached frozen weights.
 
@@ -21,7 +22,9 @@ weights (``materialize``, ``diffeqformer.random_init``, the spectra) is typed ag
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 
 import torch
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from . import local
 from .bases import TimeBasis, make_basis
 from .weights import Weights, vectors_in_own_dtype
 
@@ -38,6 +42,12 @@ EXACT_FIT_TOLERANCE = 1e-4
 # One low-rank update of a basis tensor [K, out, in]: (B [K, out, r], A [K, r, in], s), i.e.
 # dB_k = s B_k A_k, as peft's ``ParamWrapper.get_delta_factors`` returns it.
 Factor = tuple[Tensor, Tensor, float]
+
+_NO_LOW_RANK: tuple[dict, Hashable] = ({}, ())
+
+# Guards every grid cache's dict (lookups and inserts are short; grids are built outside it).
+# Process-wide rather than per module: a lock cannot be pickled or deep-copied with the model.
+_CACHE_LOCK = threading.Lock()
 
 
 class _ParamTree(nn.Module):
@@ -71,6 +81,9 @@ class WeightFunction(nn.Module):
             :func:`odeify.bases.make_basis`); fixed bases span the layer times l / L.
         group_of: the weight group of a parameter name (a learned basis has one unit per group).
         transposed: parameters the grid cache stores as [in, out] (GPT-2's Conv1D layout).
+
+    ``grid_cache_size`` (an attribute, default 4) is how many grids' weights the cache keeps,
+    least recently used first out; each costs the block's weights times (grid points / K).
 
     Example:
         >>> wf = WeightFunction({"fc.weight": torch.Size([3, 2])}, "hat", 4, 4, {}, lambda n: "mlp")
@@ -106,9 +119,8 @@ class WeightFunction(nn.Module):
             _set_param(self.basis, name, nn.Parameter(value))
         self.fit_residuals: dict[str, float] = {}
         self._transposed = frozenset(transposed)
-        self._low_rank: dict[str, tuple[Factor, ...]] = {}
-        self._low_rank_state: Hashable = ()
-        self._weight_cache = None
+        self.grid_cache_size = 4
+        self._grid_cache: OrderedDict[Hashable, tuple[tuple, list[Weights]]] = OrderedDict()
 
     # ------------------------------------------------------------------------------ evaluating
     def basis_tensor(self, name: str) -> Tensor:
@@ -196,9 +208,18 @@ class WeightFunction(nn.Module):
             >>> wf.weights_at([0.5])["fc.weight"][0, 0].tolist()
             [0.0, 0.0]
         """
-        # A new dict, never mutated: adapted_basis() holds on to the one of its moment.
-        self._low_rank = {name: tuple(terms) for name, terms in (factors or {}).items()}
-        self._low_rank_state = state
+        # A new dict, never mutated: adapted_basis() holds on to the one of its moment. Held for
+        # the calling thread: another thread's forward sets (and empties) its own.
+        low_rank = {name: tuple(terms) for name, terms in (factors or {}).items()}
+        local.put(self, "low_rank", (low_rank, state) if low_rank or state != () else None)
+
+    @property
+    def _low_rank(self) -> dict[str, tuple[Factor, ...]]:
+        return local.get(self, "low_rank", _NO_LOW_RANK)[0]
+
+    @property
+    def _low_rank_state(self) -> Hashable:
+        return local.get(self, "low_rank", _NO_LOW_RANK)[1]
 
     # ------------------------------------------------------------------------------ grid cache
     def _own_parameters(self) -> list[Tensor]:
@@ -223,15 +244,18 @@ class WeightFunction(nn.Module):
 
     def grid_weights(self, key: Hashable, times: list[float], cache: bool = True) -> list[Weights]:
         """Weights of each grid time (``key`` names the grid). With ``cache``, outside training
-        and under LoRA with a frozen base, the base weights are kept until a parameter changes
-        (in-place updates bump a parameter's version), the grid or the adapter state changes;
-        a low-rank update rides along as factors."""
+        and under LoRA with a frozen base, the base weights of the last ``grid_cache_size`` grids
+        are kept until a parameter changes (in-place updates bump a parameter's version, a
+        ``.data`` assignment replaces its storage) or the adapter state changes; a low-rank update
+        rides along as factors. Edits the version counter does not see (``p.data.mul_()``, a
+        numpy view) need :meth:`clear_weight_cache`."""
         base = functools.partial(_get, self.basis)
         if not (cache and self._reusable()):
             weights = self._split(self._combine(self.coefficients(times), None, base))
         else:
-            state = (key, self._low_rank_state, self._param_state())
-            if self._weight_cache is None or self._weight_cache[0] != state:
+            state = (self._low_rank_state, self._param_state())
+            weights = self._cached(key, state)
+            if weights is None:
                 # Built in the parameters' dtype even under autocast: the cache outlives the
                 # autocast region (a bf16 training step, then an fp32 evaluation on the same grid).
                 device = next(iter(self.basis.parameters())).device
@@ -240,9 +264,47 @@ class WeightFunction(nn.Module):
                     transposed = self._transposed.intersection(grid)
                     for name in transposed:
                         grid[name] = grid[name].mT.contiguous()
-                    self._weight_cache = (state, self._split(grid, transposed))
-            weights = self._weight_cache[1]
+                    weights = self._split(grid, transposed)
+                self._store(key, state, weights)
         return self._with_low_rank(weights, times) if self._low_rank else weights
+
+    def _cached(self, key: Hashable, state: tuple) -> list[Weights] | None:
+        with _CACHE_LOCK:
+            entry = self._grid_cache.get(key)
+            if entry is None or entry[0] != state:
+                return None
+            self._grid_cache.move_to_end(key)
+            return entry[1]
+
+    def _store(self, key: Hashable, state: tuple, weights: list[Weights]) -> None:
+        # Two threads missing the same grid both build it (identically); the second insert wins.
+        with _CACHE_LOCK:
+            stale = [k for k, (s, _) in self._grid_cache.items() if s != state]
+            for k in stale:
+                del self._grid_cache[k]
+            self._grid_cache[key] = (state, weights)
+            self._grid_cache.move_to_end(key)
+            while len(self._grid_cache) > max(1, self.grid_cache_size):
+                self._grid_cache.popitem(last=False)
+
+    def clear_weight_cache(self) -> None:
+        """Drop every cached grid: needed only after edits that parameter versions miss.
+
+        ``load_state_dict``, optimizer steps, in-place edits under ``torch.no_grad()``, ``.to()``
+        and ``p.data = ...`` are seen by the cache; ``p.data.mul_(...)`` and writes through a
+        numpy view of a parameter are not (``.data`` has a version counter of its own).
+
+        Example:
+            >>> block = odeify.get_block(model)
+            >>> with torch.no_grad():
+            ...     before = model(ids).logits
+            ...     _ = block.basis_tensor("mlp.c_fc.weight").data.mul_(0.5)   # unseen by the cache
+            ...     block.clear_weight_cache()
+            ...     torch.equal(model(ids).logits, before)
+            False
+        """
+        with _CACHE_LOCK:
+            self._grid_cache.clear()
 
     def _with_low_rank(self, weights: list[Weights], times: list[float]) -> list[Weights]:
         """Each grid time's weights with dW(t) = sum_k c_k(t) s B_k A_k kept factored: only the k
@@ -274,7 +336,8 @@ class WeightFunction(nn.Module):
         ]
 
     def _apply(self, fn, *args, **kwargs):
-        self._weight_cache = None  # .to(), .half(), .cuda() replace parameter storage
+        if "_grid_cache" in self.__dict__:  # .to(), .half(), .cuda() replace parameter storage
+            self.clear_weight_cache()
         return super()._apply(fn, *args, **kwargs)
 
     # --------------------------------------------------------------------------------- fitting
@@ -310,7 +373,7 @@ class WeightFunction(nn.Module):
             name: _relative_error(fitted[name].float(), samples[name].float())
             for name in self.names
         }
-        self._weight_cache = None
+        self.clear_weight_cache()
         _warn_inexact(self.fit_residuals, next(iter(self.time_basis.values())), num_layers)
         return self.fit_residuals
 

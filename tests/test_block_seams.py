@@ -133,8 +133,9 @@ def test_the_ode_settings_live_once_in_the_parent_config(make_gpt2, tmp_path):
     assert model.config.odeify["cache_weights"] is False
     model.config.odeify["rtol"] = 1e-5  # and the view reads the dict, no second copy
     assert block.ode.rtol == 1e-5
-    with steps(model, 5, "rk4"):
-        assert model.config.odeify["steps"] == 5 and block.ode.scheme == "rk4"
+    with steps(model, 5, "rk4"):  # this thread's view changes; the saved settings do not
+        assert (block.ode.steps, block.ode.scheme) == (5, "rk4")
+        assert model.config.odeify["steps"] == 3
     assert (block.ode.steps, block.ode.scheme) == (3, "heun")
     for bad, error in (({"scheme": "warp"}, ValueError), ({"steps": 0}, ValueError)):
         with pytest.raises(error):

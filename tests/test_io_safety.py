@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from odeify import from_pretrained, odeify, save_pretrained
+from odeify import atomic, from_pretrained, odeify, save_pretrained
 from odeify.atomic import atomic_file, replace_folder, write_text
 
 IDS = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(0))
@@ -65,6 +66,15 @@ def rename(self, target):
         os.kill(os.getpid(), signal.SIGKILL)  # the old model set aside, the new one not yet in
     return real_rename(self, target)
 Path.rename = rename
+real_exchange = atomic._exchange
+def exchange(a, b):
+    if stage == "between":
+        return False  # the fallback of two renames, where the system has no RENAME_EXCHANGE
+    swapped = real_exchange(a, b)
+    if stage == "exchanged":
+        os.kill(os.getpid(), signal.SIGKILL)  # the new model in, the old one not yet deleted
+    return swapped
+atomic._exchange = exchange
 with atomic.replace_folder(sys.argv[1], overwrite=True) as tmp:
     (tmp / "config.json").write_text('{"new": true}')
     if stage == "writing":
@@ -72,7 +82,7 @@ with atomic.replace_folder(sys.argv[1], overwrite=True) as tmp:
 """
 
 
-@pytest.mark.parametrize("stage", ["writing", "between"])
+@pytest.mark.parametrize("stage", ["writing", "between", "exchanged"])
 def test_a_killed_save_leaves_a_model_and_the_next_save_cleans_up(tmp_path, stage):
     target = tmp_path / "m"
     target.mkdir()
@@ -83,8 +93,10 @@ def test_a_killed_save_leaves_a_model_and_the_next_save_cleans_up(tmp_path, stag
     assert run.returncode == -signal.SIGKILL
     assert len(list(tmp_path.glob(".m.odeify-*"))) >= 1  # what the killed save left
     with replace_folder(target, overwrite=True) as tmp:
-        # The old model is back in place (or was never moved) before the next write starts.
-        assert json.loads((target / "config.json").read_text()) == {"old": True}
+        # The old model is back in place (or was never moved), or the new one is complete,
+        # before the next write starts.
+        expected = {"new": True} if stage == "exchanged" else {"old": True}
+        assert json.loads((target / "config.json").read_text()) == expected
         (tmp / "config.json").write_text('{"newer": true}')
     assert json.loads((target / "config.json").read_text()) == {"newer": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kill.py", "m"]
@@ -161,3 +173,22 @@ def test_a_stock_folder_whose_config_claims_odeify_is_refused(make_gpt2, tmp_pat
     stock.save_pretrained(tmp_path / "stock")
     with pytest.raises(ValueError, match="weights are a stock model's"):
         from_pretrained(tmp_path / "stock")
+
+
+def test_an_overwrite_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
+    # Where the system can exchange two paths, no instant has the path empty: no rename of the
+    # old folder aside happens at all.
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    if not atomic._exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("no atomic exchange of paths on this system")
+    (tmp_path / "a").rmdir(), (tmp_path / "b").rmdir()
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "config.json").write_text('{"old": true}')
+    renames = []
+    real_rename = Path.rename
+    monkeypatch.setattr(Path, "rename", lambda self, t: renames.append(t) or real_rename(self, t))
+    with replace_folder(target, overwrite=True) as tmp:
+        (tmp / "config.json").write_text('{"new": true}')
+    assert renames == [] and json.loads((target / "config.json").read_text()) == {"new": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

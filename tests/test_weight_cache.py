@@ -138,7 +138,29 @@ def test_weights_cached_under_autocast_serve_a_full_precision_forward(model):
     # Frozen weights are cached in training too (a LoRA step); a bf16 autocast step must not
     # leave bf16 weights behind for the fp32 evaluation that follows on the same grid.
     expected = _run(model, ode_steps=3)
-    get_block(model)._weight_cache = None
+    get_block(model).clear_weight_cache()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(IDS, use_cache=False, ode_steps=3)
     torch.testing.assert_close(_run(model, ode_steps=3), expected, rtol=0, atol=0)
+
+
+def test_a_data_assignment_invalidates_the_cache(model, builds):
+    before = _run(model)
+    p = get_block(model).basis_tensor("mlp.c_fc.weight")
+    p.data = p.data * 0.5  # new storage: the cache sees another data pointer
+    after = _run(model)
+    assert builds[0] == 2 and not torch.allclose(before, after)
+    get_block(model).ode.cache_weights = False
+    torch.testing.assert_close(_run(model), after, rtol=0, atol=0)
+
+
+def test_edits_the_version_counter_misses_need_clear_weight_cache(model, builds):
+    # `.data` (and a numpy view) write the storage behind the parameter's version counter: the
+    # cache cannot see it, which is why clear_weight_cache exists and the README names it.
+    before = _run(model)
+    get_block(model).basis_tensor("mlp.c_fc.weight").data.mul_(0.5)
+    get_block(model).clear_weight_cache()
+    fresh = _run(model)
+    assert builds[0] == 2 and not torch.allclose(fresh, before)
+    get_block(model).ode.cache_weights = False
+    torch.testing.assert_close(_run(model), fresh, rtol=0, atol=0)
