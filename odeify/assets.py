@@ -49,6 +49,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .extras import require
+
+    require("gguf", "loading the bundled SmolLM2 (a GGUF file)")
     folder = smollm2_dir()
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
     config = loaded.config

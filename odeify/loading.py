@@ -25,6 +25,7 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
     """
     import transformers
 
+    from .extras import require
     from .io import from_pretrained
 
     torch_dtype = DTYPES[dtype]
@@ -33,6 +34,7 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
         model, tok = load_smollm2(torch_dtype)
         ode = False
     elif path.is_file() and path.suffix == ".gguf":
+        require("gguf", f"loading {path.name}")
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch_dtype
         )

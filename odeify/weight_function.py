@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
@@ -320,8 +321,9 @@ class WeightFunction(nn.Module):
                 pairs = w.lora.setdefault(name, [])
                 for lhs, rhs, scaling in terms:
                     scale = (c[j, ks] * scaling).to(lhs.dtype).view(-1, 1, 1)
-                    b = (lhs[ks] * scale).permute(1, 0, 2).reshape(lhs.shape[1], -1)
-                    pairs.append((rhs[ks].reshape(-1, rhs.shape[-1]), b))
+                    # sum_k c_k s B_k A_k as one product: [out, (k r)] @ [(k r), in].
+                    b = rearrange(lhs[ks] * scale, "k o r -> o (k r)")
+                    pairs.append((rearrange(rhs[ks], "k r i -> (k r) i"), b))
         return out
 
     def _split(

@@ -21,7 +21,8 @@ def _project() -> dict:
 def _requirements() -> list[Requirement]:
     project = _project()
     extras = [spec for specs in project["optional-dependencies"].values() for spec in specs]
-    return [Requirement(spec) for spec in project["dependencies"] + extras]
+    requirements = [Requirement(spec) for spec in project["dependencies"] + extras]
+    return [r for r in requirements if r.name != project["name"]]  # odeify[plots] is no pin
 
 
 def test_library_dependencies_are_ranges_not_pins():
@@ -86,3 +87,66 @@ def test_odeify_runs_without_triton():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_plots_and_gguf_are_extras_and_dev_installs_them():
+    project = _project()
+    names = {Requirement(spec).name for spec in project["dependencies"]}
+    assert not names & {"matplotlib", "gguf"}, "plots and GGUF are optional: extras, not deps"
+    extras = project["optional-dependencies"]
+    assert [Requirement(s).name for s in extras["plots"]] == ["matplotlib"]
+    assert [Requirement(s).name for s in extras["gguf"]] == ["gguf"]
+    (self_ref,) = [Requirement(s) for s in extras["dev"] if Requirement(s).name == "odeify"]
+    assert self_ref.extras == {"plots", "gguf"}
+
+
+_WITHOUT_EXTRAS = """
+import sys
+sys.modules["matplotlib"] = None  # what an import meets where the extras are not installed
+sys.modules["gguf"] = None
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+import odeify
+from odeify.analysis.report import plot_spectra
+from odeify.analysis.spectra import spectra
+from odeify.loading import load_model
+
+model = odeify.odeify(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2)), progress=False)
+for call in (lambda: plot_spectra(spectra(model, times=2, progress=False), "x.png"),
+             lambda: load_model(sys.argv[1])):
+    try:
+        call()
+    except ImportError as e:
+        print(e)
+"""
+
+
+def test_odeify_imports_without_the_extras_and_names_the_one_a_call_needs(tmp_path):
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, str(gguf_file)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    plots, gguf = result.stdout.strip().splitlines()
+    assert "pip install 'odeify[plots]'" in plots and "matplotlib" in plots
+    assert "pip install 'odeify[gguf]'" in gguf and "model.gguf" in gguf
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plotting_leaves_matplotlib_global_state_alone(tmp_path):
+    # A library that draws a PNG must not switch the host program's backend or keep figures.
+    script = (
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt\n"
+        "from odeify.train.plots import plot_sweep\n"
+        "plot_sweep({'a': {1: 2.0, 2: 3.0}}, 'p.png', 't')\n"
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["svg", "0"] and (tmp_path / "p.png").stat().st_size > 0

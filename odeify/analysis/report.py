@@ -10,19 +10,11 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_file, write_text
+from ..extras import figure, require
 from .lyapunov import Lyapunov
 from .spectra import KINDS, Spectra
 
 _LABELS = {"qk": "QK = W_Q W_K^T", "ov": "OV = W_V W_O"}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_spectra(
@@ -38,11 +30,11 @@ def plot_spectra(
         >>> plot_spectra(spectra(model, times=8, progress=False), "spectra.png", "GPT-2 converted")
         PosixPath('spectra.png')
     """
-    plt = _pyplot()
-    from matplotlib.colors import LogNorm
+    LogNorm = require("matplotlib.colors", "plotting spectra").LogNorm  # noqa: N806 - a class
 
     t = spectra.times.numpy()
-    fig, axes = plt.subplots(len(KINDS), 4, figsize=(21, 4.4 * len(KINDS)), squeeze=False)
+    fig = figure(figsize=(21, 4.4 * len(KINDS)))
+    axes = fig.subplots(len(KINDS), 4, squeeze=False)
     for row, kind in zip(axes, KINDS, strict=True):
         radius = spectra.radius(kind).numpy()  # [n, H]
         step = t[1] - t[0] if len(t) > 1 else 1.0
@@ -104,7 +96,6 @@ def plot_spectra(
     path = Path(path)
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format=path.suffix[1:] or "png", dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -114,8 +105,7 @@ def _display(token: str) -> str:
 
 def _colours(values: torch.Tensor):
     """RGBA per value on a shared colour scale, and the (lo, hi) of that scale."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "colouring tokens")
     finite = values[torch.isfinite(values)]
     lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1.0
@@ -138,8 +128,9 @@ def plot_tokens(
         >>> plot_tokens(lam, [tok.decode([i]) for i in ids], "tokens.png")
         PosixPath('tokens.png')
     """
-    plt = _pyplot()
-    from matplotlib.patches import Rectangle
+    Rectangle = require("matplotlib.patches", "plotting tokens").Rectangle  # noqa: N806 - a class
+    colors = require("matplotlib.colors", "plotting tokens")
+    cm = require("matplotlib.cm", "plotting tokens")
 
     if len(tokens) != len(lyapunov.largest):
         raise ValueError(f"{len(tokens)} tokens for {len(lyapunov.largest)} exponents")
@@ -161,7 +152,7 @@ def plot_tokens(
     lines = line + 1
     text_height, curves_height = lines * line_height, 2.6
     fig_height = text_height + curves_height + 1.7
-    fig = plt.figure(figsize=(fig_width, fig_height))
+    fig = figure(figsize=(fig_width, fig_height))
 
     def axes(x: float, y: float, w: float, h: float):
         return fig.add_axes((x / fig_width, y / fig_height, w / fig_width, h / fig_height))
@@ -175,7 +166,7 @@ def plot_tokens(
     ax.set(xlim=(0, width), ylim=(lines, 0))
     ax.axis("off")
     ax.set_title(title or "largest finite-time Lyapunov exponent per token")
-    scale = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(lo, hi))
+    scale = cm.ScalarMappable(cmap="viridis", norm=colors.Normalize(lo, hi))
     bar = axes(left + text_width + 0.3, curves_height + 1.0, 0.15, max(text_height, 0.8))
     fig.colorbar(scale, cax=bar, label="largest exponent")
 
@@ -199,7 +190,6 @@ def plot_tokens(
     path = Path(path)
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format=path.suffix[1:] or "png", dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange, repeat
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -49,15 +50,13 @@ def head_products(
         >>> head_products(q, k, v, o, s)["qk"].shape
         torch.Size([1, 2, 3, 3])
     """
-    n, d = q.shape[0], q.shape[-1]
-    heads, hd = shape.num_heads, shape.head_dim
-    group = heads // shape.num_kv_heads
-    q_h = q.reshape(n, heads, hd, d)
-    # repeat_interleave: query head h uses kv head h // group, as transformers' repeat_kv does.
-    k_h = k.reshape(n, shape.num_kv_heads, hd, d).repeat_interleave(group, dim=1)
-    v_h = v.reshape(n, shape.num_kv_heads, hd, d).repeat_interleave(group, dim=1)
-    o_h = o.reshape(n, d, heads, hd).permute(0, 2, 1, 3)  # [n, H, d, hd]
-    return {"qk": k_h @ q_h.transpose(-1, -2), "ov": v_h @ o_h}
+    hd, group = shape.head_dim, shape.num_heads // shape.num_kv_heads
+    rows = "n (h e) d -> n h e d"  # head h's hd rows of a stored [out, in] projection
+    q_h = rearrange(q, rows, e=hd)
+    # Query head h uses kv head h // group, as transformers' repeat_kv does.
+    k_h, v_h = (repeat(w, "n (h e) d -> n (h g) e d", e=hd, g=group) for w in (k, v))
+    o_h = rearrange(o, "n d (h e) -> n h d e", e=hd)  # head h's hd columns of the output
+    return {"qk": k_h @ q_h.mT, "ov": v_h @ o_h}
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import atomic_file
+from ..extras import figure, require
 from .metrics import Metrics
 
 
@@ -29,16 +30,13 @@ def plot_sweep(
         >>> plot_sweep(curves, "ppl.png", "SmolLM2", {"original": 24.6})
         PosixPath('ppl.png')
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    ticker = require("matplotlib.ticker", "plotting perplexity")
     entries = len(curves) + len(reference or {})
     crowded = entries > 4 or max(map(len, [*curves, *(reference or {})]), default=0) > 40
     # A long legend goes under the axes, where it cannot hide the curves.
     height = 4.2 + (0.22 * entries if crowded else 0.0)
-    fig, ax = plt.subplots(figsize=(6.4, height), dpi=120)
+    fig = figure(figsize=(6.4, height), dpi=120)
+    ax = fig.subplots()
     for label, curve in curves.items():
         xs = sorted(curve)
         style = {"marker": "o", **(styles or {}).get(label, {})}
@@ -51,7 +49,7 @@ def plot_sweep(
     if ylim:
         # A cut axis spans less than a decade: plain numbers read better than powers of ten.
         ax.set_ylim(*ylim)
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(xlabel)
@@ -67,7 +65,6 @@ def plot_sweep(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, "wb") as f:  # a legend under the axes may be wider than them
         fig.savefig(f, format=path.suffix[1:] or "png", bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
