@@ -40,6 +40,11 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 
+try:  # Private to transformers: the registry by class name that output capturing reads (5.2x).
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # releases that read _can_record_outputs off the model itself
+    _CAN_RECORD_REGISTRY = {}
+
 from .adapters import FAMILIES
 from .bases import FourierUnit, fourier_frequencies
 from .family import ODEIFY_TYPE_PREFIX
@@ -143,10 +148,29 @@ def adopt(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and not is_odeify_class(type(module)):
             module.__class__ = odeify_class(type(module))
+            # What PreTrainedModel.__init__ does for its class: output_hidden_states and
+            # output_attentions find the outputs to record by the class's name.
+            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
             config = module.config
             if not is_odeify_class(type(config)):
-                config.__class__ = odeify_config_class(type(config))
+                set_config_class(config, odeify_config_class(type(config)))
     return model
+
+
+def set_config_class(config: PretrainedConfig, cls: type[PretrainedConfig]) -> None:
+    """Give ``config`` the class ``cls`` (a stock class and its odeify subclass have the same
+    fields), and its model type: a config read from a file holds it as an instance attribute.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> config = LlamaConfig.from_dict({"model_type": "llama", "hidden_size": 64})
+        >>> set_config_class(config, odeify_config_class(LlamaConfig))
+        >>> type(config).__name__, config.model_type, config.hidden_size
+        ('OdeifyLlamaConfig', 'odeify-llama', 64)
+    """
+    config.__class__ = cls
+    if "model_type" in vars(config):
+        config.model_type = cls.model_type
 
 
 # ----------------------------------------------------------------------- what the classes add
@@ -233,6 +257,7 @@ def register_auto_classes() -> None:
 
 __all__ = [
     "adopt",
+    "set_config_class",
     "register_auto_classes",
     "is_odeify_class",
     "odeify_class",

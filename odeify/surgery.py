@@ -180,12 +180,12 @@ def set_num_layers(config: PretrainedConfig, depth: int) -> None:
 
 
 def _stock_config(config: PretrainedConfig, depth: int) -> PretrainedConfig:
-    from .models import stock_class
+    from .models import set_config_class, stock_class
 
     config = copy.deepcopy(config)
     if hasattr(config, "odeify"):
         delattr(config, "odeify")
-    config.__class__ = stock_class(type(config))  # an odeify config's own stock class
+    set_config_class(config, stock_class(type(config)))  # an odeify config's own stock class
     if config.architectures:
         config.architectures = [a.removeprefix("Odeify") for a in config.architectures]
     set_num_layers(config, depth)
