@@ -53,6 +53,8 @@ from .surgery import is_odeified
 _PREFIX = "Odeify"
 # The per-call depth keywords the ODE block's bind() takes from the layer call.
 DEPTH_KWARGS = ("ode_steps", "ode_scheme", "ode_schedule")
+# The module device_map="auto" must keep on one device: the block integrates all of depth.
+_NO_SPLIT = ("ODEBlock",)
 
 
 # ----------------------------------------------------------------------------------- classes
@@ -63,7 +65,7 @@ def is_odeify_class(cls: type) -> bool:
         >>> is_odeify_class(type(model)), is_odeify_class(GPT2LMHeadModel)
         (True, False)
     """
-    return getattr(cls, "_odeify_stock_class", None) is not None and cls.__module__ == __name__
+    return getattr(cls, "_odeify_stock_class", None) is not None  # subclasses of them too
 
 
 def stock_class(cls: type) -> type:
@@ -119,6 +121,7 @@ def odeify_class(stock: type[PreTrainedModel]) -> type[PreTrainedModel]:
         "__qualname__": name,
         "__doc__": f"{stock.__name__} with its block stack odeified (one ODE block).",
         "forward": _forward_with_depth(stock.forward),
+        "_no_split_modules": list(_NO_SPLIT),
     }
     cls = type(name, (_OdeifyModel, stock), namespace)
     setattr(sys.modules[__name__], name, cls)
@@ -146,6 +149,9 @@ def adopt(model: nn.Module) -> nn.Module:
         ('OdeifyGPT2LMHeadModel', 'odeify-gpt2')
     """
     for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            # device_map="auto" keeps these whole; the stock decoder layers are gone.
+            module._no_split_modules = set(_NO_SPLIT)
         if isinstance(module, PreTrainedModel) and not is_odeify_class(type(module)):
             module.__class__ = odeify_class(type(module))
             # What PreTrainedModel.__init__ does for its class: output_hidden_states and

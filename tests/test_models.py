@@ -65,6 +65,19 @@ def test_a_converted_model_pickles_by_class_name(make_gpt2):
         assert torch.equal(again(IDS).logits, model(IDS).logits)
 
 
+def test_other_heads_get_an_odeify_class_too(tmp_path):
+    from transformers import GPT2ForSequenceClassification
+
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=97, pad_token_id=0)
+    model = _ode(GPT2ForSequenceClassification(config))
+    assert type(model).__name__ == "OdeifyGPT2ForSequenceClassification"
+    odeify.save_pretrained(model, tmp_path / "m")
+    loaded = odeify.from_pretrained(tmp_path / "m")
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
 # ----------------------------------------------------------------- saving and Auto loading
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "qwen2", "qwen3"])
 def test_auto_classes_load_the_ode_model_bit_exact(make_gpt2, make_llama, model_type, tmp_path):
@@ -84,6 +97,8 @@ def test_auto_classes_load_the_ode_model_bit_exact(make_gpt2, make_llama, model_
         hidden = model.base_model(IDS).last_hidden_state
         assert torch.equal(base(IDS).last_hidden_state, hidden)
     assert get_block(loaded).ode == get_block(model).ode
+    # device_map="auto" keeps whole what exists: the ODE block, not the stock layers
+    assert loaded._no_split_modules == model._no_split_modules == {"ODEBlock"}
     # back to a stock model: stock classes, the stock model type, loadable without odeify
     plain = odeify.materialize(loaded, 2)
     assert type(plain) is stock_class(type(model)) and plain.config.model_type == model_type
@@ -241,6 +256,15 @@ def test_forward_and_generate_take_the_depth_per_call(make_gpt2):
     assert not torch.equal(per_call.scores[0], default.scores[0])  # the depth did change
     # The shared settings were never changed for the per-call runs (4 forwards, then 1).
     assert seen[:5] == [4] * 5 and block.ode.to_dict() == settings
+    # per-sample counts travel the same way
+    counts = torch.tensor([2, 8])
+    with torch.no_grad():
+        with steps(model, counts):
+            expected = model.generate(IDS, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        got = model.generate(
+            IDS, ode_steps=counts, max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
+    assert torch.equal(got, expected)
     names = inspect.signature(model.forward).parameters
     assert {"ode_steps", "ode_scheme", "ode_schedule", "logits_to_keep", "labels"} <= set(names)
 
