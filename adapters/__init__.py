@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from odeify.family import Family
+from odeify.family import Family, stock_model_type
 
 
 def _discover() -> dict[str, Family]:
@@ -61,7 +61,7 @@ def family_for(model) -> Family:
         'gpt2'
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = stock_model_type(config) if config is not None else None
     how_to_add = "To add a family, write an adapter in odeify/adapters (see adapters/gpt2.py)."
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(

@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from odeify.family import AttentionLayout, Family, Projection, Stage
+from odeify.family import AttentionLayout, Family, Projection, Stage, stock_model_type
 from odeify.weights import Weights
 
 
@@ -36,7 +36,7 @@ def _check_config(config) -> None:
 
 
 def _sliding_window(config) -> int | None:
-    if config.model_type == "mistral":
+    if stock_model_type(config) == "mistral":
         return getattr(config, "sliding_window", None)
     return config.sliding_window if _layer_type(config) == "sliding_attention" else None
 

@@ -12,7 +12,13 @@ from .calibrate import calibrate
 from .config import ODEConfig
 from .io import from_pretrained, save_pretrained
 from .lora import lora_config
+from .models import register_auto_classes
 from .schedule import Schedule
+
+# The sanctioned exception to "importing odeify changes nothing outside it": the odeify config
+# and model classes are registered with transformers' Auto classes (their public register API),
+# so AutoModelForCausalLM.from_pretrained loads a saved odeified model as one.
+register_auto_classes()
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ from .block import ODEBlock
 from .config import ODEConfig
 from .diffeqformer import random_init
 from .family import Family
+from .models import adopt
 from .schemes import check_steps, resolve_solver, spans
 from .surgery import (
     block_stack,
@@ -99,7 +100,7 @@ def odeify(
     block = _new_block(model, family, ode, init, progress)
     block.train(model.training)
     replace_stack(model, nn.ModuleList([block]))  # its settings are model.config.odeify
-    return model
+    return adopt(model)  # the odeify classes: saved, the folder names what it holds
 
 
 def _ode_config(

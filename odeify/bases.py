@@ -101,6 +101,16 @@ class LegendreBasis(_FixedBasis):
         return torch.stack(cols[: self.num_basis], dim=1)
 
 
+def fourier_frequencies(features: int) -> Tensor:
+    """The Fourier unit's w_j = exp(-ln(1e4) j / S), j < S (float32).
+
+    Example:
+        >>> fourier_frequencies(2)
+        tensor([1.0000, 0.0100])
+    """
+    return torch.exp(-math.log(1e4) * torch.arange(features, dtype=torch.float32) / features)
+
+
 class FourierUnit(TimeBasis):
     """The DiffEqFormer time-dependent unit: c(t) = [1, g(t)] with g = Lin2(SiLU(Lin1(phi(t)))).
 
@@ -121,8 +131,7 @@ class FourierUnit(TimeBasis):
                 f"the fourier unit needs num_basis >= 2 (1 + E directions), got {num_basis}"
             )
         self.num_basis = num_basis
-        freqs = torch.exp(-math.log(1e4) * torch.arange(features, dtype=torch.float32) / features)
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("freqs", fourier_frequencies(features), persistent=False)
         self.lin1 = nn.Linear(2 * features + 1, hidden)
         self.lin2 = nn.Linear(hidden, num_basis - 1)
 

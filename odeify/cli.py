@@ -82,11 +82,25 @@ def cmd_convert(args) -> int:
     start = time.perf_counter()
     odeify(model, basis=args.basis, num_basis=args.num_basis, scheme=args.scheme)
     print(f"converted in {time.perf_counter() - start:.1f} s")
-    _report_fit(get_block(model))
+    block = get_block(model)
+    _report_fit(block)
+    worst = max(block.fit_residuals.values(), default=0.0)
+    card = {"base_model": args.source, "max relative fit residual": f"{worst:.2e}"}
     save_pretrained(
-        model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, force=args.force
+        model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, force=args.force, card=card
     )
     print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_upgrade(args) -> int:
+    from .io import from_pretrained, save_pretrained
+    from .loading import _tokenizer_in
+
+    folder = Path(args.folder)
+    model = from_pretrained(folder)  # any format this odeify reads, checksum verified
+    save_pretrained(model, folder, tokenizer=_tokenizer_in(folder), overwrite=True)
+    print(f"{folder}: model type {model.config.model_type}, class {type(model).__name__}")
     return 0
 
 
@@ -367,6 +381,16 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+def _add_upgrade(sub) -> None:
+    p = sub.add_parser(
+        "upgrade",
+        help="rewrite a saved odeified model in the current format (odeify's model type, for "
+        "AutoModelForCausalLM), in place",
+    )
+    p.add_argument("folder", help="a folder written by odeify.save_pretrained")
+    p.set_defaults(func=cmd_upgrade)
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity at several step counts, with a plot")
     p.add_argument(
@@ -546,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo,
         _add_analyze,
         _add_prepare,
+        _add_upgrade,
     ):
         add(sub)
     return parser

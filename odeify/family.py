@@ -15,6 +15,25 @@ from typing import Any
 
 from torch import Tensor, nn
 
+# Odeified models have model type "odeify-<stock type>" (see odeify.models); adapters match the
+# stock type.
+ODEIFY_TYPE_PREFIX = "odeify-"
+
+
+def stock_model_type(config) -> str | None:
+    """The stock transformers model type of a config, odeified or not.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> stock_model_type(LlamaConfig()), stock_model_type({"model_type": "odeify-qwen3"})
+        ('llama', 'qwen3')
+    """
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    model_type = model_type or getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type.startswith(ODEIFY_TYPE_PREFIX):
+        return model_type[len(ODEIFY_TYPE_PREFIX) :]
+    return model_type
+
 
 @dataclass
 class Stage:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -15,7 +17,10 @@ from torch import nn
 from .adapters import family_for
 from .api import get_block, odeify
 from .atomic import replace_folder
+from .card import model_card
 from .config import FORMAT_VERSION, ODEConfig
+from .family import ODEIFY_TYPE_PREFIX
+from .models import adopt
 from .surgery import set_num_layers, stock_model
 
 CHECKSUM_FILE = "checksum.json"
@@ -27,8 +32,17 @@ def save_pretrained(
     tokenizer=None,
     overwrite: bool = False,
     force: bool = False,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write an odeified model (and optionally its tokenizer) to ``path`` atomically.
+    """Write an odeified model (and optionally its tokenizer) to ``path`` atomically, with a
+    model card.
+
+    The config names odeify's own model type and class (``odeify-gpt2``,
+    ``OdeifyGPT2LMHeadModel``): with odeify imported, ``AutoModelForCausalLM.from_pretrained``
+    loads the folder as the ODE model; without it transformers refuses it, never mistaking it for
+    a stock checkpoint. The model card (README.md, see :func:`odeify.card.model_card`) says what
+    the model is and how to load it; ``card`` adds what the caller knows, e.g.
+    ``{"base_model": "gpt2", "perplexity": 21.3}``.
 
     The files go to a temporary folder beside ``path``, are fsynced, and replace ``path`` only
     once complete; an old model there is deleted after the new one is in place, so a kill at any
@@ -42,11 +56,16 @@ def save_pretrained(
         >>> odeify.save_pretrained(model, "gpt2-ode")
         PosixPath('gpt2-ode')
         >>> sorted(p.name for p in Path("gpt2-ode").iterdir())
-        ['checksum.json', 'config.json', 'generation_config.json', 'model.safetensors']
+        ['README.md', 'checksum.json', 'config.json', 'generation_config.json', 'model.safetensors']
+        >>> json.loads(Path("gpt2-ode/config.json").read_text())["architectures"]
+        ['OdeifyGPT2LMHeadModel']
     """
     get_block(model)
+    adopt(model)  # a model odeified by an older odeify: its stock classes never reach the folder
+    text = model_card(model, Path(path).name, card)
     with replace_folder(path, overwrite, force) as tmp:
         model.save_pretrained(tmp)
+        (tmp / "README.md").write_text(text)
         # Of the tensors as written (tied weights once, in the saved dtype), read back.
         digest = {
             "sha256": tensor_checksum(_read_state(tmp)),
@@ -101,13 +120,16 @@ def from_pretrained(
     ODE setting is checked against the tensors it implies (family, layer count, basis kind and
     K, learned time units); with ``verify`` the tensors' checksum written by
     :func:`save_pretrained` is checked too (about a second for SmolLM2-135M; folders saved
-    without one load unchecked).
+    without one load unchecked). The model comes back as odeify's class (``OdeifyGPT2LMHeadModel``,
+    a ``GPT2LMHeadModel``); folders of the earlier format (the stock model type with an
+    ``odeify`` section in config.json) load the same way, and saving the model again writes the
+    current format (``odeify upgrade FOLDER`` does that in place).
 
     Example:
         >>> _ = odeify.save_pretrained(model, "gpt2-ode")
         >>> loaded = odeify.from_pretrained("gpt2-ode")
         >>> type(loaded).__name__, torch.equal(loaded(ids).logits, model(ids).logits)
-        ('GPT2LMHeadModel', True)
+        ('OdeifyGPT2LMHeadModel', True)
     """
     path = Path(path)
     ode, config = _read_config(path)
@@ -140,6 +162,8 @@ def from_pretrained(
     odeify(model, init="none", progress=False, **options)
     set_num_layers(model.config, config.num_hidden_layers)
     _load_state(path, model, state)
+    if (path / "generation_config.json").exists():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -153,7 +177,13 @@ def _read_config(path: Path) -> tuple[ODEConfig, transformers.PretrainedConfig]:
         raise FileNotFoundError(
             f"{path} has no config.json; is it a folder written by save_pretrained?"
         )
-    settings = json.loads(config_file.read_text()).get("odeify")
+    saved = json.loads(config_file.read_text())
+    settings = saved.get("odeify")
+    if settings is None and str(saved.get("model_type", "")).startswith(ODEIFY_TYPE_PREFIX):
+        raise ValueError(
+            f"{config_file} has model type {saved['model_type']!r} but no 'odeify' section (the "
+            "ODE settings): it was edited; restore it or convert the original model again"
+        )
     if settings is None:
         raise ValueError(
             f"{config_file} has no 'odeify' section: it is a plain transformers checkpoint. Load it "

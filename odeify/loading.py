@@ -21,7 +21,7 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
         >>> _ = odeify.save_pretrained(model, "gpt2-ode")
         >>> model, tok, ode = load_model("gpt2-ode", tokenizer="gpt2")
         >>> type(model).__name__, len(tok), ode
-        ('GPT2LMHeadModel', 50257, True)
+        ('OdeifyGPT2LMHeadModel', 50257, True)
     """
     import transformers
 
@@ -85,7 +85,7 @@ def load_with_tokenizer(source: str, tokenizer: str | None = None):
         >>> _ = odeify.save_pretrained(model, "gpt2-ode", tokenizer=tok)
         >>> model, tok, ode = load_with_tokenizer("gpt2-ode")
         >>> type(model).__name__, len(tok), ode
-        ('GPT2LMHeadModel', 10, True)
+        ('OdeifyGPT2LMHeadModel', 10, True)
     """
     model, tok, ode = load_model(source, tokenizer=tokenizer)
     if tok is None:

@@ -180,9 +180,14 @@ def set_num_layers(config: PretrainedConfig, depth: int) -> None:
 
 
 def _stock_config(config: PretrainedConfig, depth: int) -> PretrainedConfig:
+    from .models import set_config_class, stock_class
+
     config = copy.deepcopy(config)
     if hasattr(config, "odeify"):
         delattr(config, "odeify")
+    set_config_class(config, stock_class(type(config)))  # an odeify config's own stock class
+    if config.architectures:
+        config.architectures = [a.removeprefix("Odeify") for a in config.architectures]
     set_num_layers(config, depth)
     return config
 
@@ -252,7 +257,9 @@ def stock_model(
         ('GPT2LMHeadModel', 2, False)
     """
     if isinstance(source, nn.Module):
-        plain = type(source)(_stock_config(source.config, depth))
+        from .models import stock_class
+
+        plain = stock_class(type(source))(_stock_config(source.config, depth))
         plain.to(device=next(source.parameters()).device, dtype=source.dtype)
         _copy_outer(source, plain)
         plain.train(source.training)

@@ -38,6 +38,8 @@ def test_convert_writes_a_loadable_model_and_reports_the_fit(source, tmp_path, c
     model = from_pretrained(converted)
     assert get_block(model).ode.num_layers == 3
     assert (converted / "tokenizer.json").exists() or (converted / "vocab.json").exists()
+    card = (converted / "README.md").read_text()  # the model card names what it came from
+    assert f"{source} with its 3 gpt2 blocks" in card and "max relative fit residual: " in card
 
 
 def _user_error(argv, capsys) -> str:

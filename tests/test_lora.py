@@ -259,3 +259,29 @@ def test_materialize_of_an_unmerged_peft_model_says_to_merge_first(ode_llama):
     # What the message says to do keeps the adapter's update.
     plain = materialize(adapted.merge_and_unload(), steps=2)
     torch.testing.assert_close(_logits(plain), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])
+def test_auto_peft_model_loads_the_adapter_onto_the_ode_base(ode_llama, tmp_path, task_type):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    odeify_module.save_pretrained(ode_llama, tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = _randomize(get_peft_model(base, lora_config(r=2, task_type=task_type)))
+    expected = {n: _logits(model, n) for n in (3, 5)}
+    model.save_pretrained(tmp_path / "adapter")
+
+    if task_type is None:
+        # Without a task type peft records the base model's class and imports its module only
+        # from libraries it is told to trust: odeify's classes live in odeify.models.
+        with pytest.raises(ValueError, match="odeify.models"):
+            AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    allow = {} if task_type else {"import_allowlist": ["odeify"]}
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", **allow)
+    assert type(loaded.get_base_model()).__name__ == "OdeifyLlamaForCausalLM"
+    for n in (3, 5):
+        torch.testing.assert_close(_logits(loaded, n), expected[n], rtol=0, atol=0)
+    merged = loaded.merge_and_unload()
+    assert type(merged).__name__ == "OdeifyLlamaForCausalLM"
+    torch.testing.assert_close(_logits(merged, 3), expected[3], rtol=1e-5, atol=1e-5)

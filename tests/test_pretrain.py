@@ -239,7 +239,7 @@ def test_llama_family(tmp_path, cache, one_thread):
     config = {**TINY, "token_cache": str(cache), "out_dir": str(tmp_path), "family": "llama"}
     summary = pretrain.main(argv({**config, "max_steps": 2, "n_kv_head": 1}))
     model = odeify.from_pretrained(tmp_path / "model")
-    assert type(model).__name__ == "LlamaForCausalLM"
+    assert type(model).__name__ == "OdeifyLlamaForCausalLM"
     assert model.config.num_key_value_heads == 1 and not model.config.tie_word_embeddings
     assert sorted(odeify.get_block(model).time_basis) == [
         "down",

@@ -1,0 +1,272 @@
+"""Odeified models as transformers classes of their own, so a saved folder says what it is.
+
+Every stock model type odeify converts (``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``)
+gets a config class with model type ``odeify-<type>`` (``OdeifyLlamaConfig``) and model classes
+named after the stock ones (``OdeifyLlamaForCausalLM``, ``OdeifyLlamaModel``). Each subclasses
+its stock class, so ``isinstance(model, LlamaForCausalLM)``, peft's module targeting and every
+stock code path keep working; what it adds is the ODE block in place of the layers (built in
+``post_init``), ``ode_steps=`` / ``ode_scheme=`` / ``ode_schedule=`` in ``forward``'s signature
+(so ``generate`` passes them through) and the re-init of non-persistent buffers after a
+meta-device load. ``odeify(model)`` switches a converted model (and its config) to these classes.
+
+One model type per stock type, rather than one ``odeify`` type carrying the family: transformers
+maps a model type to one config class, and a Qwen3 config is not a Llama config (other fields,
+other defaults, another attention module), so the config class must be the stock type's own.
+
+Importing odeify registers the causal-LM and base-model classes with transformers' Auto classes
+through their public ``register`` API (the one change odeify makes to another library's state
+on import): ``AutoModelForCausalLM.from_pretrained(folder)`` of a saved odeified model returns
+the ODE model. Without odeify, transformers refuses the folder, naming the unknown model type.
+Other heads (``GPT2ForSequenceClassification``...) get their class on demand, unregistered.
+
+Example:
+    >>> from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+    >>> _ = odeify.save_pretrained(model, "gpt2-ode")
+    >>> loaded = AutoModelForCausalLM.from_pretrained("gpt2-ode")
+    >>> type(loaded).__name__, loaded.config.model_type, isinstance(loaded, GPT2LMHeadModel)
+    ('OdeifyGPT2LMHeadModel', 'odeify-gpt2', True)
+    >>> torch.equal(loaded(ids).logits, model(ids).logits)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+
+import transformers
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as hf_init
+
+try:  # Private to transformers: the registry by class name that output capturing reads (5.2x).
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # releases that read _can_record_outputs off the model itself
+    _CAN_RECORD_REGISTRY = {}
+
+from .adapters import FAMILIES
+from .bases import FourierUnit, fourier_frequencies
+from .family import ODEIFY_TYPE_PREFIX
+from .surgery import is_odeified
+
+_PREFIX = "Odeify"
+# The per-call depth keywords the ODE block's bind() takes from the layer call.
+DEPTH_KWARGS = ("ode_steps", "ode_scheme", "ode_schedule")
+# The module device_map="auto" must keep on one device: the block integrates all of depth.
+_NO_SPLIT = ("ODEBlock",)
+
+
+# ----------------------------------------------------------------------------------- classes
+def is_odeify_class(cls: type) -> bool:
+    """Whether ``cls`` is one of odeify's config or model classes.
+
+    Example:
+        >>> is_odeify_class(type(model)), is_odeify_class(GPT2LMHeadModel)
+        (True, False)
+    """
+    return getattr(cls, "_odeify_stock_class", None) is not None  # subclasses of them too
+
+
+def stock_class(cls: type) -> type:
+    """The stock transformers class an odeify class extends (``cls`` itself if stock).
+
+    Example:
+        >>> stock_class(type(model)).__name__
+        'GPT2LMHeadModel'
+    """
+    return cls._odeify_stock_class if is_odeify_class(cls) else cls
+
+
+@functools.cache
+def odeify_config_class(stock: type[PretrainedConfig]) -> type[PretrainedConfig]:
+    """The odeify config class of a stock config class: model type ``odeify-<stock type>``.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> odeify_config_class(LlamaConfig).model_type
+        'odeify-llama'
+    """
+    stock = stock_class(stock)
+    name = _PREFIX + stock.__name__
+    cls = type(
+        name,
+        (stock,),
+        {
+            "model_type": ODEIFY_TYPE_PREFIX + stock.model_type,
+            "_odeify_stock_class": stock,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{stock.__name__} of an odeified model; the ODE settings are ``odeify``.",
+        },
+    )
+    setattr(sys.modules[__name__], name, cls)  # importable by name: pickle finds it
+    return cls
+
+
+@functools.cache
+def odeify_class(stock: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The odeify model class of a stock transformers model class.
+
+    Example:
+        >>> odeify_class(GPT2LMHeadModel).__name__
+        'OdeifyGPT2LMHeadModel'
+    """
+    stock = stock_class(stock)
+    name = _PREFIX + stock.__name__
+    namespace = {
+        "config_class": odeify_config_class(stock.config_class),
+        "_odeify_stock_class": stock,
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"{stock.__name__} with its block stack odeified (one ODE block).",
+        "forward": _forward_with_depth(stock.forward),
+        "_no_split_modules": list(_NO_SPLIT),
+    }
+    cls = type(name, (_OdeifyModel, stock), namespace)
+    setattr(sys.modules[__name__], name, cls)
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    # Classes are made on first use; unpickling (or a config's `architectures`) names them.
+    stock = getattr(transformers, name[len(_PREFIX) :], None) if name.startswith(_PREFIX) else None
+    if isinstance(stock, type) and issubclass(stock, PretrainedConfig):
+        return odeify_config_class(stock)
+    if isinstance(stock, type) and issubclass(stock, PreTrainedModel):
+        return odeify_class(stock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def adopt(model: nn.Module) -> nn.Module:
+    """Switch an odeified stock model, its inner base model and their config to the odeify
+    classes, in place (no parameter or buffer changes; the classes add no state).
+
+    Example:
+        >>> plain = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2))
+        >>> converted = odeify(plain, progress=False)   # odeify() adopts; so is it a no-op here
+        >>> type(adopt(converted)).__name__, converted.config.model_type
+        ('OdeifyGPT2LMHeadModel', 'odeify-gpt2')
+    """
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            # device_map="auto" keeps these whole; the stock decoder layers are gone.
+            module._no_split_modules = set(_NO_SPLIT)
+        if isinstance(module, PreTrainedModel) and not is_odeify_class(type(module)):
+            module.__class__ = odeify_class(type(module))
+            # What PreTrainedModel.__init__ does for its class: output_hidden_states and
+            # output_attentions find the outputs to record by the class's name.
+            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+            config = module.config
+            if not is_odeify_class(type(config)):
+                set_config_class(config, odeify_config_class(type(config)))
+    return model
+
+
+def set_config_class(config: PretrainedConfig, cls: type[PretrainedConfig]) -> None:
+    """Give ``config`` the class ``cls`` (a stock class and its odeify subclass have the same
+    fields), and its model type: a config read from a file holds it as an instance attribute.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> config = LlamaConfig.from_dict({"model_type": "llama", "hidden_size": 64})
+        >>> set_config_class(config, odeify_config_class(LlamaConfig))
+        >>> type(config).__name__, config.model_type, config.hidden_size
+        ('OdeifyLlamaConfig', 'odeify-llama', 64)
+    """
+    config.__class__ = cls
+    if "model_type" in vars(config):
+        config.model_type = cls.model_type
+
+
+# ----------------------------------------------------------------------- what the classes add
+class _OdeifyModel:
+    """What every odeify model class adds to its stock class (first in its bases)."""
+
+    def post_init(self) -> None:
+        """The stock post_init (init, tying), then the stack becomes the ODE block.
+
+        On the meta device (transformers' from_pretrained) the block is left unset, for the
+        checkpoint to fill; otherwise it is fitted to the freshly initialised layers, as
+        ``odeify(Model(config))`` would be, with the config's ODE settings if it has them.
+        """
+        super().post_init()
+        if is_odeified(self):
+            return
+        from .api import odeify
+
+        meta = next(self.parameters()).device.type == "meta"
+        settings = dict(getattr(self.config, "odeify", None) or {})
+        for key in ("family", "version"):
+            settings.pop(key, None)
+        odeify(self, init="none" if meta else "fit", progress=False, **settings)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, FourierUnit):
+            # Its frequencies are a non-persistent buffer: not in the checkpoint, so after a
+            # meta-device load they are recomputed here, as transformers does for RoPE's.
+            hf_init.copy_(module.freqs, fourier_frequencies(module.freqs.numel()))
+
+
+def _forward_with_depth(stock_forward):
+    """``stock_forward`` with the per-call depth keywords in its signature.
+
+    transformers' generate() passes on only the keywords ``forward``'s signature names, so they
+    are added to it; they travel down the forward's ``**kwargs`` to the ODE block's layer call,
+    which reads them for that call alone (no shared setting changes).
+    """
+
+    @functools.wraps(stock_forward)
+    def forward(self, *args, ode_steps=None, ode_scheme=None, ode_schedule=None, **kwargs):
+        depth = {"ode_steps": ode_steps, "ode_scheme": ode_scheme, "ode_schedule": ode_schedule}
+        kwargs.update({k: v for k, v in depth.items() if v is not None})
+        return stock_forward(self, *args, **kwargs)
+
+    signature = inspect.signature(stock_forward)
+    params = [p for p in signature.parameters.values() if p.name not in DEPTH_KWARGS]
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    extra = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in DEPTH_KWARGS
+    ]
+    forward.__signature__ = signature.replace(parameters=params[:at] + extra + params[at:])
+    return forward
+
+
+# ------------------------------------------------------------------------------ registration
+def register_auto_classes() -> None:
+    """Register every converted model type's config, base-model and causal-LM classes with
+    transformers' Auto classes (``import odeify`` does; calling it again changes nothing).
+
+    Example:
+        >>> register_auto_classes()
+        >>> transformers.AutoConfig.for_model("odeify-llama").__class__.__name__
+        'OdeifyLlamaConfig'
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_MAPPING,
+    )
+
+    for family in FAMILIES.values():
+        for model_type in family.model_types:
+            stock_config = CONFIG_MAPPING[model_type]
+            config = odeify_config_class(stock_config)
+            transformers.AutoConfig.register(config.model_type, config, exist_ok=True)
+            for auto, mapping in (
+                (transformers.AutoModel, MODEL_MAPPING),
+                (transformers.AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING),
+            ):
+                auto.register(config, odeify_class(mapping[stock_config]), exist_ok=True)
+
+
+__all__ = [
+    "adopt",
+    "set_config_class",
+    "register_auto_classes",
+    "is_odeify_class",
+    "odeify_class",
+    "odeify_config_class",
+    "stock_class",
+]
