@@ -3,6 +3,7 @@ contradicts itself (edited config, flipped bits) is refused on load."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,3 +162,14 @@ def test_a_stock_folder_whose_config_claims_odeify_is_refused(make_gpt2, tmp_pat
     stock.save_pretrained(tmp_path / "stock")
     with pytest.raises(ValueError, match="weights are a stock model's"):
         from_pretrained(tmp_path / "stock")
+
+
+@pytest.mark.parametrize("suffix", ["ln_f.weight", "basis.attn.c_attn.weight"])
+def test_a_weight_file_missing_a_tensor_is_refused(saved, suffix):
+    state = load_file(saved / "model.safetensors")
+    (name,) = [k for k in state if k.endswith(suffix)]
+    del state[name]
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    # verify=False: past the checksum, so the check of the tensors against the model refuses it.
+    with pytest.raises(ValueError, match=rf"missing \['{re.escape(name)}'\]"):
+        from_pretrained(saved, verify=False)
