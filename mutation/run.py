@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         done = _mutmut(work, ["run", "--max-children", "1"], timeout=left)
         (work / "mutmut.log").write_text(done.stdout + done.stderr)
         if done.returncode not in (0, -1):
-            print(f"  mutmut failed ({done.returncode}); see {work / 'mutmut.log'}")
+            # e.g. a module whose functions are all decorated (mutmut leaves those alone).
+            last = [line for line in done.stdout.splitlines() if line.strip()][-4:]
+            print(f"  mutmut stopped ({done.returncode}): {' '.join(last)[:300]}")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "report.md").write_text(report(mapping))
     print(f"report: {OUT / 'report.md'}")
