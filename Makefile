@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 NEXT_VENV := .venv-transformers-next
 TRANSFORMERS_NEXT := 5.24.0
 
-.PHONY: demo test test-next bench lint setup
+.PHONY: demo test test-next bench lint setup mutate
 
 setup: $(STAMP)
 
@@ -58,3 +58,11 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check odeify adapters recipes tests benchmarks
 	$(VENV)/bin/ruff format --check odeify adapters recipes tests benchmarks
+
+# Mutation testing of the library modules (mutation/modules.toml maps each to the tests that
+# exercise it), within a time budget in minutes, one worker at nice 10; not part of CI (hours for
+# every module). mutmut rather than cosmic-ray: it runs each mutant against only the tests that
+# reached the mutated function, forked from a process that has imported torch already, and goes
+# on where the last run stopped. Report: out/mutation/report.md. `make mutate MODULES=bases BUDGET=10`.
+mutate: $(STAMP)
+	$(PY) mutation/run.py $(if $(BUDGET),--budget $(BUDGET)) $(if $(FRESH),--fresh) $(MODULES)

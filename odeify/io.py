@@ -47,7 +47,8 @@ def save_pretrained(
     The files go to a temporary folder beside ``path``, are fsynced, and replace ``path`` only
     once complete; an old model there is deleted after the new one is in place, so a kill at any
     point leaves the old or the new model (see :mod:`odeify.atomic`). A checksum of the tensors
-    goes to ``checksum.json``, verified by :func:`from_pretrained`. An existing ``path`` needs
+    goes to ``checksum.json``, verified by :func:`from_pretrained`, with the conversion's
+    ``fit_residuals`` (restored on load). An existing ``path`` needs
     ``overwrite``; the working directory, a parent of it, or a folder holding anything but a
     checkpoint also needs ``force``. ``model.save_pretrained(path)`` also works (not atomically,
     no checksum).
@@ -70,6 +71,7 @@ def save_pretrained(
         digest = {
             "sha256": tensor_checksum(_read_state(tmp)),
             "fitted_with": _fitted_with(get_block(model).ode.to_dict()),
+            "fit_residuals": get_block(model).fit_residuals,
         }
         (tmp / CHECKSUM_FILE).write_text(json.dumps(digest, indent=1) + "\n")
         if tokenizer is not None:
@@ -164,6 +166,8 @@ def from_pretrained(
     _load_state(path, model, state)
     if (path / "generation_config.json").exists():
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    # The residuals of the conversion's fit, kept beside the checksum (none without one).
+    get_block(model).fit_residuals = dict((checksum or {}).get("fit_residuals", {}))
     if device is not None:
         model.to(device)
     return model.eval()

@@ -27,7 +27,8 @@ Features:
 - Training: AdamW (decay on matrices only), linear warmup + cosine decay, gradient clipping,
   gradient accumulation, seeds, optional activation checkpointing, a progress bar.
 - Distributed: under torchrun, DDP (gloo on CPU, NCCL on GPU): each process trains on its
-  share of every micro-batch (``batch_size / grad_accum`` must split over the processes) and
+  share of every batch, in ``grad_accum`` equal micro-batches (``batch_size`` must split into
+  processes x ``grad_accum``; any ``grad_accum`` trains on the same batches) and
   scores its share of the validation windows; the first writes checkpoints, metrics and outputs.
 - Evaluation: validation perplexity before and after training at several solver step counts
   (``eval_steps``, default L/2, L, 3L/2). A discrete or original model is evaluated through
@@ -380,7 +381,7 @@ class Finetune:
         with self.ctx.main_first():  # rank 0 fills the token cache, the others read it
             tokens = data.tokenize(train_docs, self.tokenizer, cache)
             self.windows = validation_windows(cfg, valid_docs, self.tokenizer, cache)
-        self.batches = data.Batches(tokens, cfg.batch_size // cfg.grad_accum, cfg.seq_len, cfg.seed)
+        self.batches = data.Batches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
 
     # ------------------------------------------------------------------------------- train
     def train(self, before: dict[int, float]) -> dict[str, Any]:
@@ -429,8 +430,11 @@ class Finetune:
         steps: (loss averaged over ranks, learning rate used)."""
         cfg, ctx, model = self.cfg, self.ctx, self.model
         loss_sum = 0.0
+        # The rows of batch ``step`` in equal slices: any grad_accum trains on the same batch.
+        inputs, targets = self.batches.get(step, ctx.rank, ctx.world)
+        size = len(inputs) // cfg.grad_accum
         for micro in range(cfg.grad_accum):
-            x, y = self.batches.get(step * cfg.grad_accum + micro, ctx.rank, ctx.world)
+            x, y = (t[micro * size : (micro + 1) * size] for t in (inputs, targets))
             with sync(model, micro == cfg.grad_accum - 1):
                 if cfg.form == "continuous":
                     with ode_lib.steps(model, n):

@@ -214,6 +214,20 @@ def test_two_gloo_processes_match_one(assets, tmp_path):
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_gradient_accumulation_equals_the_whole_batch_at_once(assets, tmp_path):
+    """grad_accum = 2 trains on each step's batch in two halves: the run of grad_accum = 1."""
+    settings = _config(assets, tmp_path, batch_size=4, max_steps=2)
+    one = _run({**settings, "out_dir": str(tmp_path / "one")})
+    two = _run({**settings, "grad_accum": 2, "out_dir": str(tmp_path / "two")})
+    losses = [[r["loss"] for r in records(tmp_path / run) if "loss" in r] for run in ("one", "two")]
+    assert len(losses[0]) == 2
+    # The same sums in another order (two half-batch means, then their mean): float32 rounding.
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for n, value in one["perplexity_after"].items():
+        assert two["perplexity_after"][n] == pytest.approx(value, rel=1e-5)
+    assert one["perplexity_after"] != pytest.approx(one["perplexity_before"], rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "path",
     sorted(RECIPES.joinpath("configs").glob("*-smollm2-shakespeare.yaml")),

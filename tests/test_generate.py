@@ -70,6 +70,36 @@ def test_a_cache_filled_at_another_step_count_is_refused(pair):
         model(PROMPT[:, :1], past_key_values=cache, use_cache=True)
 
 
+def test_a_cache_filled_under_another_scheme_is_refused(pair):
+    # midpoint and heun: two stages each, so the same number of slots at the same N; only the
+    # recorded scheme tells the cache's keys (at midpoint times) from heun's.
+    _, model = pair
+    with torch.no_grad(), steps(model, 3, "midpoint"):
+        cache = model(PROMPT, use_cache=True).past_key_values
+    with (
+        torch.no_grad(),
+        steps(model, 3, "heun"),
+        pytest.raises(ValueError, match="filled at 3 steps of 'midpoint'.*3 steps of 'heun'"),
+    ):
+        model(PROMPT[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_an_exception_inside_steps_restores_the_model(pair):
+    _, model = pair
+    settings, tokens = dict(model.config.odeify), _greedy(model)
+    with torch.no_grad():
+        at_l = model(PROMPT).logits
+        at_2 = model(PROMPT, ode_steps=2, ode_scheme="rk4").logits
+    with pytest.raises(RuntimeError, match="inside"), steps(model, 2, "rk4", schedule="uniform"):
+        with torch.no_grad():  # in effect inside: 2 steps of rk4
+            assert torch.equal(model(PROMPT).logits, at_2)
+        raise RuntimeError("inside")
+    assert dict(model.config.odeify) == settings
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, at_l)
+    assert torch.equal(_greedy(model), tokens)
+
+
 def test_a_cache_from_the_original_model_is_refused(pair):
     original, model = pair
     with torch.no_grad():

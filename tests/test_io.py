@@ -131,3 +131,12 @@ def test_torch_save_round_trips_a_whole_odeified_model(family, make_gpt2, make_l
     again = torch.load(tmp_path / "model.pt", weights_only=False)
     ids = torch.randint(0, 97, (2, 7))
     assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_fit_residuals_survive_save_and_load(make_gpt2, tmp_path):
+    # K = 2 < L = 4: an inexact fit, so every residual is a number that can be lost or changed.
+    model = odeify(make_gpt2(), basis="chebyshev", num_basis=2, progress=False)
+    residuals = get_block(model).fit_residuals
+    assert len(residuals) == len(get_block(model).names) and min(residuals.values()) > 1e-3
+    save_pretrained(model, tmp_path / "m")
+    assert get_block(from_pretrained(tmp_path / "m")).fit_residuals == residuals

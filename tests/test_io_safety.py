@@ -3,6 +3,7 @@ contradicts itself (edited config, flipped bits) is refused on load."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,3 +193,14 @@ def test_an_overwrite_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
         (tmp / "config.json").write_text('{"new": true}')
     assert renames == [] and json.loads((target / "config.json").read_text()) == {"new": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("suffix", ["ln_f.weight", "basis.attn.c_attn.weight"])
+def test_a_weight_file_missing_a_tensor_is_refused(saved, suffix):
+    state = load_file(saved / "model.safetensors")
+    (name,) = [k for k in state if k.endswith(suffix)]
+    del state[name]
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    # verify=False: past the checksum, so the check of the tensors against the model refuses it.
+    with pytest.raises(ValueError, match=rf"missing \['{re.escape(name)}'\]"):
+        from_pretrained(saved, verify=False)

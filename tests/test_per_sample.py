@@ -64,12 +64,35 @@ def test_equal_counts_take_the_shared_path(model):
         )
 
 
-def test_gradients_reach_the_basis_with_per_sample_depth(model):
-    """Depth-robust training: each sample draws its own step count."""
-    model.train()
-    model(IDS, labels=IDS, ode_steps=COUNTS, use_cache=False).loss.backward()
+def _basis_grads(model, ids, counts) -> dict:
     block = get_block(model)
-    assert all(block.basis_tensor(n).grad is not None for n in block.names)
+    model.zero_grad()
+    model(ids, labels=ids, ode_steps=counts, use_cache=False).loss.backward()
+    return {n: block.basis_tensor(n).grad.clone() for n in block.names}
+
+
+def test_per_sample_gradients_are_the_mean_of_each_sample_alone(model):
+    """Depth-robust training: each sample draws its own step count. The batch loss is the mean
+    over samples of equal length, so its gradient is the mean of each sample's own gradient."""
+    batch = _basis_grads(model, IDS, COUNTS)
+    alone = [_basis_grads(model, IDS[b : b + 1], int(n)) for b, n in enumerate(COUNTS)]
+    for name, grad in batch.items():
+        expected = sum(g[name] for g in alone) / len(alone)
+        # float32, summed in another order (per-sample time_linear vs one shared weight).
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+        assert grad.abs().sum() > 0
+
+
+def test_the_triton_backward_in_the_model_equals_the_reference(make_llama):
+    """time_linear's Triton backward (interpreter mode on CPU) inside a model's forward and
+    backward: the basis gradients of the PyTorch reference path, to float32 rounding (Llama
+    only: the interpreter takes seconds per backward, and the kernels do not see the family)."""
+    model = odeify(make_llama(num_hidden_layers=4), progress=False)
+    reference = _basis_grads(model, IDS, COUNTS)
+    with time_linear_backend("triton"):
+        fused = _basis_grads(model, IDS, COUNTS)
+    for name, grad in reference.items():
+        torch.testing.assert_close(fused[name], grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -82,10 +82,31 @@ def test_training_forward_builds_with_gradients_to_the_basis(model, builds):
         model(IDS, labels=IDS, use_cache=False).loss.backward()
     assert builds[0] == 2  # no reuse while gradients are needed
     block = get_block(model)
-    assert all(
-        block.basis_tensor(n).grad is not None and block.basis_tensor(n).grad.abs().sum() > 0
-        for n in block.names
-    )
+    assert all(block.basis_tensor(n).grad.abs().sum() > 0 for n in block.names)
+
+
+def test_basis_gradients_at_l_are_the_original_layers_gradients(make_gpt2):
+    """Hat basis at N = L: P_l is layer l's parameter, so dLoss/dP_l is the original's gradient
+    of layer l (eval mode: no dropout draws to keep in step)."""
+    import copy
+
+    from odeify.surgery import layer_samples
+
+    original = make_gpt2()
+    model = odeify(copy.deepcopy(original), progress=False)
+    model(IDS, labels=IDS, use_cache=False).loss.backward()
+    original(IDS, labels=IDS, use_cache=False).loss.backward()
+    grads = copy.deepcopy(original)
+    with torch.no_grad():
+        for p, q in zip(grads.parameters(), original.parameters(), strict=True):
+            p.copy_(q.grad)
+    expected = layer_samples(grads)  # the gradients in the basis' layout ([out, in])
+    block = get_block(model)
+    for name in block.names:
+        # The same products summed in another order (one [L]-stacked op vs L layer ops).
+        torch.testing.assert_close(
+            block.basis_tensor(name).grad, expected[name], rtol=1e-5, atol=1e-7
+        )
 
 
 def test_gradients_reach_a_learned_time_basis(make_llama):

@@ -1,0 +1,106 @@
+"""The numbers odeify reports against the model's own loss: perplexity is exp of the loss
+transformers computes, and a scheme asked of sweep() or `odeify eval --scheme` is the scheme
+the numbers were computed with."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from odeify import get_block, odeify, steps
+from odeify.assets import gpt2_tokenizer
+from odeify.cli import main
+from odeify.evaluate import perplexity
+from odeify.train.data import corpus, tokenize, windows
+from odeify.train.evaluate import sweep
+
+WINDOWS = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _loss(model, ids, **kw) -> float:
+    """transformers' mean next-token cross-entropy over the whole batch, one forward."""
+    with torch.no_grad():
+        return model(ids, labels=ids, use_cache=False, **kw).loss.item()
+
+
+@pytest.fixture
+def model(make_gpt2):
+    return odeify(make_gpt2(), progress=False)
+
+
+def test_perplexity_is_exp_of_the_models_loss(model, make_gpt2):
+    # Windows of one length: the mean over batches of 2 (the last one short) is the mean over
+    # all tokens, so log(perplexity) equals the one-forward loss, to float32 rounding of a mean
+    # of ~60 token losses (rel 1e-6; compared as logs, since exp turns it into an absolute error).
+    at_l = perplexity(model, WINDOWS, batch_size=2, progress=False)
+    assert math.log(at_l) == pytest.approx(_loss(model, WINDOWS), rel=1e-6)
+    stock = make_gpt2()
+    assert math.log(perplexity(stock, WINDOWS, progress=False)) == pytest.approx(
+        _loss(stock, WINDOWS), rel=1e-6
+    )
+    with steps(model, 2):  # the model as it is: its step count inside the context
+        at_2 = perplexity(model, WINDOWS, progress=False)
+    assert math.log(at_2) == pytest.approx(_loss(model, WINDOWS, ode_steps=2), rel=1e-6)
+    assert abs(math.log(at_2) - math.log(at_l)) > 1e-2
+
+
+@pytest.mark.parametrize("scheme", ["euler", "rk4"])
+def test_sweep_runs_the_scheme_it_is_given(model, scheme):
+    scores = sweep(model, WINDOWS, [2, 3], batch_size=2, scheme=scheme)
+    for n in (2, 3):
+        direct = _loss(model, WINDOWS, ode_steps=n, ode_scheme=scheme)
+        assert scores.loss[n] == pytest.approx(direct, rel=1e-6)
+    assert scores.tokens == WINDOWS.shape[0] * (WINDOWS.shape[1] - 1)
+
+
+def test_sweeps_under_two_schemes_differ(model):
+    euler = sweep(model, WINDOWS, [2], scheme="euler").loss[2]
+    rk4 = sweep(model, WINDOWS, [2], scheme="rk4").loss[2]
+    assert abs(euler - rk4) > 1e-3
+
+
+@pytest.fixture
+def converted(tmp_path):
+    source = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=64)).save_pretrained(
+        source
+    )
+    gpt2_tokenizer().save_pretrained(source)
+    assert main(["convert", str(source), str(tmp_path / "ode")]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("Friends, Romans, countrymen, lend me your ears; I come to bury Caesar. " * 8)
+    return tmp_path / "ode", text
+
+
+def test_odeify_eval_scheme_is_the_scheme_of_its_numbers(converted, tmp_path, capsys):
+    from odeify import from_pretrained
+
+    folder, text = converted
+    args = ["eval", str(folder), "--steps", "2", "--seq-len", "32", "--corpus", str(text)]
+    reported = {}
+    for scheme in ("euler", "rk4"):
+        out = tmp_path / f"{scheme}.json"
+        assert main([*args, "--scheme", scheme, "--json", str(out)]) == 0
+        reported[scheme] = json.loads(out.read_text())["steps"]["2"]
+    assert f"scheme {scheme}" in capsys.readouterr().out
+    model = from_pretrained(folder)
+    ids = windows(tokenize(corpus(str(text)), gpt2_tokenizer()), 32)
+    for scheme, ppl in reported.items():
+        direct = _loss(model, ids, ode_steps=2, ode_scheme=scheme)
+        assert math.log(ppl) == pytest.approx(direct, rel=1e-6), scheme
+    assert abs(reported["euler"] - reported["rk4"]) > 1e-3 * reported["rk4"]
+    assert get_block(model).ode.scheme == "sequential"  # the saved default was not the one run
+
+
+def test_converting_an_odeified_model_exits_2_with_one_line(converted, tmp_path, capsys):
+    folder, _ = converted
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(folder), str(tmp_path / "again")])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"odeify: error: {folder} is already odeified"
+    assert not (tmp_path / "again").exists()

@@ -1,0 +1,98 @@
+"""`make mutate`'s configuration cannot rot: what it names exists and mutmut accepts what it writes.
+
+The mutation run itself is hours and not part of CI; these checks are what keeps it runnable.
+"""
+
+import doctest
+import importlib.util
+import re
+from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("mutation_run", ROOT / "mutation" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_module_and_test_file_named_exists():
+    cfg = _driver().load_config()
+    assert cfg["run"]["budget_minutes"] > 0
+    for module, tests in cfg["modules"].items():
+        assert (ROOT / module).is_file(), module
+        assert tests, f"{module} has no tests"
+        for test in tests:
+            assert (ROOT / test).is_file(), f"{module}: {test}"
+            assert re.fullmatch(r"tests/test_\w+\.py", test), test
+
+
+def test_the_library_modules_are_all_configured():
+    # The modules the mutation run is for: time bases, schemes, the block and its weight
+    # function, weights, api, io, lora, time_linear and its kernels, evaluation, training, CLI.
+    configured = set(_driver().load_config()["modules"])
+    core = {
+        f"odeify/{name}.py"
+        for name in [
+            "bases",
+            "schemes",
+            "block",
+            "weight_function",
+            "weights",
+            "api",
+            "io",
+            "lora",
+            "time_linear",
+            "_triton_time_linear",
+            "evaluate",
+            "cli",
+        ]
+    }
+    train = {f"odeify/train/{p.name}" for p in (ROOT / "odeify" / "train").glob("*.py")} - {
+        "odeify/train/__init__.py"
+    }
+    assert core | train <= configured, sorted(core | train - configured)
+
+
+def test_mutmut_reads_the_section_the_driver_writes(tmp_path, monkeypatch):
+    from mutmut import configuration
+
+    driver = _driver()
+    section = driver.mutmut_section("odeify/bases.py", ["tests/test_bases.py"], ["-m", "not slow"])
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + section)
+    (tmp_path / "odeify").mkdir()
+    monkeypatch.chdir(tmp_path)
+    configuration.reset_config()
+    try:
+        cfg = configuration.config()
+        assert cfg.source_paths == [Path("odeify")]
+        assert cfg.pytest_add_cli_args_test_selection == ["tests/test_bases.py"]
+        assert cfg.pytest_add_cli_args == ["-m", "not slow"]
+        assert cfg.should_mutate("odeify/bases.py")
+        assert not cfg.should_mutate("odeify/block.py")
+        assert cfg.process_isolation.value == "forkserver"
+    finally:
+        configuration.reset_config()
+
+
+def test_driver_examples_run():
+    result = doctest.testmod(_driver(), verbose=False)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_make_target_and_pins():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^mutate: .*\n\t\$\(PY\) mutation/run\.py", makefile, re.M)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (dev,) = [
+        r
+        for r in map(Requirement, pyproject["project"]["optional-dependencies"]["dev"])
+        if r.name == "mutmut"
+    ]
+    (pin,) = re.findall(r"^mutmut==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert dev.specifier.contains(pin)
