@@ -78,7 +78,7 @@ from odeify.bases import BASES
 from odeify.loading import load_with_tokenizer
 from odeify.lora import lora_config
 from odeify.train import data
-from odeify.train.checkpoints import Checkpoints, claim, finished
+from odeify.train.checkpoints import Checkpoints, finished
 from odeify.train.config import config_stamp, launch, recipe_parser
 from odeify.train.cost import CostModel, steps_for_budget
 from odeify.train.distill import (
@@ -88,11 +88,11 @@ from odeify.train.distill import (
     frozen_teacher,
     teacher_targets,
 )
-from odeify.train.distributed import setup_distributed, wrap
+from odeify.train.distributed import wrap
 from odeify.train.evaluate import sweep
-from odeify.train.metrics import Metrics
 from odeify.train.optim import adamw, seed_everything, warmup_cosine
 from odeify.train.plots import plot_budget, plot_runs
+from odeify.train.run import open_run
 from odeify.train.sampler import WEIGHTINGS, StepSampler
 
 MODES = ("ode", "drop")
@@ -425,13 +425,8 @@ class AdaptDepth:
     def setup(self, resume: bool) -> dict:
         """Everything before training; returns the resumed checkpoint's extra state."""
         cfg = self.cfg
-        self.ctx = setup_distributed()
-        validate(cfg, self.ctx.world)
-        self.metrics = Metrics(self.out / "metrics.jsonl", active=self.ctx.main)
-        start = claim(self.checkpoints, self.metrics.path, resume)
-        if resume:
-            # Records past the checkpoint are redone by this run (with no checkpoint: all of them).
-            self.metrics.resume(start)
+        run = open_run(self.out, self.checkpoints, resume, lambda world: validate(cfg, world))
+        self.ctx, self.metrics = run.ctx, run.metrics
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)

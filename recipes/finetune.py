@@ -68,13 +68,13 @@ from odeify.loading import load_with_tokenizer
 from odeify.lora import load_adapter, lora_config
 from odeify.surgery import is_odeified
 from odeify.train import data
-from odeify.train.checkpoints import Checkpoints, claim, finished
+from odeify.train.checkpoints import Checkpoints, finished
 from odeify.train.config import config_stamp, launch
-from odeify.train.distributed import setup_distributed, sync, wrap
+from odeify.train.distributed import sync, wrap
 from odeify.train.evaluate import sweep
-from odeify.train.metrics import Metrics
 from odeify.train.optim import adamw, seed_everything, warmup_cosine
 from odeify.train.plots import plot_sweep
+from odeify.train.run import open_run
 from odeify.train.sampler import StepSampler
 
 FORMS = ("continuous", "discrete", "original")
@@ -347,12 +347,8 @@ class Finetune:
     def setup(self, resume: bool) -> dict:
         """Everything before training; returns the resumed checkpoint's extra state."""
         cfg = self.cfg
-        self.ctx = setup_distributed()
-        validate(cfg, self.ctx.world)
-        self.metrics = Metrics(self.out / "metrics.jsonl", active=self.ctx.main)
-        start = claim(self.checkpoints, self.metrics.path, resume)
-        if resume:
-            self.metrics.resume(start)
+        run = open_run(self.out, self.checkpoints, resume, lambda world: validate(cfg, world))
+        self.ctx, self.metrics = run.ctx, run.metrics
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)

@@ -61,21 +61,20 @@ import odeify as ode_lib
 from odeify.atomic import replace_folder, write_text
 from odeify.surgery import block_stack
 from odeify.train import data, shards
-from odeify.train.checkpoints import Checkpoints, claim, finished
+from odeify.train.checkpoints import Checkpoints, finished
 from odeify.train.config import config_stamp, launch
 from odeify.train.data import load_tokenizer
 from odeify.train.distributed import (
     StateView,
     full_state,
     full_tensor,
-    setup_distributed,
     sync,
     wrap,
 )
 from odeify.train.evaluate import sweep
-from odeify.train.metrics import Metrics
 from odeify.train.optim import adamw, seed_everything, warmup_cosine
 from odeify.train.plots import plot_sweep
+from odeify.train.run import open_run
 from odeify.train.sampler import StepSampler
 
 # Keys that change what a run prints, not what it computes: a resume may change them.
@@ -331,19 +330,15 @@ class Pretrain:
     # ------------------------------------------------------------------------------- setup
     def setup(self, resume: bool) -> None:
         cfg = self.cfg
-        self.ctx = ctx = setup_distributed()
-        validate(cfg, ctx.world)
-        if cfg.ode and cfg.precision == "bf16" and ctx.device.type == "cpu":
+        run = open_run(self.out, self.checkpoints, resume, lambda world: validate(cfg, world))
+        self.ctx, self.metrics, self.start = run.ctx, run.metrics, run.start
+        if cfg.ode and cfg.precision == "bf16" and run.ctx.device.type == "cpu":
             # ODEBlock.weights_at runs under autocast, so W(t) of the norms comes out in bf16 and
             # CPU layer_norm refuses bf16 parameters with fp32 inputs (CUDA casts both to fp32).
             raise ValueError(
                 "precision bf16 on CPU is not supported for the ODE model: use fp32 (precision: "
                 "auto does) or a GPU"
             )
-        self.metrics = Metrics(self.out / "metrics.jsonl", active=ctx.main)
-        self.start = claim(self.checkpoints, self.metrics.path, resume)
-        if resume:
-            self.metrics.resume(self.start)
         self.setup_data()
         self.setup_model()
         self.announce()
