@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import write_text
 from .data import CACHE, Documents, Part
 
 FORMAT = 1
@@ -405,17 +406,7 @@ class _Writer:
         self._write_index()
 
     def _write_index(self) -> None:
-        tmp = self.out / "index.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.index, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out / "index.json")
-        directory = os.open(self.out, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_text(self.out / "index.json", json.dumps(self.index, indent=1))
 
 
 def _summarise(spec: str, index: dict[str, Any], seconds: float, tokens_before: int) -> None:
