@@ -62,8 +62,10 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
 class Checkpoint(Mapping[str, Tensor]):
     """Every tensor of a checkpoint folder by name, read from disk when asked for.
 
-    The files stay open (their headers parsed once) until :meth:`close` or the end of a
-    ``with`` block; reading a tensor copies it out of the file, and nothing else is kept.
+    The headers (names, shapes, dtypes) are read once; each tensor is read by opening its file
+    for that read alone. safetensors reads through a memory map, and the pages a read touches
+    count as this process's memory for as long as the file stays mapped: kept open, a pass over
+    a checkpoint would hold all of it, on top of what the reads filled.
 
     Example:
         >>> _ = odeify.save_pretrained(model, "gpt2-ode")
@@ -75,16 +77,18 @@ class Checkpoint(Mapping[str, Tensor]):
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self._files = {}
-        self._where: dict[str, object] = {}
+        self._where: dict[str, Path] = {}
+        self._header: dict[str, tuple[tuple[int, ...], str]] = {}
         for file in weight_files(self.folder):
-            handle = safe_open(file, framework="pt")
-            self._files[file] = handle
-            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                self._where[name] = handle
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                    part = handle.get_slice(name)
+                    self._where[name] = file
+                    self._header[name] = (tuple(part.get_shape()), part.get_dtype())
 
     def __getitem__(self, name: str) -> Tensor:
-        return self._handle(name).get_tensor(name)
+        with safe_open(self._file(name), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -95,7 +99,7 @@ class Checkpoint(Mapping[str, Tensor]):
     def __contains__(self, name: object) -> bool:
         return name in self._where
 
-    def _handle(self, name: str):
+    def _file(self, name: str) -> Path:
         try:
             return self._where[name]
         except KeyError:
@@ -103,25 +107,26 @@ class Checkpoint(Mapping[str, Tensor]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape, from the file's header (no data read)."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        self._file(name)
+        return self._header[name][0]
 
     def dtype(self, name: str) -> torch.dtype:
         """The tensor's dtype, from the file's header (no data read)."""
-        kind = self._handle(name).get_slice(name).get_dtype()
+        self._file(name)
+        kind = self._header[name][1]
         if kind not in _DTYPES:
             raise ValueError(f"{self.folder}: {name} is stored as {kind}, which odeify cannot read")
         return _DTYPES[kind]
 
     def rows(self, name: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of the tensor's first dimension (only those bytes are read)."""
-        return self._handle(name).get_slice(name)[start:stop]
+        with safe_open(self._file(name), framework="pt") as handle:
+            return handle.get_slice(name)[start:stop]
 
     def close(self) -> None:
-        """Close the files (the mapping is empty after)."""
-        for handle in self._files.values():
-            handle.__exit__(None, None, None)
-        self._files.clear()
+        """Forget the headers (no file is held open between reads; this ends the mapping)."""
         self._where.clear()
+        self._header.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

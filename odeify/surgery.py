@@ -201,8 +201,8 @@ def _stock_config(config: PretrainedConfig, depth: int) -> PretrainedConfig:
 def _from_config(config: PretrainedConfig) -> nn.Module:
     import transformers
 
-    architecture = (config.architectures or ["AutoModelForCausalLM"])[0]
-    cls = getattr(transformers, architecture, None)
+    # A config without architectures (written by config.save_pretrained alone) is a causal LM.
+    cls = getattr(transformers, config.architectures[0], None) if config.architectures else None
     if cls is None:
         return transformers.AutoModelForCausalLM.from_config(config)
     return cls(config)
