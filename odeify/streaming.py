@@ -33,7 +33,7 @@ from .adapters import family_for
 from .bases import make_basis
 from .checkpoint import Checkpoint, floating_dtype, load_dtype, parse_dtype
 from .hub import resolve
-from .surgery import block_stack, find_block, is_odeified_folder, stack_prefix, stock_model
+from .surgery import block_stack, find_block, is_odeified_folder, stack_prefix
 from .weight_function import _warn_inexact
 
 # Elements of float64 one solve works on at a time (32 MB): rows of every layer of a parameter.
@@ -90,8 +90,7 @@ def convert(
         saved = parse_dtype(getattr(config, "dtype", None)) or floating_dtype(tensors)
         torch_dtype = load_dtype(dtype, saved if isinstance(saved, torch.dtype) else None)
         device = torch.device("cpu" if device is None else device)
-        with torch.device("meta"):
-            model = stock_model(config, config.num_hidden_layers).to(torch_dtype)
+        model = _meta_stock(config, torch_dtype)
         plan = _Plan(model, tensors)
         odeify(
             model,
@@ -120,6 +119,18 @@ def _stock_config(folder: Path) -> transformers.PretrainedConfig:
     if is_odeified_folder(folder):
         raise ValueError(f"{folder} is already odeified: load it with odeify.from_pretrained")
     return transformers.AutoConfig.from_pretrained(folder)
+
+
+def _meta_stock(config: transformers.PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """The stock model of the config on the meta device, in ``dtype`` as transformers builds it
+    for from_pretrained (the default dtype set while building: RoPE frequencies stay float32,
+    where casting the model would round them)."""
+    name = config.architectures[0] if config.architectures else None
+    cls = getattr(transformers, name, None) if name else None
+    with torch.device("meta"):
+        if cls is None:
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return cls._from_config(config, dtype=dtype)  # what the Auto classes' from_config call
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:
@@ -232,6 +243,10 @@ class _Plan:
         ode = block.ode
         times = [layer / ode.num_layers for layer in range(ode.num_layers)]
         coeffs = {g: c.double().cpu() for g, c in block.coefficients(times).items()}
+        # P = pinv(C) W is the least-squares solution (the minimum-norm one when K > L), as
+        # WeightFunction.fit's gelsd solve gives it; pinv is an SVD of the small [L, K] matrix
+        # once, where gelsd on a block of rows costs seconds (it is slow on many right-hand sides).
+        inverses = {g: torch.linalg.pinv(c) for g, c in coeffs.items()}
         residuals = {}
         for name in tqdm(block.names, desc="converting", disable=not progress, leave=False):
             keys, transposed = self.block[name]
@@ -244,15 +259,19 @@ class _Plan:
                     _write(target[layer], w.t() if transposed else w, mark=False)
                 residuals[name] = 0.0
             else:
-                residuals[name] = self._solve(keys, transposed, c, target)
+                inverse = inverses[block.group[name]]
+                residuals[name] = self._solve(keys, transposed, c, inverse, target)
             target._is_hf_initialized = True
         block.fit_residuals = residuals
         block.clear_weight_cache()
         _warn_inexact(residuals, next(iter(block.time_basis.values())), ode.num_layers)
 
-    def _solve(self, keys: list[str], transposed: bool, c: Tensor, target: Tensor) -> float:
-        """Least squares C P = W, a block of rows of every layer at a time (rows of the stored
-        tensor: columns of a transposed one); returns the relative residual over the layers."""
+    def _solve(
+        self, keys: list[str], transposed: bool, c: Tensor, inverse: Tensor, target: Tensor
+    ) -> float:
+        """Least squares C P = W as P = pinv(C) W, a block of rows of every layer at a time (rows
+        of the stored tensor: columns of a transposed one); returns the relative residual over
+        the layers."""
         rows, *rest = self.tensors.shape(keys[0])
         per_row = max(1, int(torch.Size(rest).numel()) * max(c.shape))
         chunk = max(1, CHUNK_ELEMENTS // per_row)
@@ -261,8 +280,7 @@ class _Plan:
             stop = min(rows, start + chunk)
             stack = torch.stack([self.tensors.rows(k, start, stop) for k in keys]).double()
             flat = stack.reshape(len(keys), -1)
-            # gelsd (SVD), as WeightFunction.fit solves it: the minimum-norm solution when K > L.
-            solution = torch.linalg.lstsq(c, flat, driver="gelsd").solution
+            solution = inverse @ flat
             value = solution.reshape(-1, *stack.shape[1:]).to(target.dtype)
             if transposed:
                 target[:, :, start:stop].copy_(value.transpose(1, 2))
