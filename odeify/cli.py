@@ -1,6 +1,7 @@
 """The ``odeify`` command: convert, eval, generate, calibrate, demo, analyze, prepare.
 
 odeify convert smollm2 out/smollm2-ode            # or a transformers folder, or a .gguf file
+odeify convert org/model out/model-ode --dtype bfloat16 --device cuda   # a hub id, streamed
 odeify eval out/smollm2-ode --steps 15,30,60 --plot out/ppl.png
 odeify generate out/smollm2-ode --prompt "To be, or not" --steps 30
 odeify calibrate out/smollm2-ode out/smollm2-cal --steps 15,20   # schedules for fewer steps

@@ -63,7 +63,7 @@ def test_streaming_hat_conversion_is_the_in_memory_one_bit_for_bit(stock):
 def test_streaming_smooth_fit_is_the_same_solve(stock, num_basis, monkeypatch):
     # A few rows per solve, so every parameter is solved in several blocks (GPT-2's Conv1D
     # weights in blocks of columns of the [out, in] basis).
-    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 2048)
     kwargs = dict(basis="chebyshev", num_basis=num_basis)
     streamed, memory = odeify(stock, progress=False, **kwargs), _in_memory(stock, **kwargs)
     sa, sb = streamed.state_dict(), memory.state_dict()
@@ -188,12 +188,17 @@ def _user_error(argv, capsys):
     return capsys.readouterr().err
 
 
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+
+
 @pytest.fixture
 def gpt2_folder(make_gpt2, tmp_path):
-    from odeify.assets import gpt2_tokenizer
+    """A small GPT-2 with a character tokenizer of its vocabulary, and a corpus file."""
+    from odeify.train.data import char_tokenizer
 
-    folder = _save_sharded(make_gpt2(n_positions=64, vocab_size=50257), tmp_path / "gpt2")
-    gpt2_tokenizer().save_pretrained(folder)
+    folder = _save_sharded(make_gpt2(n_positions=64), tmp_path / "gpt2")
+    char_tokenizer([TEXT]).save_pretrained(folder)
+    (tmp_path / "corpus.txt").write_text(TEXT * 4)
     return folder
 
 
@@ -214,7 +219,8 @@ def test_cli_eval_and_generate_take_device_and_dtype(gpt2_folder, tmp_path, caps
     out = tmp_path / "out"
     assert main(["convert", str(gpt2_folder), str(out)]) == 0
     placement = ["--device", "cpu", "--dtype", "bfloat16"]
-    assert main(["eval", str(out), "--steps", "4", "--max-windows", "1", *placement]) == 0
+    corpus = ["--corpus", str(tmp_path / "corpus.txt"), "--seq-len", "32", "--max-windows", "1"]
+    assert main(["eval", str(out), "--steps", "4", *corpus, *placement]) == 0
     assert (
         main(["generate", str(out), "--prompt", "To be", "--max-new-tokens", "2", *placement]) == 0
     )
