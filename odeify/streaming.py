@@ -113,9 +113,10 @@ def convert(
 
 
 def _stock_config(folder: Path) -> transformers.PretrainedConfig:
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist (nor is it a hub id)")
     if not (folder / "config.json").exists():
-        kind = "folder" if folder.is_dir() else "path"
-        raise FileNotFoundError(f"{folder}: no config.json in this {kind}; is it a model folder?")
+        raise FileNotFoundError(f"{folder} has no config.json; is it a model folder?")
     if is_odeified_folder(folder):
         raise ValueError(f"{folder} is already odeified: load it with odeify.from_pretrained")
     return transformers.AutoConfig.from_pretrained(folder)

@@ -111,6 +111,8 @@ def test_string_sources_that_cannot_stream_say_what_to_do(stock, make_gpt2, tmp_
         odeify(stock, basis="fourier", init="random")
     with pytest.raises(TypeError, match="dtype=.*checkpoint path.*model.to"):
         odeify(make_gpt2(), dtype=torch.bfloat16)
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        odeify(tmp_path / "nowhere")
     converted = tmp_path / "ode"
     save_pretrained(odeify(stock, progress=False), converted)
     with pytest.raises(ValueError, match="already odeified: load it with odeify.from_pretrained"):
