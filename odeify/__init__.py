@@ -4,6 +4,7 @@ from odeify import odeify
 model = odeify(model)                    # L blocks -> one ODE block, exact at L steps
 with odeify.steps(model, 6): model(ids)  # retarget depth
 plain = odeify.materialize(model, 18)    # back to a stock model with 18 layers
+model = odeify("folder-or-hub-id")       # a stock checkpoint, streamed layer by layer
 odeify.calibrate(model, steps=[6], data=ids)  # a schedule that makes 6 steps work
 """
 
@@ -14,6 +15,7 @@ from .io import from_pretrained, save_pretrained
 from .lora import lora_config
 from .models import register_auto_classes
 from .schedule import Schedule
+from .streaming import convert
 
 # The sanctioned exception to "importing odeify changes nothing outside it": the odeify config
 # and model classes are registered with transformers' Auto classes (their public register API),
@@ -32,6 +34,7 @@ for _name, _fn in {
     "from_pretrained": from_pretrained,
     "save_pretrained": save_pretrained,
     "lora_config": lora_config,
+    "convert": convert,
 }.items():
     setattr(odeify, _name, _fn)
 
@@ -39,6 +42,7 @@ __all__ = [
     "ODEConfig",
     "Schedule",
     "calibrate",
+    "convert",
     "from_pretrained",
     "get_block",
     "materialize",

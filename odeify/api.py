@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -46,7 +47,7 @@ def get_block(model: nn.Module) -> ODEBlock:
 
 
 def odeify(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     *,
     basis: str = "hat",
     num_basis: int | None = None,
@@ -71,8 +72,13 @@ def odeify(
     matrices at the scale of the model's own init. Give it a freshly built model; only its
     parameter shapes and init scale are used.
 
+    ``model`` may also be a stock checkpoint folder or hub id (safetensors): it is then converted
+    by streaming it from disk layer by layer (:func:`odeify.streaming.convert`, which also takes
+    ``dtype=`` and ``device=``), without the stock model in memory.
+
     Args:
-        model: a transformers GPT-2 or Llama-family model (``*ForCausalLM`` or the base model).
+        model: a transformers GPT-2 or Llama-family model (``*ForCausalLM`` or the base model),
+            or the folder / hub id of one.
         basis: 'hat' (exact at K = L), 'chebyshev', 'legendre', or 'fourier' (the paper's learned unit).
         num_basis: K. Default L for fixed bases, 21 (E = 20) for 'fourier'. K < L compresses.
         scheme: 'sequential', 'euler', 'midpoint', 'heun', 'rk4', or a torchdiffeq method.
@@ -92,6 +98,22 @@ def odeify(
         >>> get_block(odeify(fresh, basis="fourier", init="random")).ode.scheme
         'euler'
     """
+    if isinstance(model, (str, os.PathLike)):
+        from .streaming import convert
+
+        if init != "fit":
+            raise ValueError(
+                f"init={init!r} builds on a model in memory; a checkpoint path is fitted "
+                "(init='fit'): load the model first for the other inits"
+            )
+        kwargs = dict(basis=basis, num_basis=num_basis, scheme=scheme, steps=steps)
+        return convert(model, basis_kwargs=basis_kwargs, progress=progress, **kwargs, **options)
+    loading = sorted(set(options) & {"dtype", "device", "device_map", "revision", "cache_dir"})
+    if loading:
+        raise TypeError(
+            f"odeify(model, {loading[0]}=...) applies when odeify is given a checkpoint path; "
+            "for a model in memory, move or cast it with model.to(...) first"
+        )
     check_transformers()
     family = family_for(model)
     if is_odeified(model):

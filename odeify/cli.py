@@ -1,6 +1,7 @@
 """The ``odeify`` command: convert, eval, generate, calibrate, demo, analyze, prepare.
 
 odeify convert smollm2 out/smollm2-ode            # or a transformers folder, or a .gguf file
+odeify convert org/model out/model-ode --dtype bfloat16 --device cuda   # a hub id, streamed
 odeify eval out/smollm2-ode --steps 15,30,60 --plot out/ppl.png
 odeify generate out/smollm2-ode --prompt "To be, or not" --steps 30
 odeify calibrate out/smollm2-ode out/smollm2-cal --steps 15,20   # schedules for fewer steps
@@ -45,6 +46,46 @@ def _steps_list(text: str) -> list[int]:
     return values
 
 
+def _dtype_arg(text: str) -> str:
+    from .checkpoint import DTYPE_NAMES
+
+    if text == "auto" or text in DTYPE_NAMES:
+        return text
+    names = ", ".join(("auto", *DTYPE_NAMES))
+    raise argparse.ArgumentTypeError(f"takes one of {names}, got {text!r}")
+
+
+def _device_arg(text: str) -> torch.device:
+    """A torch device that exists here: a typo or a missing GPU is refused before any loading."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device on this machine")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    return device
+
+
+def _placement(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    parser.add_argument(
+        "--dtype",
+        type=_dtype_arg,
+        default=dtype,
+        help=f"auto (the checkpoint's) | float32 | bfloat16 | float16 (default: {dtype})",
+    )
+    parser.add_argument(
+        "--device", type=_device_arg, default=None, help="torch device, e.g. cuda (default: cpu)"
+    )
+
+
 def _convert_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--basis", default="hat", help="hat | chebyshev | legendre | fourier (default: hat)"
@@ -55,7 +96,7 @@ def _convert_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scheme", default="sequential", help="default scheme saved with the model"
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _placement(parser, dtype="auto")
 
 
 def _report_fit(block) -> None:
@@ -73,14 +114,21 @@ def _report_fit(block) -> None:
 def cmd_convert(args) -> int:
     from . import get_block, odeify, save_pretrained
     from .atomic import check_target
-    from .loading import load_model
+    from .loading import _tokenizer_in, load_model
 
     check_target(args.out, args.overwrite, args.force)  # before the minutes of converting
-    model, tokenizer, ode = load_model(args.source, args.dtype)
-    if ode:
-        raise ValueError(f"{args.source} is already odeified")
+    options = {"basis": args.basis, "num_basis": args.num_basis, "scheme": args.scheme}
+    folder = _streamable(args.source)
     start = time.perf_counter()
-    odeify(model, basis=args.basis, num_basis=args.num_basis, scheme=args.scheme)
+    if folder is not None:  # read layer by layer: never the stock model in memory
+        model = odeify(folder, dtype=args.dtype, device=args.device, **options)
+        tokenizer = _tokenizer_in(folder)
+    else:  # the bundled model, a GGUF file, a folder of .bin weights: loaded, then converted
+        model, tokenizer, ode = load_model(args.source, args.dtype, device=args.device)
+        if ode:
+            raise ValueError(f"{args.source} is already odeified")
+        start = time.perf_counter()
+        odeify(model, **options)
     print(f"converted in {time.perf_counter() - start:.1f} s")
     block = get_block(model)
     _report_fit(block)
@@ -91,6 +139,26 @@ def cmd_convert(args) -> int:
     )
     print(f"saved to {args.out}")
     return 0
+
+
+def _streamable(source: str) -> Path | None:
+    """The folder of a stock transformers checkpoint in safetensors (a hub id resolved), which
+    ``convert`` streams; None for the sources it loads whole."""
+    from .checkpoint import INDEX_FILE, SINGLE_FILE
+    from .hub import is_hub_id, resolve
+    from .loading import BUNDLED
+    from .surgery import is_odeified_folder
+
+    path = Path(source).expanduser()
+    if source in BUNDLED or not (path.exists() or is_hub_id(source)):
+        return None
+    path = resolve(source)
+    if not (path.is_dir() and (path / "config.json").exists()):
+        return None
+    if is_odeified_folder(path):
+        raise ValueError(f"{source} is already odeified")
+    weights = (path / SINGLE_FILE).exists() or (path / INDEX_FILE).exists()
+    return path if weights else None
 
 
 def cmd_upgrade(args) -> int:
@@ -112,7 +180,7 @@ def cmd_eval(args) -> int:
     from .train.evaluate import sweep
     from .train.plots import plot_sweep
 
-    model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer)
+    model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer, args.device)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
     seq_len = _seq_len(args.seq_len, getattr(model.config, "max_position_embeddings", None))
@@ -168,14 +236,14 @@ def cmd_generate(args) -> int:
     from . import get_block, odeify
     from .loading import load_model
 
-    model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer)
+    model, tokenizer, ode = load_model(args.model, args.dtype, args.tokenizer, args.device)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
     if not ode:
         odeify(model)
     block = get_block(model)
     n = args.steps or block.ode.resolved_steps
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
     sampling = (
         {"do_sample": True, "temperature": args.temperature}
         if args.temperature > 0
@@ -368,7 +436,11 @@ def cmd_analyze(args) -> int:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="odeify a model and save it")
-    p.add_argument("source", help="'smollm2' (bundled), a transformers folder, or a .gguf file")
+    p.add_argument(
+        "source",
+        help="'smollm2' (bundled), a transformers folder or hub id (safetensors: streamed layer "
+        "by layer), or a .gguf file",
+    )
     p.add_argument("out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(
@@ -419,7 +491,7 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer folder, or 'gpt2' (default: the model's)"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _placement(p)
     p.add_argument("--plot", default=None, help="write a PNG of perplexity against steps")
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
@@ -436,7 +508,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _placement(p)
     p.set_defaults(func=cmd_generate)
 
 

@@ -11,17 +11,18 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors.torch import load_file
 from torch import nn
 
 from .adapters import family_for
 from .api import get_block, odeify
 from .atomic import replace_folder
 from .card import model_card
+from .checkpoint import Checkpoint, load_dtype
 from .config import FORMAT_VERSION, ODEConfig
 from .family import ODEIFY_TYPE_PREFIX
-from .models import adopt
-from .surgery import set_num_layers, stock_model
+from .hub import resolve
+from .models import adopt, odeify_class, odeify_config_class, set_config_class
+from .surgery import stock_model
 
 CHECKSUM_FILE = "checksum.json"
 
@@ -68,8 +69,10 @@ def save_pretrained(
         model.save_pretrained(tmp)
         (tmp / "README.md").write_text(text)
         # Of the tensors as written (tied weights once, in the saved dtype), read back.
+        with Checkpoint(tmp) as written:
+            sha256 = tensor_checksum(written)
         digest = {
-            "sha256": tensor_checksum(_read_state(tmp)),
+            "sha256": sha256,
             "fitted_with": _fitted_with(get_block(model).ode.to_dict()),
             "fit_residuals": get_block(model).fit_residuals,
         }
@@ -79,8 +82,9 @@ def save_pretrained(
     return Path(path)
 
 
-def tensor_checksum(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order.
+def tensor_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order (a
+    :class:`odeify.checkpoint.Checkpoint` is read a tensor at a time).
 
     Example:
         >>> tensor_checksum({"w": torch.zeros(2)})[:12]
@@ -94,83 +98,134 @@ def tensor_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.exists():
-        return load_file(single)
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (path / s).exists()]
-        if missing:
-            raise FileNotFoundError(f"{path} is missing weight shards {missing}")
-        state = {}
-        for shard in shards:
-            state.update(load_file(path / shard))
-        return state
-    present = sorted(p.name for p in path.iterdir())
-    raise FileNotFoundError(f"{path} has no model.safetensors (files present: {present})")
-
-
 def from_pretrained(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
     verify: bool = True,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
-    """Load a model saved after :func:`odeify.odeify`; needs nothing but the saved folder.
+    """Load a model saved after :func:`odeify.odeify` from its folder or hub id; needs nothing
+    but the saved folder.
 
     The round trip is bit-exact: same class, same ODE settings, same tensors and dtype. Every
     ODE setting is checked against the tensors it implies (family, layer count, basis kind and
-    K, learned time units); with ``verify`` the tensors' checksum written by
-    :func:`save_pretrained` is checked too (about a second for SmolLM2-135M; folders saved
-    without one load unchecked). The model comes back as odeify's class (``OdeifyGPT2LMHeadModel``,
-    a ``GPT2LMHeadModel``); folders of the earlier format (the stock model type with an
+    K, learned time units) before any weight is read; with ``verify`` the tensors' checksum
+    written by :func:`save_pretrained` is checked too, a tensor at a time (about a second for
+    SmolLM2-135M; folders saved without one load unchecked). The weights are then loaded by
+    transformers' own ``from_pretrained`` into a model built on the meta device, so the model is
+    never held twice. The model comes back as odeify's class (``OdeifyGPT2LMHeadModel``, a
+    ``GPT2LMHeadModel``); folders of the earlier format (the stock model type with an
     ``odeify`` section in config.json) load the same way, and saving the model again writes the
     current format (``odeify upgrade FOLDER`` does that in place).
+
+    Args:
+        path: a saved folder, or a hub id (downloaded through ``huggingface_hub`` when online,
+            from its cache when ``HF_HUB_OFFLINE=1``; ``revision`` and ``cache_dir`` go there).
+        device: where the model goes (``"cuda"``, ``"cpu"``...): loaded there directly.
+        dtype: a torch dtype or its name, or "auto"/None: the saved dtype.
+        device_map: as transformers takes it ("auto", "cpu", "cuda:0", {module: device}); the ODE
+            block is one module that is never split.
 
     Example:
         >>> _ = odeify.save_pretrained(model, "gpt2-ode")
         >>> loaded = odeify.from_pretrained("gpt2-ode")
         >>> type(loaded).__name__, torch.equal(loaded(ids).logits, model(ids).logits)
         ('OdeifyGPT2LMHeadModel', True)
+        >>> odeify.from_pretrained("gpt2-ode", dtype="bfloat16", device_map="cpu").dtype
+        torch.bfloat16
     """
-    path = Path(path)
-    ode, config = _read_config(path)
-    state = _read_state(path)
-    checksum = _read_checksum(path)
-    if checksum is not None:
-        _check_fitted_with(path, ode, checksum)
-        if verify and tensor_checksum(state) != checksum["sha256"]:
-            raise ValueError(
-                f"{path}: the tensors do not match the checksum written with them (the weight "
-                f"files were changed or corrupted); pass verify=False to load them anyway"
-            )
-    # A one-layer skeleton gives the block's parameter shapes without building L layers.
-    model = stock_model(config, 1)
+    if device is not None and device_map is not None:
+        raise ValueError("pass device= (the whole model on one device) or device_map=, not both")
+    if device is not None:
+        device_map = {"": _device(device)}
+    folder = resolve(path, revision=revision, cache_dir=cache_dir)
+    ode, config = _read_config(folder)
+    with Checkpoint(folder) as tensors:
+        checksum = _read_checksum(folder)
+        if checksum is not None:
+            _check_fitted_with(folder, ode, checksum)
+            if verify and tensor_checksum(tensors) != checksum["sha256"]:
+                raise ValueError(
+                    f"{folder}: the tensors do not match the checksum written with them (the "
+                    "weight files were changed or corrupted); pass verify=False to load them anyway"
+                )
+        saved = _check_tensors(folder, config, ode, tensors)
+    cls = _model_class(config)
+    set_config_class(config, odeify_config_class(type(config)))  # the earlier format's stock one
+    model = cls.from_pretrained(
+        folder, config=config, dtype=load_dtype(dtype, saved), device_map=device_map
+    )
+    # The residuals of the conversion's fit, kept beside the checksum (none without one).
+    get_block(model).fit_residuals = dict((checksum or {}).get("fit_residuals", {}))
+    return model.eval()
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a torch device ({error})") from None
+
+
+def _model_class(config: transformers.PretrainedConfig) -> type[nn.Module]:
+    """The odeify class of the saved architecture (the stock name in the earlier format)."""
+    from .models import stock_class
+
+    names = config.architectures or []
+    stock = getattr(transformers, names[0].removeprefix("Odeify"), None) if names else None
+    if stock is None:
+        mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
+        stock = mapping[stock_class(type(config))]
+    return odeify_class(stock)
+
+
+def _check_tensors(
+    path: Path, config: transformers.PretrainedConfig, ode: ODEConfig, tensors: Checkpoint
+) -> torch.dtype:
+    """The saved tensors' names and shapes against what the config implies (headers only, no
+    data read); returns the basis tensors' dtype."""
+    # A one-layer skeleton on the meta device gives the block's parameter shapes for free.
+    with torch.device("meta"):
+        model = stock_model(config, 1)
     family = family_for(model)
     if family.name != ode.family:
         raise ValueError(
             f"{path}: config.json describes a {family.name} model but its odeify section says "
             f"family {ode.family!r}"
         )
-    dtype = next((t.dtype for k, t in state.items() if ".basis." in k), None)
-    if dtype is None:
+    basis = next((k for k in tensors if ".basis." in k), None)
+    if basis is None:
         raise ValueError(
             f"{path}: config.json has an odeify section but the weights are a stock model's (no "
             "basis tensors); load it with AutoModelForCausalLM.from_pretrained, or delete the "
             "odeify section from config.json"
         )
-    model.to(dtype)
     options = {k: v for k, v in ode.to_dict().items() if k not in ("family", "version")}
     odeify(model, init="none", progress=False, **options)
-    set_num_layers(model.config, config.num_hidden_layers)
-    _load_state(path, model, state)
-    if (path / "generation_config.json").exists():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
-    # The residuals of the conversion's fit, kept beside the checksum (none without one).
-    get_block(model).fit_residuals = dict((checksum or {}).get("fit_residuals", {}))
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    expected = model.state_dict(keep_vars=True)
+    wrong = [
+        f"{k} {tensors.shape(k)} (config implies {tuple(expected[k].shape)})"
+        for k in tensors
+        if k in expected and tensors.shape(k) != tuple(expected[k].shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"{path} does not match its config (basis kind, num_basis or model size edited?): "
+            + "; ".join(wrong[:4])
+        )
+    # Tied weights (lm_head = embeddings) are saved once; they are loaded through their twin.
+    loaded = {id(expected[k]) for k in expected if k in tensors}
+    missing = [k for k in expected if k not in tensors and id(expected[k]) not in loaded]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    return tensors.dtype(basis)
 
 
 def _read_config(path: Path) -> tuple[ODEConfig, transformers.PretrainedConfig]:
@@ -244,26 +299,3 @@ def _check_fitted_with(path: Path, ode: ODEConfig, checksum: dict) -> None:
 def _fitted_with(settings: dict) -> dict:
     fields = ("family", "num_layers", "basis", "num_basis", "basis_kwargs")
     return {k: v for k, v in settings.items() if k in fields}
-
-
-def _load_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (config implies {tuple(expected[k].shape)})"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"{path} does not match its config (basis kind, num_basis or model size edited?): "
-            + "; ".join(wrong[:4])
-        )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied weights (lm_head = embeddings) are saved once; they are loaded through their twin.
-    params = model.state_dict(keep_vars=True)
-    loaded = {id(params[k]) for k in params if k not in missing}
-    missing = [k for k in missing if id(params[k]) not in loaded]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )

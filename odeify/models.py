@@ -78,16 +78,23 @@ def stock_class(cls: type) -> type:
     return cls._odeify_stock_class if is_odeify_class(cls) else cls
 
 
-@functools.cache
 def odeify_config_class(stock: type[PretrainedConfig]) -> type[PretrainedConfig]:
-    """The odeify config class of a stock config class: model type ``odeify-<stock type>``.
+    """The odeify config class of a stock config class (of an odeify one: itself): model type
+    ``odeify-<stock type>``.
 
     Example:
         >>> from transformers import LlamaConfig
         >>> odeify_config_class(LlamaConfig).model_type
         'odeify-llama'
+        >>> odeify_config_class(odeify_config_class(LlamaConfig)) is odeify_config_class(LlamaConfig)
+        True
     """
-    stock = stock_class(stock)
+    # Cached by the stock class: one class per name, or pickle finds another object under it.
+    return _config_class(stock_class(stock))
+
+
+@functools.cache
+def _config_class(stock: type[PretrainedConfig]) -> type[PretrainedConfig]:
     name = _PREFIX + stock.__name__
     cls = type(
         name,
@@ -104,15 +111,20 @@ def odeify_config_class(stock: type[PretrainedConfig]) -> type[PretrainedConfig]
     return cls
 
 
-@functools.cache
 def odeify_class(stock: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """The odeify model class of a stock transformers model class.
+    """The odeify model class of a stock transformers model class (of an odeify one: itself).
 
     Example:
         >>> odeify_class(GPT2LMHeadModel).__name__
         'OdeifyGPT2LMHeadModel'
+        >>> odeify_class(odeify_class(GPT2LMHeadModel)) is odeify_class(GPT2LMHeadModel)
+        True
     """
-    stock = stock_class(stock)
+    return _model_class(stock_class(stock))
+
+
+@functools.cache
+def _model_class(stock: type[PreTrainedModel]) -> type[PreTrainedModel]:
     name = _PREFIX + stock.__name__
     namespace = {
         "config_class": odeify_config_class(stock.config_class),

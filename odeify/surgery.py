@@ -70,7 +70,13 @@ def replace_stack(model: nn.Module, blocks: nn.ModuleList) -> None:
     setattr(_base(model), family_for(model).stack, blocks)
 
 
-def _stack_prefix(model: nn.Module) -> str:
+def stack_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the block stack's entries (layer l's are ``<prefix><l>.``).
+
+    Example:
+        >>> stack_prefix(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2)))
+        'transformer.h.'
+    """
     stack = block_stack(model)
     return next(name for name, module in model.named_modules() if module is stack) + "."
 
@@ -195,8 +201,8 @@ def _stock_config(config: PretrainedConfig, depth: int) -> PretrainedConfig:
 def _from_config(config: PretrainedConfig) -> nn.Module:
     import transformers
 
-    architecture = (config.architectures or ["AutoModelForCausalLM"])[0]
-    cls = getattr(transformers, architecture, None)
+    # A config without architectures (written by config.save_pretrained alone) is a causal LM.
+    cls = getattr(transformers, config.architectures[0], None) if config.architectures else None
     if cls is None:
         return transformers.AutoModelForCausalLM.from_config(config)
     return cls(config)
@@ -204,7 +210,7 @@ def _from_config(config: PretrainedConfig) -> nn.Module:
 
 def _copy_outer(source: nn.Module, plain: nn.Module) -> None:
     """Every weight outside the block stack (embeddings, final norm, head) from source to plain."""
-    prefix = _stack_prefix(source)
+    prefix = stack_prefix(source)
     outer = {k: v for k, v in source.state_dict().items() if not k.startswith(prefix)}
     missing, unexpected = plain.load_state_dict(outer, strict=False)
     if unexpected or any(not k.startswith(prefix) for k in missing):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import odeify as ode
 from odeify import from_pretrained, get_block, odeify, save_pretrained, set_steps
@@ -36,9 +37,13 @@ def test_round_trip_is_bit_exact(make_gpt2, make_llama, tmp_path, family, basis)
 
 
 def test_transformers_save_pretrained_round_trips_too(make_llama, tmp_path):
-    model = odeify(make_llama(tie_word_embeddings=True).to(torch.bfloat16), progress=False)
-    model.save_pretrained(tmp_path)
-    loaded = from_pretrained(tmp_path)
+    # Loaded in bf16 as transformers loads it (RoPE frequencies stay float32, which a model cast
+    # with .to(torch.bfloat16) would not have), so the round trip can be bit-exact.
+    make_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "stock")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock", dtype=torch.bfloat16)
+    model = odeify(stock, progress=False)
+    model.save_pretrained(tmp_path / "ode")
+    loaded = from_pretrained(tmp_path / "ode")
     assert loaded.dtype == torch.bfloat16
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     _assert_identical(model, loaded)

@@ -1,0 +1,250 @@
+"""The big-model path: streaming conversion from safetensors shards, HF-style loading arguments
+(dtype, device_map, hub ids offline), and the CLI's --device / --dtype."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import odeify.streaming as streaming
+from odeify import from_pretrained, get_block, odeify, save_pretrained
+from odeify.cli import main
+
+IDS = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+FLOAT32_ULP = 2.0**-23  # float32's relative spacing: one rounding apart at most
+
+
+def _save_sharded(model, folder):
+    """save_pretrained into two safetensors shards (and their index)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(folder, max_shard_size=size // 2 + 1)
+    shards = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(shards.values())) >= 2
+    return folder
+
+
+@pytest.fixture
+def stock(make_gpt2, make_llama, tmp_path, request):
+    family = getattr(request, "param", "llama")
+    model = make_gpt2() if family == "gpt2" else make_llama()
+    return _save_sharded(model, tmp_path / f"{family}-stock")
+
+
+def _in_memory(folder, **kwargs):
+    dtype = kwargs.pop("dtype", "auto")
+    return odeify(
+        AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), progress=False, **kwargs
+    )
+
+
+def _assert_same_model(a, b):
+    assert type(a) is type(b) and a.config.odeify == b.config.odeify
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    with torch.no_grad():
+        assert torch.equal(a(IDS).logits, b(IDS).logits)
+
+
+# ------------------------------------------------------------------------ streaming conversion
+@pytest.mark.parametrize("stock", ["gpt2", "llama"], indirect=True)
+def test_streaming_hat_conversion_is_the_in_memory_one_bit_for_bit(stock):
+    streamed = odeify(stock, progress=False)
+    _assert_same_model(streamed, _in_memory(stock))
+    assert not streamed.training and set(get_block(streamed).fit_residuals.values()) == {0.0}
+
+
+@pytest.mark.parametrize("num_basis", [2, None])
+@pytest.mark.parametrize("stock", ["gpt2", "llama"], indirect=True)
+def test_streaming_smooth_fit_is_the_same_solve(stock, num_basis, monkeypatch):
+    # A few rows per solve, so every parameter is solved in several blocks (GPT-2's Conv1D
+    # weights in blocks of columns of the [out, in] basis).
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 2048)
+    kwargs = dict(basis="chebyshev", num_basis=num_basis)
+    streamed, memory = odeify(stock, progress=False, **kwargs), _in_memory(stock, **kwargs)
+    sa, sb = streamed.state_dict(), memory.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        # Both solve the same float64 least squares (cond(C) is small at L = 4) and round once
+        # to float32: at most one float32 rounding apart.
+        bound = torch.maximum(sa[key].abs(), sb[key].abs()) * FLOAT32_ULP
+        assert ((sa[key] - sb[key]).abs() <= bound).all(), key
+    fits = get_block(streamed).fit_residuals, get_block(memory).fit_residuals
+    assert fits[0].keys() == fits[1].keys()
+    assert all(abs(fits[0][k] - fits[1][k]) < 1e-6 for k in fits[0])
+    if num_basis == 2:  # K < L compresses: a real residual, measured like the in-memory fit's
+        assert max(fits[0].values()) > 0.1
+
+
+def test_streaming_keeps_the_checkpoint_dtype_or_casts(make_llama, tmp_path):
+    folder = _save_sharded(make_llama().to(torch.bfloat16), tmp_path / "bf16")
+    streamed = odeify(folder, progress=False)
+    assert streamed.dtype == torch.bfloat16
+    _assert_same_model(streamed, _in_memory(folder))
+    cast = odeify(folder, dtype="float32", progress=False)
+    _assert_same_model(cast, _in_memory(folder, dtype=torch.float32))
+
+
+def test_streaming_ties_the_head_to_the_embeddings(make_llama, tmp_path):
+    folder = _save_sharded(make_llama(tie_word_embeddings=True), tmp_path / "tied")
+    streamed = odeify(folder, progress=False)
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    _assert_same_model(streamed, _in_memory(folder))
+
+
+def test_a_checkpoint_missing_a_layer_tensor_is_refused(stock):
+    shard = sorted(stock.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(n for n in tensors if ".layers." in n)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks tensors the config implies.*from_pretrained"):
+        odeify(stock, progress=False)
+
+
+def test_string_sources_that_cannot_stream_say_what_to_do(stock, make_gpt2, tmp_path):
+    with pytest.raises(ValueError, match="init='random' builds on a model in memory"):
+        odeify(stock, basis="fourier", init="random")
+    with pytest.raises(TypeError, match="dtype=.*checkpoint path.*model.to"):
+        odeify(make_gpt2(), dtype=torch.bfloat16)
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        odeify(tmp_path / "nowhere")
+    converted = tmp_path / "ode"
+    save_pretrained(odeify(stock, progress=False), converted)
+    with pytest.raises(ValueError, match="already odeified: load it with odeify.from_pretrained"):
+        odeify(converted)
+    for weights in stock.glob("model*"):
+        weights.unlink()
+    (stock / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="reads safetensors.*AutoModelForCausalLM"):
+        odeify(stock)
+
+
+# --------------------------------------------------------------------- loading arguments, hub
+@pytest.fixture
+def saved(stock, tmp_path):
+    model = odeify(stock, progress=False)
+    return save_pretrained(model, tmp_path / "saved"), model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "torch.bfloat16"])
+def test_from_pretrained_casts_as_transformers_does(saved, dtype):
+    folder, _ = saved
+    loaded = from_pretrained(folder, dtype=dtype)
+    assert loaded.dtype == torch.bfloat16
+    _assert_same_model(loaded, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [{"device_map": "cpu"}, {"device_map": "auto"}, {"device_map": {"": "cpu"}}, {"device": "cpu"}],
+)
+def test_from_pretrained_places_the_model(saved, placement):
+    folder, model = saved
+    loaded = from_pretrained(folder, **placement)
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    _assert_same_model(loaded, model)
+
+
+def test_from_pretrained_refuses_bad_arguments(saved):
+    folder, _ = saved
+    with pytest.raises(ValueError, match="dtype 'float8' is not one of 'auto', 'float32'"):
+        from_pretrained(folder, dtype="float8")
+    with pytest.raises(ValueError, match="device= .* or device_map=, not both"):
+        from_pretrained(folder, device="cpu", device_map="auto")
+
+
+def _cache(folder, cache_dir, repo):
+    """``folder`` laid out as the hub cache holds a downloaded snapshot of ``repo``."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache_dir / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_resolve_from_the_cache_offline(stock, saved, tmp_path):
+    cache = tmp_path / "hub"
+    _cache(stock, cache, "someone/tiny-stock")
+    _cache(saved[0], cache, "someone/tiny-ode")
+    _assert_same_model(odeify("someone/tiny-stock", cache_dir=cache, progress=False), saved[1])
+    _assert_same_model(from_pretrained("someone/tiny-ode", cache_dir=cache), saved[1])
+
+
+def test_a_hub_id_that_is_not_cached_says_it_is_offline(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a cached hub.*OFFLINE"):
+        from_pretrained("someone/not-downloaded", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a cached hub.*OFFLINE"):
+        odeify("someone/not-downloaded", cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------- the CLI
+def _user_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+
+
+@pytest.fixture
+def gpt2_folder(make_gpt2, tmp_path):
+    """A small GPT-2 with a character tokenizer of its vocabulary, and a corpus file."""
+    from odeify.train.data import char_tokenizer
+
+    folder = _save_sharded(make_gpt2(n_positions=64), tmp_path / "gpt2")
+    char_tokenizer([TEXT]).save_pretrained(folder)
+    (tmp_path / "corpus.txt").write_text(TEXT * 4)
+    return folder
+
+
+def test_cli_convert_streams_a_folder_in_the_dtype_asked(gpt2_folder, tmp_path, monkeypatch):
+    import odeify.loading
+
+    # A transformers folder is streamed: the stock model is never loaded whole.
+    monkeypatch.setattr(odeify.loading, "load_model", lambda *a, **k: pytest.fail("loaded whole"))
+    out = tmp_path / "out"
+    argv = ["convert", str(gpt2_folder), str(out), "--dtype", "bfloat16", "--device", "cpu"]
+    assert main(argv) == 0
+    loaded = from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
+    _assert_same_model(loaded, _in_memory(gpt2_folder, dtype=torch.bfloat16))
+
+
+def test_cli_eval_and_generate_take_device_and_dtype(gpt2_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(gpt2_folder), str(out)]) == 0
+    placement = ["--device", "cpu", "--dtype", "bfloat16"]
+    corpus = ["--corpus", str(tmp_path / "corpus.txt"), "--seq-len", "32", "--max-windows", "1"]
+    assert main(["eval", str(out), "--steps", "4", *corpus, *placement]) == 0
+    assert (
+        main(["generate", str(out), "--prompt", "To be", "--max-new-tokens", "2", *placement]) == 0
+    )
+    assert "tokens at 4 steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["convert", "eval", "generate"])
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("--device", "cude", "'cude' is not a torch device"),
+        ("--dtype", "float8", "takes one of auto, float32, bfloat16, float16, got 'float8'"),
+    ],
+)
+def test_cli_bad_device_or_dtype_is_a_usage_error(command, flag, value, match, capsys):
+    argv = {"convert": ["convert", "M", "out"], "eval": ["eval", "M"]}.get(
+        command, ["generate", "M", "--prompt", "x"]
+    )
+    assert match in _user_error([*argv, flag, value], capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cli_cuda_without_a_gpu_is_refused_before_loading(capsys):
+    err = _user_error(["eval", "no/such/model", "--device", "cuda"], capsys)
+    assert "torch sees no CUDA device" in err
