@@ -46,10 +46,9 @@ ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-# Without a model to inspect, "all-linear" means the linears of every supported family.
-_LINEAR_LEAVES = sorted(
-    {linear.rsplit(".", 1)[-1] for family in FAMILIES.values() for linear in family.linears}
-)
+# Without a model to inspect, targets resolve against the linears of every supported family
+# (their paths inside a block).
+_ANY_FAMILY_LINEARS = sorted({linear for family in FAMILIES.values() for linear in family.linears})
 
 
 def _matrices(family, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
@@ -135,20 +134,22 @@ def lora_config(
         >>> sum(p.numel() for p in model.parameters() if p.requires_grad)   # the LoRA factors
         16384
         >>> odeify.lora_config(r=4, targets=["q_proj", "v_proj"]).target_parameters
-        ['q_proj.weight', 'v_proj.weight']
+        ['basis.self_attn.q_proj.weight', 'basis.self_attn.v_proj.weight']
     """
     from peft import LoraConfig
 
     alpha = 2 * r if alpha is None else alpha
     if model is None:
-        _check_rank(r)
-        leaves = _LINEAR_LEAVES if targets == ALL_LINEAR else targets
-        leaves = [leaves] if isinstance(leaves, str) else list(leaves)
+        # The shapes are unknown here: no check of r against them (given a model, there is).
+        unknown = {name: (r, r) for name in _ANY_FAMILY_LINEARS} if isinstance(r, int) else {}
+        chosen = _resolve(unknown, targets, r, "any supported family's blocks")
+        # Paths through the block's basis: they match odeified models only, so peft refuses
+        # such an adapter on a stock model instead of loading it as a no-op.
         return LoraConfig(
             r=r,
             lora_alpha=alpha,
             target_modules=[],
-            target_parameters=[f"{leaf}.weight" for leaf in leaves],
+            target_parameters=[f"basis.{name}.weight" for name in sorted(chosen)],
             **kwargs,
         )
     if is_odeified(model):

@@ -221,6 +221,18 @@ def test_bad_targets_and_ranks_are_refused_with_what_exists(ode_llama, make_llam
         lora_config(r=40, targets="q_proj", model=ode_llama)
     with pytest.raises(ValueError, match="integer >= 1"):
         lora_config(r=0)
+    with pytest.raises(ValueError, match="'qproj' matches no weight matrix of any supported"):
+        lora_config(r=2, targets=["qproj"])  # without a model: against every family's linears
+
+
+def test_a_continuous_adapter_is_refused_by_peft_on_a_stock_model(make_llama, tmp_path):
+    # Its targets run through the ODE block's basis, which a stock model does not have: peft
+    # raises instead of loading it as a no-op beside a warning about missing keys.
+    get_peft_model(odeify(make_llama(), progress=False), lora_config(r=2)).save_pretrained(
+        tmp_path / "a"
+    )
+    with pytest.raises(ValueError, match="target_parameters"):
+        PeftModel.from_pretrained(make_llama(), tmp_path / "a")
 
 
 def test_an_adapter_for_another_base_is_refused(make_llama, tmp_path):
