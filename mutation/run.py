@@ -135,10 +135,17 @@ def _retest_survivors(work: Path, module: str) -> None:
     meta.write_text(json.dumps(data, indent=4))
 
 
-def _mutmut(work: Path, args: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+def _mutmut(
+    work: Path, args: list[str], timeout: float | None, max_test_seconds: float = 0
+) -> subprocess.CompletedProcess:
     # `mutmut` as the console script does: importing mutmut.__main__ under its own name.
     code = "import sys; from mutmut.__main__ import cli; sys.exit(cli())"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # mutation/order_tests.py (the fastest tests first in mutant runs) is loaded as `-p order_tests`.
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT / "mutation"), env.get("PYTHONPATH")])
+    )
+    env["MUTATION_MAX_TEST_SECONDS"] = str(max_test_seconds)
     cmd = ["nice", "-n", "10", sys.executable, "-c", code, *args]
     try:
         return subprocess.run(
@@ -228,10 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.fresh and work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        _sync(work, module, mapping[module], cfg["run"]["pytest_args"])
+        _sync(work, module, mapping[module], [*cfg["run"]["pytest_args"], "-p", "order_tests"])
         _retest_survivors(work, module)
         print(f"{module}: mutmut run ({left / 60:.1f} min left)", flush=True)
-        done = _mutmut(work, ["run", "--max-children", "1"], timeout=left)
+        slowest = cfg["run"].get("max_test_seconds", 0)
+        done = _mutmut(work, ["run", "--max-children", "1"], timeout=left, max_test_seconds=slowest)
         (work / "mutmut.log").write_text(done.stdout + done.stderr)
         if done.returncode not in (0, -1):
             # e.g. a module whose functions are all decorated (mutmut leaves those alone).
