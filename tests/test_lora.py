@@ -121,6 +121,7 @@ def test_merge_and_unload_leaves_an_odeified_model_that_still_retargets(
 
 
 def test_training_moves_only_the_adapter_and_any_step_count_still_runs(ode_llama):
+    untrained = copy.deepcopy(ode_llama)
     model = get_peft_model(ode_llama, lora_config(r=2))
     basis = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -138,8 +139,12 @@ def test_training_moves_only_the_adapter_and_any_step_count_still_runs(ode_llama
     assert losses[6] < losses[0]
     assert all(torch.equal(p, basis[n]) for n, p in model.named_parameters() if n in basis)
     model.eval()
+    # The trained adapter acts on every grid as its merged update W + BA does, and moved the output.
+    merged = copy.deepcopy(model).merge_and_unload()
     for n, scheme in ((3, None), (7, None), (2, "heun")):
-        assert torch.isfinite(_logits(model, n, scheme)).all()
+        trained = _logits(model, n, scheme)
+        torch.testing.assert_close(trained, _logits(merged, n, scheme), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(trained, _logits(untrained, n, scheme), atol=1e-3)
 
 
 def test_adapter_saves_alone_and_loads_onto_an_odeified_base(ode_llama, tmp_path):

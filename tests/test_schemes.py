@@ -113,7 +113,8 @@ def test_stage_grid_shares_times_between_steps():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_models_run_and_match_their_original(make_gpt2, dtype):
-    raw = make_gpt2().to(dtype)
+    stock = make_gpt2()
+    raw = copy.deepcopy(stock).to(dtype)
     with torch.no_grad():
         before = raw(IDS).logits
     model = odeify(raw, progress=False)
@@ -122,7 +123,11 @@ def test_low_precision_models_run_and_match_their_original(make_gpt2, dtype):
     # Exact in float32; in half precision GPT-2's Conv1D layout ([in, out]) and ours ([out, in])
     # take different CPU kernels, so the last bits may differ.
     torch.testing.assert_close(after.float(), before.float(), rtol=1e-2, atol=1e-2)
-    assert torch.isfinite(_logits(model, ode_steps=3, ode_scheme="rk4")).all()
+    # Off the layer grid, RK4 in half precision follows the float32 model's RK4 (within 7e-3
+    # for bf16 and 1e-3 for fp16 here, logits of size 1; RK4 and Euler differ by 0.8).
+    full = _logits(odeify(stock, progress=False), ode_steps=3, ode_scheme="rk4")
+    half = _logits(model, ode_steps=3, ode_scheme="rk4")
+    torch.testing.assert_close(half.float(), full, rtol=0, atol=2e-2)
 
 
 def test_model_to_another_dtype_after_conversion(make_llama):
