@@ -24,9 +24,11 @@ working tree (mutants live in the scratch copy), and it leaves decorated functio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -147,13 +149,31 @@ def _mutmut(
     )
     env["MUTATION_MAX_TEST_SECONDS"] = str(max_test_seconds)
     cmd = ["nice", "-n", "10", sys.executable, "-c", code, *args]
+    # Its own process group: at the deadline the fork server and the worker running a mutant
+    # go too (killing mutmut alone leaves them running, orphaned).
+    proc = subprocess.Popen(
+        cmd,
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        return subprocess.run(
-            cmd, cwd=work, env=env, timeout=timeout, capture_output=True, text=True
-        )
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return subprocess.CompletedProcess(cmd, -1, out, "")
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, -1, out or "", err or "")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived mutmut
 
 
 def results(work: Path, module: str) -> dict[str, int | None]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from odeify import get_block, odeify, set_steps, steps
-from odeify.schemes import SCHEMES, stage_times
+from odeify.schemes import SCHEMES, check_sample_steps, stage_times
 
 IDS = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -145,3 +145,14 @@ def test_adaptive_solvers_refuse_half_precision_naming_the_dtype(make_gpt2, dtyp
     ids = torch.randint(1, 97, (1, 4))
     with pytest.raises(ValueError, match=f"dopri5.*{dtype}.*model.float\\(\\)"):
         model(ids, ode_steps=4, ode_scheme="dopri5", use_cache=False)
+
+
+def test_per_sample_step_counts_are_checked():
+    # One sample is a batch too; an empty list, booleans and floats are not step counts.
+    one = check_sample_steps([3])
+    assert torch.equal(one, torch.tensor([3])) and one.dtype == torch.int64
+    assert torch.equal(check_sample_steps(torch.tensor([2, 5], dtype=torch.int32)), torch.tensor([2, 5]))
+    with pytest.raises(ValueError, match="one count per sample, got shape \\(0,\\)"):
+        check_sample_steps([])
+    with pytest.raises(TypeError, match="must be integers, got dtype torch.bool"):
+        check_sample_steps(torch.tensor([True, True]))
