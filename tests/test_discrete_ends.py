@@ -77,7 +77,9 @@ def test_multi_stage_grids_with_discrete_ends_put_the_stages_inside_each_step():
     times, index = stage_times(SCHEMES["heun"], 4, num_layers=6, ends=1)
     assert times == [0.0, 1 / 6, 3 / 6, 5 / 6, 1.0] and index == [0, 1, 1, 2, 2, 3, 3, 4]
     times, index = stage_times(SCHEMES["midpoint"], 4, num_layers=6, ends=1)
-    assert times == pytest.approx([0, 0.5 / 6, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 5.5 / 6], abs=1e-15)
+    assert times == pytest.approx(
+        [0, 0.5 / 6, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 5.5 / 6], abs=1e-15
+    )
     assert index == list(range(8))
     with pytest.raises(ValueError, match="needs more than 2 steps"):
         layer_bounds(2, 6, ends=1)

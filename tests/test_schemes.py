@@ -151,7 +151,9 @@ def test_per_sample_step_counts_are_checked():
     # One sample is a batch too; an empty list, booleans and floats are not step counts.
     one = check_sample_steps([3])
     assert torch.equal(one, torch.tensor([3])) and one.dtype == torch.int64
-    assert torch.equal(check_sample_steps(torch.tensor([2, 5], dtype=torch.int32)), torch.tensor([2, 5]))
+    assert torch.equal(
+        check_sample_steps(torch.tensor([2, 5], dtype=torch.int32)), torch.tensor([2, 5])
+    )
     with pytest.raises(ValueError, match="one count per sample, got shape \\(0,\\)"):
         check_sample_steps([])
     with pytest.raises(TypeError, match="must be integers, got dtype torch.bool"):

@@ -1,0 +1,43 @@
+"""The block's functional ops on W(t) (odeify.weights) against the torch modules they stand for."""
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from odeify.weights import PerSampleWeights, Weights
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def _per_sample(basis: dict, coeffs: torch.Tensor) -> PerSampleWeights:
+    return PerSampleWeights({"g": coeffs}, basis.__getitem__, {name: "g" for name in basis})
+
+
+def test_rms_norm_is_llamas_bit_for_bit_in_half_precision():
+    # LlamaRMSNorm normalises in float32 and casts back to the input's dtype before the scale.
+    norm = LlamaRMSNorm(8, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=GEN))
+    x = torch.randn(2, 3, 8, generator=GEN).to(torch.bfloat16)
+    got = Weights({"n.weight": norm.weight.detach()}).rms_norm("n", x, 1e-5)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, norm(x).detach())
+
+
+def test_per_sample_layer_norm_is_each_samples_layer_norm():
+    # A large eps (not the default 1e-5) and a norm without a bias, as well as one with.
+    basis = {
+        "ln.weight": torch.randn(3, 6, generator=GEN),
+        "ln.bias": torch.randn(3, 6, generator=GEN),
+        "nb.weight": torch.randn(3, 6, generator=GEN),
+    }
+    coeffs = torch.rand(2, 3, generator=GEN)
+    x = torch.randn(2, 4, 6, generator=GEN)
+    weights = _per_sample(basis, coeffs)
+    with_bias, without = weights.layer_norm("ln", x, 0.5), weights.layer_norm("nb", x, 0.5)
+    for b in range(2):
+        w, bias, w_nb = (coeffs[b] @ basis[n] for n in ("ln.weight", "ln.bias", "nb.weight"))
+        expected = F.layer_norm(x[b], (6,), w, bias, 0.5)
+        torch.testing.assert_close(with_bias[b], expected, rtol=1e-6, atol=1e-6)
+        expected = F.layer_norm(x[b], (6,), w_nb, None, 0.5)
+        torch.testing.assert_close(without[b], expected, rtol=1e-6, atol=1e-6)
