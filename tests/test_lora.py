@@ -215,6 +215,33 @@ def test_config_without_a_model_targets_every_family_and_copies_take_lora(make_l
         assert {f"basis.{h}.weight" for h in hit} == set(exact)
 
 
+def test_lora_config_fields(ode_llama, make_llama, make_gpt2):
+    # alpha defaults to 2 r; names resolve to the model's matrices, in the block's order.
+    leaves = ["c_attn", "c_fc", "c_proj", "down_proj", "gate_proj"]
+    leaves += ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    config = lora_config(r=4)
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert config.target_parameters == [f"{leaf}.weight" for leaf in leaves]
+    config = lora_config(r=4, alpha=3.0, targets="q_proj", init_lora_weights=False)
+    assert (config.lora_alpha, config.target_parameters) == (3.0, ["q_proj.weight"])
+    assert config.init_lora_weights is False  # other LoraConfig fields pass through
+    config = lora_config(
+        r=2, targets=["q_proj", "mlp.up_proj"], model=ode_llama, init_lora_weights=False
+    )
+    assert (config.r, config.lora_alpha, config.init_lora_weights) == (2, 4, False)
+    assert config.target_parameters == ["basis.self_attn.q_proj.weight", "basis.mlp.up_proj.weight"]
+    assert lora_config(r=32, targets="q_proj", model=ode_llama).r == 32  # r = min(32, 32) fits
+    stock = lora_config(r=2, targets=["q_proj", "up_proj"], model=make_llama(), lora_dropout=0.1)
+    assert stock.target_modules == {"self_attn.q_proj", "mlp.up_proj"}
+    assert (stock.r, stock.lora_alpha, stock.lora_dropout) == (2, 4, 0.1)
+    assert lora_config(r=3, model=make_gpt2()).target_modules == {
+        "attn.c_attn",
+        "attn.c_proj",
+        "mlp.c_fc",
+        "mlp.c_proj",
+    }
+
+
 def test_bad_targets_and_ranks_are_refused_with_what_exists(ode_llama, make_llama):
     with pytest.raises(ValueError, match="'qproj' matches no weight matrix.*self_attn.q_proj"):
         lora_config(r=2, targets=["qproj"], model=ode_llama)
