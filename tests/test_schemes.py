@@ -149,6 +149,7 @@ def test_adaptive_solvers_refuse_half_precision_naming_the_dtype(make_gpt2, dtyp
 
 def test_per_sample_step_counts_are_checked():
     # One sample is a batch too; an empty list, booleans and floats are not step counts.
+    assert check_sample_steps([1, 4]).tolist() == [1, 4]  # one step is a grid
     one = check_sample_steps([3])
     assert torch.equal(one, torch.tensor([3])) and one.dtype == torch.int64
     assert torch.equal(
