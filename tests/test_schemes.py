@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from odeify import get_block, odeify, set_steps, steps
-from odeify.schemes import SCHEMES, check_sample_steps, stage_times
+from odeify.schemes import MAX_STEPS, SCHEMES, check_sample_steps, stage_times
 
 IDS = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -159,3 +159,6 @@ def test_per_sample_step_counts_are_checked():
         check_sample_steps([])
     with pytest.raises(TypeError, match="must be integers, got dtype torch.bool"):
         check_sample_steps(torch.tensor([True, True]))
+    assert check_sample_steps([MAX_STEPS]).tolist() == [100_000]
+    with pytest.raises(ValueError, match="at most 100,000, got \\[2, 100001\\]"):
+        check_sample_steps([2, MAX_STEPS + 1])
