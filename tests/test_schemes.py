@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from odeify import get_block, odeify, set_steps, steps
-from odeify.schemes import MAX_STEPS, SCHEMES, check_sample_steps, stage_times
+from odeify.schemes import MAX_STEPS, SCHEMES, check_sample_steps, check_steps, stage_times
 
 IDS = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -162,3 +162,10 @@ def test_per_sample_step_counts_are_checked():
     assert check_sample_steps([MAX_STEPS]).tolist() == [100_000]
     with pytest.raises(ValueError, match="at most 100,000, got \\[2, 100001\\]"):
         check_sample_steps([2, MAX_STEPS + 1])
+
+
+def test_step_counts_are_checked_up_to_max_steps():
+    assert check_steps(MAX_STEPS) == 100_000 and check_steps(1) == 1
+    assert type(check_steps(torch.tensor(3).numpy()[()])) is int  # a numpy integer is a count
+    with pytest.raises(ValueError, match="at most 100,000 \\(one weight set each\\), got 100,001"):
+        check_steps(MAX_STEPS + 1)
