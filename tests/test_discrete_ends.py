@@ -75,6 +75,7 @@ def test_multi_stage_grids_with_discrete_ends_put_the_stages_inside_each_step():
     # N = 4 on L = 6 with one discrete layer at each end: steps [0, 1], [1, 3], [3, 5], [5, 6].
     assert layer_bounds(4, 6, ends=1) == [0.0, 1.0, 3.0, 5.0, 6.0]
     assert layer_bounds(4, 6) == [0.0, 1.5, 3.0, 4.5, 6.0]  # no discrete ends: uniform
+    assert spans(4, 6) == [1.5] * 4 and spans(4, 6, ends=1) == [1, 2.0, 2.0, 1]
     times, index = stage_times(SCHEMES["heun"], 4, num_layers=6, ends=1)
     assert times == [0.0, 1 / 6, 3 / 6, 5 / 6, 1.0] and index == [0, 1, 1, 2, 2, 3, 3, 4]
     times, index = stage_times(SCHEMES["midpoint"], 4, num_layers=6, ends=1)
