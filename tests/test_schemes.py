@@ -167,5 +167,7 @@ def test_per_sample_step_counts_are_checked():
 def test_step_counts_are_checked_up_to_max_steps():
     assert check_steps(MAX_STEPS) == 100_000 and check_steps(1) == 1
     assert type(check_steps(torch.tensor(3).numpy()[()])) is int  # a numpy integer is a count
+    with pytest.raises(TypeError, match=r"got 2.5 \(float\)"):
+        check_steps(2.5)
     with pytest.raises(ValueError, match="at most 100,000 \\(one weight set each\\), got 100,001"):
         check_steps(MAX_STEPS + 1)
