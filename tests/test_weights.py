@@ -41,3 +41,25 @@ def test_per_sample_layer_norm_is_each_samples_layer_norm():
         torch.testing.assert_close(with_bias[b], expected, rtol=1e-6, atol=1e-6)
         expected = F.layer_norm(x[b], (6,), w_nb, None, 0.5)
         torch.testing.assert_close(without[b], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_norm_takes_its_eps():
+    w, b = torch.randn(6, generator=GEN), torch.randn(6, generator=GEN)
+    x = torch.randn(2, 4, 6, generator=GEN)
+    got = Weights({"ln.weight": w, "ln.bias": b}).layer_norm("ln", x, 0.5)
+    torch.testing.assert_close(got, F.layer_norm(x, (6,), w, b, 0.5), rtol=0, atol=0)
+
+
+def test_per_sample_rms_norm_is_each_samples_llama_norm_in_half_precision():
+    # One-hot coefficients: sample b's scale is exactly basis row k_b, so each sample is
+    # LlamaRMSNorm with that scale, bit for bit and in the input's dtype.
+    basis = {"n.weight": torch.randn(3, 8, generator=GEN).to(torch.bfloat16)}
+    coeffs = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    x = torch.randn(2, 3, 8, generator=GEN).to(torch.bfloat16)
+    got = _per_sample(basis, coeffs).rms_norm("n", x, 1e-5)
+    assert got.dtype == torch.bfloat16
+    for b, k in enumerate((1, 2)):
+        norm = LlamaRMSNorm(8, eps=1e-5).to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(basis["n.weight"][k])
+        assert torch.equal(got[b], norm(x[b]).detach())
