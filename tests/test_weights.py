@@ -63,3 +63,10 @@ def test_per_sample_rms_norm_is_each_samples_llama_norm_in_half_precision():
         with torch.no_grad():
             norm.weight.copy_(basis["n.weight"][k])
         assert torch.equal(got[b], norm(x[b]).detach())
+
+
+def test_a_transposed_weight_without_a_bias_is_x_times_it():
+    # GPT-2's Conv1D layout [in, out]; a bias-free one (not in GPT-2, but allowed) is x @ W.
+    w, x = torch.randn(6, 5, generator=GEN), torch.randn(2, 4, 6, generator=GEN)
+    weights = Weights({"fc.weight": w}, transposed=frozenset({"fc.weight"}))
+    torch.testing.assert_close(weights.linear("fc", x), x @ w, rtol=1e-6, atol=1e-6)
