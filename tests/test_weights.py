@@ -70,3 +70,15 @@ def test_a_transposed_weight_without_a_bias_is_x_times_it():
     w, x = torch.randn(6, 5, generator=GEN), torch.randn(2, 4, 6, generator=GEN)
     weights = Weights({"fc.weight": w}, transposed=frozenset({"fc.weight"}))
     torch.testing.assert_close(weights.linear("fc", x), x @ w, rtol=1e-6, atol=1e-6)
+
+
+def test_low_rank_updates_add_b_a_to_the_weight():
+    # Two rank-2 updates of one weight (two adapters): the layer is x (W + B1 A1 + B2 A2)^T + b.
+    w, bias = torch.randn(5, 6, generator=GEN), torch.randn(5, generator=GEN)
+    pairs = [(torch.randn(2, 6, generator=GEN), torch.randn(5, 2, generator=GEN)) for _ in "12"]
+    x = torch.randn(2, 4, 6, generator=GEN)
+    weights = Weights({"fc.weight": w, "fc.bias": bias}, lora={"fc.weight": pairs})
+    merged = w + sum(b @ a for a, b in pairs)
+    torch.testing.assert_close(
+        weights.linear("fc", x), F.linear(x, merged, bias), rtol=1e-5, atol=1e-5
+    )
