@@ -82,3 +82,18 @@ def test_low_rank_updates_add_b_a_to_the_weight():
     torch.testing.assert_close(
         weights.linear("fc", x), F.linear(x, merged, bias), rtol=1e-5, atol=1e-5
     )
+
+
+def test_per_sample_linear_under_autocast_runs_in_the_autocast_dtype():
+    # As F.linear does under autocast: bf16 out, each sample's own W_b = sum_k c_bk P_k.
+    basis = {"fc.weight": torch.randn(3, 5, 6, generator=GEN), "fc.bias": torch.randn(3, 5, generator=GEN)}
+    coeffs = torch.rand(2, 3, generator=GEN)
+    x = torch.randn(2, 4, 6, generator=GEN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _per_sample(basis, coeffs).linear("fc", x)
+    assert got.dtype == torch.bfloat16
+    for b in range(2):
+        w, bias = coeffs[b] @ basis["fc.weight"].flatten(1), coeffs[b] @ basis["fc.bias"]
+        expected = F.linear(x[b], w.view(5, 6), bias)
+        # bf16 keeps 3 significant digits of outputs of size about 3.
+        torch.testing.assert_close(got[b].float(), expected, rtol=0, atol=5e-2)
