@@ -317,3 +317,63 @@ def test_auto_peft_model_loads_the_adapter_onto_the_ode_base(ode_llama, tmp_path
     merged = loaded.merge_and_unload()
     assert type(merged).__name__ == "OdeifyLlamaForCausalLM"
     torch.testing.assert_close(_logits(merged, 3), expected[3], rtol=1e-5, atol=1e-5)
+
+
+def test_load_adapter_says_in_full_what_does_not_fit(make_llama, make_gpt2, tmp_path):
+    small = odeify(make_llama(), progress=False)
+    get_peft_model(small, lora_config(r=2)).save_pretrained(tmp_path / "a")
+    stock = make_llama()
+    get_peft_model(stock, lora_config(r=2, model=stock)).save_pretrained(tmp_path / "s")
+    gpt2 = make_gpt2()
+    get_peft_model(gpt2, lora_config(r=2, model=gpt2)).save_pretrained(tmp_path / "g")
+    fits = "An adapter fits only the architecture, depth and (for a continuous adapter) the number"
+    fits += " of basis tensors K it was trained on."
+    cases = [
+        (
+            small,
+            "s",
+            f"{tmp_path / 's'} holds a per-layer adapter; load it onto the stock transformers "
+            "model it was trained on (or materialise first), not onto this "
+            f"{type(small).__name__}",
+        ),
+        (
+            make_llama(),
+            "a",
+            f"{tmp_path / 'a'} holds a continuous adapter (on ODE basis tensors); load it onto an "
+            "odeified model (odeify.from_pretrained or odeify(model)), not onto this "
+            "LlamaForCausalLM",
+        ),
+        (
+            make_llama(hidden_size=48),
+            "s",
+            f"{tmp_path / 's'} was saved for another base model (an unnamed model): 33 of its 42 "
+            "tensors do not fit this LlamaForCausalLM, e.g. base_model.model.model.layers.0.mlp."
+            f"down_proj.lora_B.weight is [32, 2] in the adapter but [48, 2] here. {fits}",
+        ),
+        (  # Conv1D: A is [r, in], in = the weight's first axis
+            make_gpt2(n_embd=48),
+            "g",
+            f"{tmp_path / 'g'} was saved for another base model (an unnamed model): 32 of its 32 "
+            "tensors do not fit this GPT2LMHeadModel, e.g. base_model.model.transformer.h.0.attn."
+            f"c_attn.lora_A.weight is [2, 32] in the adapter but [2, 48] here. {fits}",
+        ),
+    ]
+    for model, folder, message in cases:
+        with pytest.raises(ValueError) as error:
+            load_adapter(model, tmp_path / folder)
+        assert str(error.value) == message
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_config.json").write_text("{}")  # no weights file
+    with pytest.raises(FileNotFoundError, match="is not a peft adapter folder"):
+        load_adapter(make_llama(), tmp_path / "half")
+
+
+def test_load_adapter_takes_a_rank_pattern_and_peft_options(make_llama, tmp_path):
+    # A per-module rank (q_proj at 4, the rest at 2) is no mismatch; kwargs reach peft.
+    stock = make_llama()
+    config = lora_config(r=2, model=stock, rank_pattern={"q_proj": 4})
+    get_peft_model(stock, config).save_pretrained(tmp_path / "p")
+    loaded = load_adapter(make_llama(), tmp_path / "p", adapter_name="mine")
+    assert list(loaded.peft_config) == ["mine"]
+    a = loaded.base_model.model.model.layers[0].self_attn.q_proj.lora_A["mine"].weight
+    assert tuple(a.shape) == (4, 32)
