@@ -90,6 +90,9 @@ def mutmut_section(module: str, tests: list[str], pytest_args: list[str]) -> str
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         f"pytest_add_cli_args = {json.dumps(pytest_args)}\n"
         'process_isolation = "forkserver"\n'
+        # The recipe tests load recipes/ next to tests/ (tests/_launch.py); mutmut copies only
+        # the sources and tests/ into mutants/ otherwise.
+        'also_copy = ["recipes"]\n'
         "use_git_change_detection = false\n"
         'on_dependency_change = "ignore"\n'
     )
