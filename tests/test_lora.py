@@ -219,8 +219,11 @@ def test_lora_config_fields(ode_llama, make_llama, make_gpt2):
     # alpha defaults to 2 r; names resolve to the model's matrices, in the block's order.
     leaves = ["c_attn", "c_fc", "c_proj", "down_proj", "gate_proj"]
     leaves += ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert (lora_config().r, lora_config().lora_alpha, lora_config(r=1).r) == (8, 16, 1)
     config = lora_config(r=4)
     assert (config.r, config.lora_alpha) == (4, 8)
+    assert config.target_modules == set()  # None would make peft add its default modules
+    assert lora_config(r=2, model=ode_llama).target_modules == set()
     assert config.target_parameters == [f"{leaf}.weight" for leaf in leaves]
     config = lora_config(r=4, alpha=3.0, targets="q_proj", init_lora_weights=False)
     assert (config.lora_alpha, config.target_parameters) == (3.0, ["q_proj.weight"])
@@ -251,8 +254,13 @@ def test_bad_targets_and_ranks_are_refused_with_what_exists(ode_llama, make_llam
         ValueError, match="r=40 is larger than the 32x32 weight of self_attn.q_proj"
     ):
         lora_config(r=40, targets="q_proj", model=ode_llama)
-    with pytest.raises(ValueError, match="integer >= 1"):
-        lora_config(r=0)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match=f"LoRA rank r must be an integer >= 1, got {bad}"):
+            lora_config(r=bad)
+    with pytest.raises(ValueError, match="'qproj' matches no weight matrix of the ODE block"):
+        lora_config(r=2, targets=["qproj"], model=ode_llama)
+    with pytest.raises(ValueError, match="matches no weight matrix of LlamaForCausalLM's layers"):
+        lora_config(r=2, targets=["input_layernorm"], model=make_llama())
 
 
 def test_an_adapter_for_another_base_is_refused(make_llama, tmp_path):
