@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from odeify import get_block, odeify, set_steps, steps
-from odeify.schemes import MAX_STEPS, SCHEMES, check_sample_steps, check_steps, stage_times
+from odeify.schemes import (
+    MAX_STEPS,
+    SCHEMES,
+    check_sample_steps,
+    check_steps,
+    resolve_solver,
+    stage_times,
+)
 
 IDS = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -171,3 +178,15 @@ def test_step_counts_are_checked_up_to_max_steps():
         check_steps(2.5)
     with pytest.raises(ValueError, match="at most 100,000 \\(one weight set each\\), got 100,001"):
         check_steps(MAX_STEPS + 1)
+
+
+def test_scheme_names_are_resolved_or_refused_in_full():
+    assert resolve_solver("torchdiffeq:rk4").method == "rk4"
+    assert resolve_solver("rk4").native is SCHEMES["rk4"]
+    with pytest.raises(TypeError, match="^scheme must be a string, got int$"):
+        resolve_solver(3)
+    listed = r"Native fixed-grid schemes: sequential, euler, midpoint, heun, rk4; torchdiffeq "
+    with pytest.raises(ValueError, match=rf"^unknown scheme 'rk5'\. {listed}methods: .*dopri5.*"):
+        resolve_solver("rk5")
+    with pytest.raises(ValueError, match=r"\(prefix 'torchdiffeq:' to force one\)$"):
+        resolve_solver("torchdiffeq:sequential")
