@@ -86,12 +86,22 @@ def test_low_rank_updates_add_b_a_to_the_weight():
 
 def test_per_sample_linear_under_autocast_runs_in_the_autocast_dtype():
     # As F.linear does under autocast: bf16 out, each sample's own W_b = sum_k c_bk P_k.
-    basis = {"fc.weight": torch.randn(3, 5, 6, generator=GEN), "fc.bias": torch.randn(3, 5, generator=GEN)}
+    basis = {
+        "fc.weight": torch.randn(3, 5, 6, generator=GEN),
+        "fc.bias": torch.randn(3, 5, generator=GEN),
+    }
     coeffs = torch.rand(2, 3, generator=GEN)
     x = torch.randn(2, 4, 6, generator=GEN)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = _per_sample(basis, coeffs).linear("fc", x)
-    assert got.dtype == torch.bfloat16
+        no_bias = _per_sample({"fc.weight": basis["fc.weight"]}, coeffs).linear("fc", x)
+    assert got.dtype == no_bias.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        (got - no_bias).float(),
+        (coeffs @ basis["fc.bias"]).unsqueeze(1).expand(2, 4, 5),
+        rtol=0,
+        atol=5e-2,
+    )
     for b in range(2):
         w, bias = coeffs[b] @ basis["fc.weight"].flatten(1), coeffs[b] @ basis["fc.bias"]
         expected = F.linear(x[b], w.view(5, 6), bias)
