@@ -24,9 +24,11 @@ working tree (mutants live in the scratch copy), and it leaves decorated functio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -88,6 +90,9 @@ def mutmut_section(module: str, tests: list[str], pytest_args: list[str]) -> str
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         f"pytest_add_cli_args = {json.dumps(pytest_args)}\n"
         'process_isolation = "forkserver"\n'
+        # The recipe tests load recipes/ next to tests/ (tests/_launch.py); mutmut copies only
+        # the sources and tests/ into mutants/ otherwise.
+        'also_copy = ["recipes"]\n'
         "use_git_change_detection = false\n"
         'on_dependency_change = "ignore"\n'
     )
@@ -135,18 +140,43 @@ def _retest_survivors(work: Path, module: str) -> None:
     meta.write_text(json.dumps(data, indent=4))
 
 
-def _mutmut(work: Path, args: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+def _mutmut(
+    work: Path, args: list[str], timeout: float | None, max_test_seconds: float = 0
+) -> subprocess.CompletedProcess:
     # `mutmut` as the console script does: importing mutmut.__main__ under its own name.
     code = "import sys; from mutmut.__main__ import cli; sys.exit(cli())"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # mutation/order_tests.py (the fastest tests first in mutant runs) is loaded as `-p order_tests`.
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT / "mutation"), env.get("PYTHONPATH")])
+    )
+    env["MUTATION_MAX_TEST_SECONDS"] = str(max_test_seconds)
     cmd = ["nice", "-n", "10", sys.executable, "-c", code, *args]
+    # Its own process group: at the deadline the fork server and the worker running a mutant
+    # go too (killing mutmut alone leaves them running, orphaned).
+    proc = subprocess.Popen(
+        cmd,
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        return subprocess.run(
-            cmd, cwd=work, env=env, timeout=timeout, capture_output=True, text=True
-        )
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return subprocess.CompletedProcess(cmd, -1, out, "")
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, -1, out or "", err or "")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived mutmut
 
 
 def results(work: Path, module: str) -> dict[str, int | None]:
@@ -228,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.fresh and work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        _sync(work, module, mapping[module], cfg["run"]["pytest_args"])
+        _sync(work, module, mapping[module], [*cfg["run"]["pytest_args"], "-p", "order_tests"])
         _retest_survivors(work, module)
         print(f"{module}: mutmut run ({left / 60:.1f} min left)", flush=True)
-        done = _mutmut(work, ["run", "--max-children", "1"], timeout=left)
+        slowest = cfg["run"].get("max_test_seconds", 0)
+        done = _mutmut(work, ["run", "--max-children", "1"], timeout=left, max_test_seconds=slowest)
         (work / "mutmut.log").write_text(done.stdout + done.stderr)
         if done.returncode not in (0, -1):
             # e.g. a module whose functions are all decorated (mutmut leaves those alone).

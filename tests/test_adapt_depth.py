@@ -68,6 +68,21 @@ def test_inverse_weighting_spends_equal_compute_per_step_count():
     assert drawn.mean() < np.mean([uniform.draw(s)[0] for s in range(2000)]) - 5
 
 
+def test_sampler_support_and_edge_ranges():
+    values, probs = StepSampler(num_layers=4, low=2, high=4).support()
+    assert values.tolist() == [2, 3, 4]
+    np.testing.assert_allclose(probs, [6 / 13, 4 / 13, 3 / 13], rtol=1e-15)  # 1 / N, normalised
+    _, probs = StepSampler(num_layers=4, low=2, high=4, weighting="uniform").support()
+    np.testing.assert_allclose(probs, [1 / 3] * 3, rtol=1e-15)
+    values, probs = StepSampler(num_layers=4, low=2, high=4, choices=(8, 2, 8)).support()
+    assert values.tolist() == [2, 8]
+    np.testing.assert_allclose(probs, [0.8, 0.2], rtol=1e-15)
+    # A one-count range, N = 1 and no draws (N = L only) are all valid.
+    assert StepSampler(num_layers=1, low=1, high=1).draw(0) == [1, 1]
+    assert StepSampler(num_layers=6, low=3, high=3, full_every=0).draw(5) == [3]
+    assert StepSampler(num_layers=6, low=2, high=12, draws=0).draw(5) == [6]
+
+
 def test_sampler_draws_only_the_chosen_counts():
     sampler = StepSampler(num_layers=30, low=15, high=60, draws=3, choices=(60, 15, 20), seed=3)
     drawn = [n for s in range(200) for n in sampler.draw(s)[1:]]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import odeify
-from odeify.schemes import SCHEMES, spans, stage_times
+from odeify.schemes import SCHEMES, layer_bounds, spans, stage_times
 from odeify.train.distill import matching, recording
 
 
@@ -69,6 +69,22 @@ def test_grid_spans_sum_to_the_depth_and_meet_the_layers():
         for j, layer in matching(n, 30, ends=2):
             assert bounds[j] * 30 == pytest.approx(layer, abs=1e-9)
     assert stage_times(SCHEMES["sequential"], 30, 30, 2)[0] == [layer / 30 for layer in range(30)]
+
+
+def test_multi_stage_grids_with_discrete_ends_put_the_stages_inside_each_step():
+    # N = 4 on L = 6 with one discrete layer at each end: steps [0, 1], [1, 3], [3, 5], [5, 6].
+    assert layer_bounds(4, 6, ends=1) == [0.0, 1.0, 3.0, 5.0, 6.0]
+    assert layer_bounds(4, 6) == [0.0, 1.5, 3.0, 4.5, 6.0]  # no discrete ends: uniform
+    assert spans(4, 6) == [1.5] * 4 and spans(4, 6, ends=1) == [1, 2.0, 2.0, 1]
+    times, index = stage_times(SCHEMES["heun"], 4, num_layers=6, ends=1)
+    assert times == [0.0, 1 / 6, 3 / 6, 5 / 6, 1.0] and index == [0, 1, 1, 2, 2, 3, 3, 4]
+    times, index = stage_times(SCHEMES["midpoint"], 4, num_layers=6, ends=1)
+    assert times == pytest.approx(
+        [0, 0.5 / 6, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 5.5 / 6], abs=1e-15
+    )
+    assert index == list(range(8))
+    with pytest.raises(ValueError, match="needs more than 2 steps"):
+        layer_bounds(2, 6, ends=1)
 
 
 def test_saved_with_the_model_and_kv_cache_generation_matches(make_gpt2, tmp_path):

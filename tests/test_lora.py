@@ -121,6 +121,7 @@ def test_merge_and_unload_leaves_an_odeified_model_that_still_retargets(
 
 
 def test_training_moves_only_the_adapter_and_any_step_count_still_runs(ode_llama):
+    untrained = copy.deepcopy(ode_llama)
     model = get_peft_model(ode_llama, lora_config(r=2))
     basis = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -138,8 +139,12 @@ def test_training_moves_only_the_adapter_and_any_step_count_still_runs(ode_llama
     assert losses[6] < losses[0]
     assert all(torch.equal(p, basis[n]) for n, p in model.named_parameters() if n in basis)
     model.eval()
+    # The trained adapter acts on every grid as its merged update W + BA does, and moved the output.
+    merged = copy.deepcopy(model).merge_and_unload()
     for n, scheme in ((3, None), (7, None), (2, "heun")):
-        assert torch.isfinite(_logits(model, n, scheme)).all()
+        trained = _logits(model, n, scheme)
+        torch.testing.assert_close(trained, _logits(merged, n, scheme), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(trained, _logits(untrained, n, scheme), atol=1e-3)
 
 
 def test_adapter_saves_alone_and_loads_onto_an_odeified_base(ode_llama, tmp_path):
@@ -210,6 +215,39 @@ def test_config_without_a_model_targets_every_family_and_copies_take_lora(make_l
         assert {f"basis.{h}.weight" for h in hit} == set(exact)
 
 
+def test_lora_config_fields(ode_llama, make_llama, make_gpt2):
+    # alpha defaults to 2 r; names resolve to the model's matrices, in the block's order.
+    # Without a model: every supported family's linears, as paths through the block's basis.
+    paths = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "mlp.down_proj"]
+    paths += ["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj"]
+    paths += ["self_attn.q_proj", "self_attn.v_proj"]
+    assert (lora_config().r, lora_config().lora_alpha, lora_config(r=1).r) == (8, 16, 1)
+    config = lora_config(r=4)
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert config.target_modules == set()  # None would make peft add its default modules
+    assert lora_config(r=2, model=ode_llama).target_modules == set()
+    assert config.target_parameters == [f"basis.{path}.weight" for path in paths]
+    config = lora_config(r=4, alpha=3.0, targets="q_proj", init_lora_weights=False)
+    assert config.lora_alpha == 3.0
+    assert config.target_parameters == ["basis.self_attn.q_proj.weight"]
+    assert config.init_lora_weights is False  # other LoraConfig fields pass through
+    config = lora_config(
+        r=2, targets=["q_proj", "mlp.up_proj"], model=ode_llama, init_lora_weights=False
+    )
+    assert (config.r, config.lora_alpha, config.init_lora_weights) == (2, 4, False)
+    assert config.target_parameters == ["basis.self_attn.q_proj.weight", "basis.mlp.up_proj.weight"]
+    assert lora_config(r=32, targets="q_proj", model=ode_llama).r == 32  # r = min(32, 32) fits
+    stock = lora_config(r=2, targets=["q_proj", "up_proj"], model=make_llama(), lora_dropout=0.1)
+    assert stock.target_modules == {"self_attn.q_proj", "mlp.up_proj"}
+    assert (stock.r, stock.lora_alpha, stock.lora_dropout) == (2, 4, 0.1)
+    assert lora_config(r=3, model=make_gpt2()).target_modules == {
+        "attn.c_attn",
+        "attn.c_proj",
+        "mlp.c_fc",
+        "mlp.c_proj",
+    }
+
+
 def test_bad_targets_and_ranks_are_refused_with_what_exists(ode_llama, make_llama):
     with pytest.raises(ValueError, match="'qproj' matches no weight matrix.*self_attn.q_proj"):
         lora_config(r=2, targets=["qproj"], model=ode_llama)
@@ -219,8 +257,13 @@ def test_bad_targets_and_ranks_are_refused_with_what_exists(ode_llama, make_llam
         ValueError, match="r=40 is larger than the 32x32 weight of self_attn.q_proj"
     ):
         lora_config(r=40, targets="q_proj", model=ode_llama)
-    with pytest.raises(ValueError, match="integer >= 1"):
-        lora_config(r=0)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match=f"LoRA rank r must be an integer >= 1, got {bad}"):
+            lora_config(r=bad)
+    with pytest.raises(ValueError, match="'qproj' matches no weight matrix of the ODE block"):
+        lora_config(r=2, targets=["qproj"], model=ode_llama)
+    with pytest.raises(ValueError, match="matches no weight matrix of LlamaForCausalLM's layers"):
+        lora_config(r=2, targets=["input_layernorm"], model=make_llama())
     with pytest.raises(ValueError, match="'qproj' matches no weight matrix of any supported"):
         lora_config(r=2, targets=["qproj"])  # without a model: against every family's linears
 
@@ -297,3 +340,63 @@ def test_auto_peft_model_loads_the_adapter_onto_the_ode_base(ode_llama, tmp_path
     merged = loaded.merge_and_unload()
     assert type(merged).__name__ == "OdeifyLlamaForCausalLM"
     torch.testing.assert_close(_logits(merged, 3), expected[3], rtol=1e-5, atol=1e-5)
+
+
+def test_load_adapter_says_in_full_what_does_not_fit(make_llama, make_gpt2, tmp_path):
+    small = odeify(make_llama(), progress=False)
+    get_peft_model(small, lora_config(r=2)).save_pretrained(tmp_path / "a")
+    stock = make_llama()
+    get_peft_model(stock, lora_config(r=2, model=stock)).save_pretrained(tmp_path / "s")
+    gpt2 = make_gpt2()
+    get_peft_model(gpt2, lora_config(r=2, model=gpt2)).save_pretrained(tmp_path / "g")
+    fits = "An adapter fits only the architecture, depth and (for a continuous adapter) the number"
+    fits += " of basis tensors K it was trained on."
+    cases = [
+        (
+            small,
+            "s",
+            f"{tmp_path / 's'} holds a per-layer adapter; load it onto the stock transformers "
+            "model it was trained on (or materialise first), not onto this "
+            f"{type(small).__name__}",
+        ),
+        (
+            make_llama(),
+            "a",
+            f"{tmp_path / 'a'} holds a continuous adapter (on ODE basis tensors); load it onto an "
+            "odeified model (odeify.from_pretrained or odeify(model)), not onto this "
+            "LlamaForCausalLM",
+        ),
+        (
+            make_llama(hidden_size=48),
+            "s",
+            f"{tmp_path / 's'} was saved for another base model (an unnamed model): 33 of its 42 "
+            "tensors do not fit this LlamaForCausalLM, e.g. base_model.model.model.layers.0.mlp."
+            f"down_proj.lora_B.weight is [32, 2] in the adapter but [48, 2] here. {fits}",
+        ),
+        (  # Conv1D: A is [r, in], in = the weight's first axis
+            make_gpt2(n_embd=48),
+            "g",
+            f"{tmp_path / 'g'} was saved for another base model (an unnamed model): 32 of its 32 "
+            "tensors do not fit this GPT2LMHeadModel, e.g. base_model.model.transformer.h.0.attn."
+            f"c_attn.lora_A.weight is [2, 32] in the adapter but [2, 48] here. {fits}",
+        ),
+    ]
+    for model, folder, message in cases:
+        with pytest.raises(ValueError) as error:
+            load_adapter(model, tmp_path / folder)
+        assert str(error.value) == message
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_config.json").write_text("{}")  # no weights file
+    with pytest.raises(FileNotFoundError, match="is not a peft adapter folder"):
+        load_adapter(make_llama(), tmp_path / "half")
+
+
+def test_load_adapter_takes_a_rank_pattern_and_peft_options(make_llama, tmp_path):
+    # A per-module rank (q_proj at 4, the rest at 2) is no mismatch; kwargs reach peft.
+    stock = make_llama()
+    config = lora_config(r=2, model=stock, rank_pattern={"q_proj": 4})
+    get_peft_model(stock, config).save_pretrained(tmp_path / "p")
+    loaded = load_adapter(make_llama(), tmp_path / "p", adapter_name="mine")
+    assert list(loaded.peft_config) == ["mine"]
+    a = loaded.base_model.model.model.layers[0].self_attn.q_proj.lora_A["mine"].weight
+    assert tuple(a.shape) == (4, 32)

@@ -76,6 +76,7 @@ def test_mutmut_reads_the_section_the_driver_writes(tmp_path, monkeypatch):
         assert cfg.should_mutate("odeify/bases.py")
         assert not cfg.should_mutate("odeify/block.py")
         assert cfg.process_isolation.value == "forkserver"
+        assert Path("recipes") in cfg.also_copy  # the recipe tests load recipes/
     finally:
         configuration.reset_config()
 

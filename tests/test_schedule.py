@@ -161,7 +161,13 @@ def test_a_schedule_outlives_further_training_and_refuses_another_depth(make_gpt
     with torch.no_grad():
         for p in odeify.get_block(model).parameters():
             p.mul_(1.01)
-    assert torch.isfinite(_logits(model, ode_steps=4)).all()
+    # The stored schedule still drives 4 steps (it is times and gains, not weights): the same
+    # forward as passing it, and not the uniform grid.
+    stored = _logits(model, ode_steps=4)
+    torch.testing.assert_close(
+        stored, _logits(model, ode_steps=4, ode_schedule=_odd()), rtol=0, atol=0
+    )
+    assert not torch.allclose(stored, _logits(model, ode_steps=4, ode_schedule="uniform"))
     with pytest.raises(ValueError, match="made for a model of 8 layers"):
         _store(model, Schedule([0.0, 0.5], [1.0] * 4, 8))
     with pytest.raises(ValueError, match="made for a model of 8 layers"):

@@ -110,6 +110,29 @@ def test_metrics_file(tmp_path):
     metrics.log(step=1, loss=2.5)
     metrics.log(step=2, loss=2.0)
     assert [r["loss"] for r in metrics.read()] == [2.5, 2.0]
+    assert all(0 <= r["time"] < 600 for r in metrics.read())
+    with metrics.path.open("ab") as f:
+        f.write(b'[1, 2]\n"text"\n{"step": 3, "note": "\xff"}\n')  # not records; a bad byte
+    assert [r["step"] for r in metrics.read()] == [1, 2, 3]
+    assert metrics.read()[-1]["note"] == "\ufffd"
+    Metrics(metrics.path, active=False).resume(1)  # only the first rank trims
+    assert len(metrics.read()) == 3
+
+
+def test_metrics_time_is_seconds_since_start_to_the_millisecond(tmp_path, monkeypatch):
+    import types
+
+    import odeify.train.metrics as module
+
+    now = [1000.0]
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(time=lambda: now[0]))
+    metrics = Metrics(tmp_path / "deep" / "er" / "m.jsonl")  # folders made at the first record
+    now[0] = 1001.23456
+    metrics.log(step=1)
+    assert metrics.read()[0]["time"] == 1.235
+    with metrics.path.open("a") as f:
+        f.write('{"step": 2, "lo\n{"step": 3}\n')  # a torn line with records after it
+    assert [r["step"] for r in metrics.read()] == [1, 3]
 
 
 def test_metrics_resume_keeps_the_run_up_to_the_checkpoint_and_survives_a_torn_line(tmp_path):
@@ -118,9 +141,10 @@ def test_metrics_resume_keeps_the_run_up_to_the_checkpoint_and_survives_a_torn_l
     for step in (1, 2, 3):
         metrics.log(step=step, loss=1.0 / step)
     metrics.log(event="after", perplexity=2.0)
+    metrics.log(event="final", step=2)  # an end event goes even at the checkpoint step
     with metrics.path.open("a") as f:
         f.write('{"step": 4, "lo')  # a kill in the middle of a write
-    assert [r.get("step") for r in metrics.read()] == [None, 1, 2, 3, None]
+    assert [r.get("step") for r in metrics.read()] == [None, 1, 2, 3, None, 2]
     metrics.resume(2)
     assert [(r.get("event"), r.get("step")) for r in metrics.read()] == [
         ("before", None),
