@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from _compare import assert_identical
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -42,12 +43,7 @@ def _in_memory(folder, **kwargs):
 
 def _assert_same_model(a, b):
     assert type(a) is type(b) and a.config.odeify == b.config.odeify
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
-    with torch.no_grad():
-        assert torch.equal(a(IDS).logits, b(IDS).logits)
+    assert_identical(a, b, IDS)
 
 
 # ------------------------------------------------------------------------ streaming conversion

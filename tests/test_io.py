@@ -4,21 +4,13 @@ import json
 
 import pytest
 import torch
+from _compare import assert_identical
 from transformers import AutoModelForCausalLM
 
 import odeify as ode
 from odeify import from_pretrained, get_block, odeify, save_pretrained, set_steps
 
 IDS = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(0))
-
-
-def _assert_identical(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
-    with torch.no_grad():
-        assert torch.equal(a(IDS).logits, b(IDS).logits)
 
 
 @pytest.mark.parametrize("basis", ["hat", "fourier"])
@@ -28,7 +20,7 @@ def test_round_trip_is_bit_exact(make_gpt2, make_llama, tmp_path, family, basis)
     set_steps(model, 5, scheme="rk4")
     save_pretrained(model, tmp_path / "m")
     loaded = from_pretrained(tmp_path / "m")
-    _assert_identical(model.eval(), loaded)
+    assert_identical(model.eval(), loaded, IDS)
     assert get_block(loaded).ode == get_block(model).ode
     assert (
         type(loaded) is type(model)
@@ -46,7 +38,7 @@ def test_transformers_save_pretrained_round_trips_too(make_llama, tmp_path):
     loaded = from_pretrained(tmp_path / "ode")
     assert loaded.dtype == torch.bfloat16
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    _assert_identical(model, loaded)
+    assert_identical(model, loaded, IDS)
 
 
 def test_save_refuses_to_overwrite_and_leaves_the_folder_alone(make_gpt2, tmp_path):
