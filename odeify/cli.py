@@ -166,6 +166,12 @@ def cmd_upgrade(args) -> int:
     from .loading import _tokenizer_in
 
     folder = Path(args.folder)
+    if (folder / "adapter_config.json").exists():
+        from .lora import upgrade_adapter
+
+        targets = upgrade_adapter(folder)
+        print(f"{folder}: continuous adapter, target_parameters {targets}")
+        return 0
     model = from_pretrained(folder)  # any format this odeify reads, checksum verified
     save_pretrained(model, folder, tokenizer=_tokenizer_in(folder), overwrite=True)
     print(f"{folder}: model type {model.config.model_type}, class {type(model).__name__}")
@@ -456,10 +462,13 @@ def _add_convert(sub) -> None:
 def _add_upgrade(sub) -> None:
     p = sub.add_parser(
         "upgrade",
-        help="rewrite a saved odeified model in the current format (odeify's model type, for "
-        "AutoModelForCausalLM), in place",
+        help="rewrite a saved odeified model (odeify's model type, for AutoModelForCausalLM) or a "
+        "continuous LoRA adapter (targets through the basis, which peft refuses on a stock model) "
+        "in the current format, in place",
     )
-    p.add_argument("folder", help="a folder written by odeify.save_pretrained")
+    p.add_argument(
+        "folder", help="a folder written by odeify.save_pretrained, or a peft adapter folder"
+    )
     p.set_defaults(func=cmd_upgrade)
 
 

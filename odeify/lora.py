@@ -260,3 +260,51 @@ def _expected_shape(model: nn.Module, key: str, r: int | None) -> tuple[int | No
     if leaf.startswith("B."):
         return (rows, rank)
     return None
+
+
+def upgrade_adapter(path: str | os.PathLike) -> list[str]:
+    """Rewrite a continuous adapter saved with leaf targets (``q_proj.weight``, written by odeify
+    before targets ran through the basis) to target ``basis.<path>.weight``, in place.
+
+    A leaf target also matches the stock model's ``q_proj.weight``, so peft would load the
+    adapter onto a stock model as a silent no-op; a basis path it refuses. The targets are read
+    off the saved tensors' names, so the adapter loads onto its odeified base exactly as before.
+    Returns the new targets (unchanged when the adapter is already current).
+
+    Example:
+        >>> odeify.lora.upgrade_adapter("run/adapter")   # or: odeify upgrade run/adapter
+        ['basis.mlp.down_proj.weight', 'basis.self_attn.q_proj.weight', ...]
+    """
+    from safetensors import safe_open
+
+    from .atomic import write_text
+
+    path = Path(path)
+    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config_file.exists() or not weights.exists():
+        raise FileNotFoundError(
+            f"{path} is not a peft adapter folder (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
+    saved = json.loads(config_file.read_text())
+    targets = saved.get("target_parameters") or []
+    if not targets:
+        raise ValueError(
+            f"{path} is a per-layer adapter (target_modules, no target_parameters): it belongs to "
+            "a stock model and needs no upgrade"
+        )
+    if all(t.startswith("basis.") for t in targets):
+        return list(targets)
+    with safe_open(weights, "pt") as f:
+        keys = list(f.keys())
+    # base_model.model.model.layers.0.basis.self_attn.q_proj.lora_A.weight -> self_attn.q_proj
+    paths = {k.partition(".basis.")[2].rpartition(".lora_")[0] for k in keys if ".basis." in k}
+    paths.discard("")
+    if not paths:
+        raise ValueError(
+            f"{path}: none of its {len(keys)} tensors lies under an ODE block's basis "
+            "(…layers.0.basis.<path>.lora_A.weight), so it is not an odeify adapter"
+        )
+    upgraded = sorted(f"basis.{p}.weight" for p in paths)
+    saved["target_parameters"] = upgraded
+    write_text(config_file, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return upgraded

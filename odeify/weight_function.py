@@ -55,7 +55,16 @@ class _ParamTree(nn.Module):
     """Nested modules mirroring the original block's parameter names (``attn.c_attn.weight``)."""
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}: {list(p.shape)}" for name, p in self._parameters.items())
+        shapes = ", ".join(f"{name}: {list(p.shape)}" for name, p in self._parameters.items())
+        weight = self._parameters.get("weight")
+        if weight is None or weight.dim() != 3:
+            return shapes
+        # peft names this module in its "Target module ... is not supported" error when a plain
+        # LoraConfig targets it: the repr is the one place that message can say what to do.
+        return (
+            f"{shapes}; W(t) over {weight.shape[0]} basis tensors, not an nn.Linear: for LoRA "
+            "use odeify.lora_config(model)"
+        )
 
 
 def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:

@@ -400,3 +400,42 @@ def test_load_adapter_takes_a_rank_pattern_and_peft_options(make_llama, tmp_path
     assert list(loaded.peft_config) == ["mine"]
     a = loaded.base_model.model.model.layers[0].self_attn.q_proj.lora_A["mine"].weight
     assert tuple(a.shape) == (4, 32)
+
+
+def test_upgrade_makes_an_old_leaf_target_adapter_refused_on_a_stock_model(make_llama, tmp_path):
+    # Adapters written before targets ran through the basis name leaves ("q_proj.weight"), which
+    # also match a stock model's weights: peft loads them there as a silent no-op.
+    import json
+
+    from odeify.cli import main
+
+    stock = make_llama()
+    ode = odeify(copy.deepcopy(stock), progress=False)
+    model = _randomize(get_peft_model(ode, lora_config(r=2, model=ode)))
+    expected = _logits(model, 2)
+    model.save_pretrained(tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    current = sorted(config["target_parameters"])
+    config["target_parameters"] = sorted(
+        t.rpartition(".")[0].split(".")[-1] + ".weight" for t in current
+    )
+    config_file.write_text(json.dumps(config))
+    silent = PeftModel.from_pretrained(copy.deepcopy(stock), tmp_path / "a")  # the old hazard
+    torch.testing.assert_close(_logits(silent), _logits(stock), rtol=0, atol=0)
+
+    assert main(["upgrade", str(tmp_path / "a")]) == 0
+    assert sorted(json.loads(config_file.read_text())["target_parameters"]) == current
+    with pytest.raises(ValueError, match="target_parameters"):
+        PeftModel.from_pretrained(copy.deepcopy(stock), tmp_path / "a")
+    base = odeify(copy.deepcopy(stock), progress=False)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "a")
+    torch.testing.assert_close(_logits(loaded, 2), expected, rtol=0, atol=0)
+    assert odeify_module.lora.upgrade_adapter(tmp_path / "a") == current  # already current
+
+
+def test_a_plain_lora_config_on_an_odeified_model_says_to_use_lora_config(ode_llama):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match=r"not an nn.Linear: for LoRA use odeify.lora_config"):
+        get_peft_model(ode_llama, LoraConfig(r=2, target_modules=["q_proj"]))
