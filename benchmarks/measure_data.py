@@ -4,6 +4,7 @@
     python benchmarks/measure_data.py run /tmp/odeify-data --sizes 0.1 0.5 2 --json out.json
     python benchmarks/measure_data.py watch PID SHARD_FOLDER 10   # RSS during one preparation
     python benchmarks/measure_data.py throughput /tmp/odeify-data --sizes 0.03 --json t.json
+    python benchmarks/measure_data.py step train SHARD_FOLDER SCRATCH --batches 40  # RSS in training
     rm -r /tmp/odeify-data                                                        # afterwards
 
 ``corpus`` writes, for each size in GB, a folder of the bundled plays with their lines shuffled
@@ -67,6 +68,7 @@ def _peaks() -> dict[str, float]:
 def step(kind: str, folder: str, scratch: str, workers: int, batches: int) -> dict:
     """One measurement, in this (fresh) process."""
     import numpy as np
+    import torch
 
     from odeify.assets import gpt2_tokenizer
     from odeify.train import data, shards
@@ -89,6 +91,28 @@ def step(kind: str, folder: str, scratch: str, workers: int, batches: int) -> di
     elif kind == "prepare":
         prepared = shards.prepare(folder, tokenizer, scratch, workers=workers, progress=False)
         result = {"tokens": len(prepared), "shards": len(prepared.maps)}
+    elif kind == "train":
+        # A small DiffEqFormer's training steps fed by the shard loader: the process's peak RSS
+        # is the model, optimizer and activations plus the memory map's touched pages.
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from odeify import odeify
+
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tokenizer))
+        model = odeify(GPT2LMHeadModel(config), basis="fourier", init="random", progress=False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        loader = data.Batches(shards.Shards(folder, tokenizer), batch_size=8, seq_len=256, seed=0)
+        began, cpu = time.perf_counter(), time.process_time()
+        for i in range(batches):
+            x, y = loader.get(i)
+            loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # tokens: those trained on (for the rates); corpus_tokens: the shards' size.
+        trained = batches * loader.batch_size * loader.seq_len
+        result = {"tokens": trained, "corpus_tokens": len(loader.tokens), "loss": float(loss)}
     else:  # loaders: today's memmap (a file) or a shard folder
         if Path(folder).is_file():
             tokens = np.memmap(folder, dtype=np.uint16, mode="r")
