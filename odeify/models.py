@@ -105,10 +105,46 @@ def _config_class(stock: type[PretrainedConfig]) -> type[PretrainedConfig]:
             "__module__": __name__,
             "__qualname__": name,
             "__doc__": f"{stock.__name__} of an odeified model; the ODE settings are ``odeify``.",
+            "base_model_tp_plan": tp_plan(stock),
         },
     )
     setattr(sys.modules[__name__], name, cls)  # importable by name: pickle finds it
     return cls
+
+
+def tp_plan(stock: type[PretrainedConfig]) -> dict[str, str] | None:
+    """The tensor-parallel plan of an odeified base model: the stock plan's linears as the basis
+    tensors that replace them, each sharded along the same dimension of the weight.
+
+    A basis tensor is ``[K, out, in]`` (every linear, GPT-2's Conv1D included) under
+    ``<stack>.0.basis.<module>.weight``. transformers' ``colwise`` style shards a parameter's
+    second-to-last dimension (``out``) and ``rowwise`` its last (``in``), so the stock styles,
+    named on the parameter rather than on a module, shard the basis as they shard the layers; W(t)
+    is a sum over K, so each rank's shard of the basis gives its shard of every W(t). Left out,
+    so replicated: norms (``replicated_with_grad_allreduce`` hooks a module's forward; a basis
+    tensor has none), and linear biases (``[K, out]``, where ``colwise`` would shard K). None when
+    the stock model has no plan (GPT-2).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> tp_plan(LlamaConfig)["layers.*.basis.self_attn.q_proj.weight"]
+        'colwise'
+        >>> tp_plan(LlamaConfig)["layers.*.basis.mlp.down_proj.weight"]
+        'rowwise'
+    """
+    plan = stock.base_model_tp_plan
+    family = next((f for f in FAMILIES.values() if stock.model_type in f.model_types), None)
+    if not plan or family is None:
+        return None
+    layer = f"{family.stack}.*."
+    out = {}
+    for key, style in plan.items():
+        module = key[len(layer) :] if key.startswith(layer) else None
+        if module is None:
+            out[key] = style  # outside the block stack: the stock module is still there
+        elif module in family.linears:
+            out[f"{layer}basis.{module}.weight"] = style
+    return out
 
 
 def odeify_class(stock: type[PreTrainedModel]) -> type[PreTrainedModel]:
@@ -275,6 +311,7 @@ def register_auto_classes() -> None:
 
 __all__ = [
     "adopt",
+    "tp_plan",
     "set_config_class",
     "register_auto_classes",
     "is_odeify_class",

@@ -307,13 +307,16 @@ class WeightFunction(nn.Module):
         with _CACHE_LOCK:
             self._grid_cache.clear()
 
-    def _with_low_rank(self, weights: list[Weights], times: list[float]) -> list[Weights]:
+    def _with_low_rank(
+        self, weights: list[Weights], times: list[float], low_rank: Mapping | None = None
+    ) -> list[Weights]:
         """Each grid time's weights with dW(t) = sum_k c_k(t) s B_k A_k kept factored: only the k
         with c_k(t) != 0 (one or two for the hat basis), so the step costs what LoRA on a stock
-        layer costs and no gradient of a full weight matrix is formed."""
+        layer costs and no gradient of a full weight matrix is formed. ``low_rank``: the
+        updates to use (default: the slot's, as this thread sees it now)."""
         coeffs = self.coefficients(times)
         out = [Weights(w.tensors, w.transposed, {}) for w in weights]
-        for name, terms in self._low_rank.items():
+        for name, terms in (self._low_rank if low_rank is None else low_rank).items():
             c = coeffs[self.group[name]]
             live = (c != 0).cpu()
             for j, w in enumerate(out):
