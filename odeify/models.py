@@ -208,6 +208,13 @@ def adopt(model: nn.Module) -> nn.Module:
             config = module.config
             if not is_odeify_class(type(config)):
                 set_config_class(config, odeify_config_class(type(config)))
+    # The parallel plans were copied from the stock config when the model was built; they name
+    # the removed layers. Rebuilt from the odeify config, inner models first (an outer model
+    # merges its children's plans).
+    inner_first = [m for m in model.modules() if isinstance(m, PreTrainedModel)][::-1]
+    for module in inner_first:
+        if hasattr(module, "init_parallel_plans"):  # transformers >= 5.2x
+            module.init_parallel_plans()
     return model
 
 
