@@ -1,11 +1,15 @@
 """The parallel plans of odeified models describe the ODE block: the tensor-parallel plan names
 its basis tensors (each sharded along the dimension of the linear it replaces) and nothing that
-no longer exists, and ``device_map="auto"`` keeps the block on one device."""
+no longer exists, a model sharded by it computes what the whole model computes (two gloo
+processes on the CPU), and ``device_map="auto"`` keeps the block on one device."""
 
 import tempfile
 
 import pytest
+import torch
 import torch.distributed as dist
+from _launch import fork, join
+from conftest import _llama, _perturb
 from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
 from transformers.distributed.parallel_utils import _get_parameter_plan
@@ -120,3 +124,42 @@ def test_the_plan_function_maps_the_stock_linears():
     }
     # Qwen3's q/k norms: replicated (no entry), as their basis has no forward to hook
     assert tp_plan(Qwen3Config) == tp_plan(LlamaConfig)
+
+
+def _sharded_run(args):
+    """One rank of a two-process run: the whole model's logits and gradients, then the model
+    sharded by its plan must give the same (each rank's gradient shards gathered)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    (model_type,) = args
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)  # every rank builds the same model
+        model = odeify.odeify(_perturb(_llama(model_type)), progress=False).train()
+        ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+        whole = model(ids, labels=ids)
+        whole.loss.backward()
+        expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        apply_tensor_parallelism(model, mesh, model._expand_parallel_plan(model.tp_plan))
+        basis = model.model.layers[0].basis.self_attn.q_proj.weight
+        assert isinstance(basis, DTensor) and basis.to_local().shape[1] == basis.shape[1] // 2
+        sharded = model(ids, labels=ids)
+        sharded.loss.backward()
+        torch.testing.assert_close(sharded.logits, whole.logits.detach())
+        for name, p in model.named_parameters():
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            torch.testing.assert_close(grad, expected[name], msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_a_model_sharded_by_its_plan_computes_what_the_whole_model_does(model_type):
+    # The plan shards how the basis is stored (each rank holds 1 / ranks of the sharded
+    # tensors); the block gathers them for its forward, so every rank computes the whole block.
+    join(fork(_sharded_run, [model_type], world=2))
