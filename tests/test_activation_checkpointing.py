@@ -69,7 +69,9 @@ def test_checkpointed_gradients_equal_plain_ones(make_llama, depth, reentrant):
 
     loss().backward()
     expected = _grads(model)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
     loss().backward()
     _assert_same(_grads(model), expected)
 
@@ -141,7 +143,9 @@ def _saved_bytes(model) -> int:
     seen = {}
 
     def pack(tensor):
-        seen[(tensor.data_ptr(), tensor.shape, tensor.dtype)] = tensor.numel() * tensor.element_size()
+        seen[(tensor.data_ptr(), tensor.shape, tensor.dtype)] = (
+            tensor.numel() * tensor.element_size()
+        )
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from _launch import fork, join
-from conftest import _llama, _perturb
 from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
+from conftest import _llama, _perturb
 from transformers.distributed.parallel_utils import _get_parameter_plan
 
 import odeify
