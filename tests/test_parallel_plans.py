@@ -11,7 +11,6 @@ import torch.distributed as dist
 from _launch import fork, join
 from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
-from conftest import _llama, _perturb
 from transformers.distributed.parallel_utils import _get_parameter_plan
 
 import odeify
@@ -133,11 +132,11 @@ def _sharded_run(args):
     from torch.distributed.tensor import DTensor
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
-    (model_type,) = args
+    model_type, make_llama = args  # forked: the fixture's builder itself, not pickled
     dist.init_process_group("gloo")
     try:
         torch.manual_seed(0)  # every rank builds the same model
-        model = odeify.odeify(_perturb(_llama(model_type)), progress=False).train()
+        model = odeify.odeify(make_llama(model_type), progress=False).train()
         ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
         whole = model(ids, labels=ids)
         whole.loss.backward()
@@ -159,7 +158,7 @@ def _sharded_run(args):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_a_model_sharded_by_its_plan_computes_what_the_whole_model_does(model_type):
+def test_a_model_sharded_by_its_plan_computes_what_the_whole_model_does(make_llama, model_type):
     # The plan shards how the basis is stored (each rank holds 1 / ranks of the sharded
     # tensors); the block gathers them for its forward, so every rank computes the whole block.
-    join(fork(_sharded_run, [model_type], world=2))
+    join(fork(_sharded_run, [model_type, make_llama], world=2))

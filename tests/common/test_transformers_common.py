@@ -52,9 +52,8 @@ class _Tester:
     num_attention_heads = 4
     is_training = True
 
-    def __init__(self, parent, config_class, base_model_class, **config):
+    def __init__(self, parent, config_class, **config):
         self.parent, self.config_class, self.config = parent, config_class, config
-        self.base_model_class = base_model_class  # what the RoPE-scaling tests build
 
     def get_config(self):
         return self.config_class(**self.config)
@@ -96,6 +95,10 @@ class _OdeifyCommon(ModelTesterMixin):
     stock_classes: tuple = ()  # (base model, causal LM)
     stock_config: type = None
     config_kwargs: dict = {}
+    # Upstream runs its check that _init_weights reaches every weight (what a meta-device load
+    # relies on for weights the checkpoint lacks) for models added since 2023, read off the
+    # config's source file; odeify's classes are new, and the block's weights are odeify's own.
+    test_can_init_all_missing_weights_before_2023 = True
 
     @classmethod
     def setUpClass(cls):
@@ -119,8 +122,7 @@ class _OdeifyCommon(ModelTesterMixin):
 
     def setUp(self):
         config_class = odeify_config_class(self.stock_config)
-        base = self.all_model_classes[0]
-        self.model_tester = _Tester(self, config_class, base, **self.config_kwargs)
+        self.model_tester = _Tester(self, config_class, **self.config_kwargs)
         self.config_tester = ConfigTester(self, config_class=config_class, **self.config_kwargs)
 
     def test_config(self):
