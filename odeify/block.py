@@ -336,6 +336,8 @@ class ODEBlock(WeightFunction):
             # own thread where this thread's odeify.steps() is not set, repeats this step.
             if own:
                 x = checkpoint(self.stepper, x, run, i, use_reentrant=False)
+            elif self.stepper.gradient_checkpointing and i % self.stepper.every:
+                x = self.step(x, run, i)  # every_n_layers: between checkpointed steps, kept
             else:
                 x = self.stepper(x, run, i)
             if recorded is not None:
@@ -390,6 +392,12 @@ class _Step(GradientCheckpointingLayer):
     nothing at the peak). It holds no state: the step's arguments are the hidden state, the
     call's run and the step index, all positional, as reentrant checkpointing needs.
     """
+
+    def __init__(self):
+        super().__init__()
+        # Checkpoint every n-th step only: activation_checkpointing_enable(every_n_layers=n),
+        # which counts this one layer, reaches it through the model's _set_gradient_checkpointing.
+        self.every = 1
 
     def forward(self, x: Tensor, run: _Run, i: int) -> Tensor:
         return run.block.step(x, run, i)

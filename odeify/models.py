@@ -259,6 +259,16 @@ class _OdeifyModel:
             settings.pop(key, None)
         odeify(self, init="none" if meta else "fit", progress=False, **settings)
 
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=None, **kw):
+        """transformers' switch, and its ``every_n_layers`` for the ODE block's steps: the block
+        is one checkpointing layer to transformers, which would count it once."""
+        if gradient_checkpointing_func is not None:
+            kw["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable, **kw)
+        for module in self.modules():
+            if isinstance(module, ODEBlock):
+                module.stepper.every = max(1, int(kw.get("every_n_layers", 1)))
+
     @classmethod
     def is_custom_code(cls) -> bool:
         """As the stock class: odeify's classes are stock classes whose init is the stock

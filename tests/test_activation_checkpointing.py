@@ -56,6 +56,20 @@ def test_the_switch_turns_on_a_checkpointing_layer_that_recomputes_each_step(mak
     assert not block.stepper.gradient_checkpointing
 
 
+def test_every_n_layers_checkpoints_every_n_th_step(make_llama):
+    model = _model(make_llama, layers=4)
+    block = get_block(model)
+    _loss(model).backward()
+    expected = _grads(model)
+    calls = []
+    step = block.step
+    block.step = lambda x, run, i: calls.append(i) or step(x, run, i)
+    model.activation_checkpointing_enable(every_n_layers=2)
+    _loss(model).backward()
+    assert sorted(calls) == [0, 0, 1, 2, 2, 3]  # steps 0 and 2 recomputed, 1 and 3 kept
+    _assert_same(_grads(model), expected)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("depth", ["default", "with steps", "per call"])
 def test_checkpointed_gradients_equal_plain_ones(make_llama, depth, reentrant):
