@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 NEXT_VENV := .venv-transformers-next
 TRANSFORMERS_NEXT := 5.24.0
 
-.PHONY: demo test test-next bench lint setup mutate
+.PHONY: demo test test-next bench lint setup mutate transformers-tests
 
 setup: $(STAMP)
 
@@ -43,9 +43,15 @@ test-next: $(NEXT_VENV)/.installed
 	$(NEXT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
 		tests/test_generate.py tests/test_convert.py tests/test_versions.py
 
+# transformers' common model tests (tests/test_modeling_common.py...) of the installed release,
+# from its source distribution on the package index, for tests/common/ to run against odeify's
+# classes: fetched once per version into .cache/transformers-tests/<version>/ (git-ignored).
+transformers-tests: $(STAMP)
+	$(PY) tests/common/fetch_transformers_tests.py
+
 # After the tests, every benchmark once on its smallest shapes (untimed) and the GPU script's CPU
 # dry run, so neither can rot unseen: about 40 s.
-test: $(STAMP)
+test: $(STAMP) transformers-tests
 	$(PY) -m pytest -q tests
 	ODEIFY_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks -p no:cacheprovider --benchmark-disable
 	PYTHON=$(PY) bash benchmarks/gpu.sh --dry-run out/gpu-dry-run

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchdiffeq import odeint, odeint_adjoint
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import logging
 
 # Private to transformers (pinned at 5.23): how its output_hidden_states hooks collect states.
 from transformers.utils.output_capturing import _active_collector
@@ -30,11 +33,13 @@ from .config import ODEConfig, ODESettings
 from .family import Family, Stage
 from .schedule import CALIBRATED, CHOICES, Schedule
 from .schemes import Solver, check_sample_steps, check_steps, resolve_solver
-from .weight_function import WeightFunction
+from .weight_function import WeightFunction, _get
 from .weights import PerSampleWeights, Weights
 
 # Keyword arguments of the parent's layer call that the block consumes itself.
 _CONSUMED = ("use_cache", "encoder_attention_mask")
+
+_logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -78,7 +83,8 @@ class ODEBlock(WeightFunction):
         for key, value in family.attention_attrs(config).items():
             setattr(self, key, value)
         self.layer_idx = 0
-        self.gradient_checkpointing = False  # transformers' gradient_checkpointing_enable() sets it
+        # The unit transformers' activation_checkpointing_enable() checkpoints: one solver step.
+        self.stepper = _Step()
         self._warned: set[tuple[str, int]] = set()  # (scheme, N) told they run uniform
         lora_hooks.attach(self)
 
@@ -156,6 +162,14 @@ class ODEBlock(WeightFunction):
         solver, steps = self.solver(bound.pop("ode_scheme", None), bound.pop("ode_steps", None))
         # transformers 5.24 renamed the layer's keyword `past_key_values` to `cache`.
         cache = bound.pop("cache", bound.pop("past_key_values", None))
+        if cache is not None and self.checkpointing:
+            # A recomputed step would write its keys into the cache a second time in backward;
+            # transformers' own checkpointed layers drop the cache the same way.
+            _logger.warning_once(
+                "Caching is incompatible with activation checkpointing in the ODE block: running "
+                "without past_key_values."
+            )
+            cache = None
         mask = bound.pop("attention_mask", None)
         position_embeddings = bound.pop("position_embeddings", None)
         for key in _CONSUMED:
@@ -180,7 +194,14 @@ class ODEBlock(WeightFunction):
                 ]
                 cached = self.ode.cache_weights and not isinstance(times, Tensor)
                 key = (solver.native.name, tuple(run.times))
-                run.weights = self.grid_weights(key, times, cache=cached)
+                if self.checkpointing and not isinstance(times, Tensor):
+                    # Each checkpointed step builds W(t) of its own stages (step_weights): a
+                    # grid built here would keep every step's weights alive through backward,
+                    # and reentrant checkpointing cannot backpropagate through one graph shared
+                    # by all steps. Learnable times (a tensor) keep the grid: its graph holds them.
+                    run.low_rank = self._low_rank
+                else:
+                    run.weights = self.grid_weights(key, times, cache=cached)
                 grid = (solver.native.name, steps, run.schedule.key)
             else:
                 run.per_sample = per_sample.to(x.device)
@@ -271,12 +292,25 @@ class ODEBlock(WeightFunction):
         leaves its state unchanged once i >= N_b.
         """
         if run.per_sample is None:
-            return run.solver.native.step(_StepField(run, i), x, run.schedule.step_gains(i))
+            field = _StepField(run, i, run.weights or self.step_weights(run, i))
+            return run.solver.native.step(field, x, run.schedule.step_gains(i))
         counts = run.per_sample.view(-1, 1, 1)
         g = run.sample_gains[:, i].unsqueeze(-1).unsqueeze(-1)  # [B, gains, 1, 1]
         h = (g[:, 0], g[:, 1]) if g.shape[1] == 2 else g[:, 0]
         moved = run.solver.native.step(_PerSampleStepField(run, i), x, h)
         return torch.where(counts > i, moved, x)
+
+    def step_weights(self, run: _Run, i: int) -> dict[int, Weights]:
+        """The weights of step i's stage times, {grid index: weights}, built from the basis (with
+        the low-rank updates bind saw): what a checkpointed step computes, and recomputes."""
+        stages = run.solver.native.stages
+        index = sorted({run.index[i * stages + s] for s in range(stages)})
+        times = [run.times[j] for j in index]
+        base = functools.partial(_get, self.basis)
+        weights = self._split(self._combine(self.coefficients(times), None, base))
+        if run.low_rank:
+            weights = self._with_low_rank(weights, times, run.low_rank)
+        return dict(zip(index, weights, strict=True))
 
     def forward(self, *args, **kwargs) -> Tensor:
         x, run = self.bind(*args, **kwargs)
@@ -292,19 +326,32 @@ class ODEBlock(WeightFunction):
             if record:
                 _record_hidden(run.collected, x)
             return x
-        remat = (self.gradient_checkpointing or self.ode.checkpoint_steps) and self.training
-        remat = remat and torch.is_grad_enabled()
+        # odeify's own checkpoint_steps setting, where transformers' switch is off (the stepper
+        # then checkpoints itself, through the function activation_checkpointing_enable gave it).
+        own = self.checkpointing and not self.stepper.gradient_checkpointing
         recorded = local.get(self, "recording")
         for i in range(run.steps):
-            if remat:
-                x = checkpoint(self.step, x, run, i, use_reentrant=False)
+            # The run holds everything bind resolved for this call (scheme, steps, schedule,
+            # weights, low-rank updates), so a step recomputed in backward, maybe in autograd's
+            # own thread where this thread's odeify.steps() is not set, repeats this step.
+            if own:
+                x = checkpoint(self.stepper, x, run, i, use_reentrant=False)
+            elif self.stepper.gradient_checkpointing and i % self.stepper.every:
+                x = self.step(x, run, i)  # every_n_layers: between checkpointed steps, kept
             else:
-                x = self.step(x, run, i)
+                x = self.stepper(x, run, i)
             if recorded is not None:
                 recorded.append(x)
             if record:
                 _record_hidden(run.collected, x)
         return x
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether a forward now checkpoints its steps: in training, with grad, and either
+        transformers' ``activation_checkpointing_enable()`` or the ``checkpoint_steps`` setting."""
+        switched = self.stepper.gradient_checkpointing or self.ode.checkpoint_steps
+        return switched and self.training and torch.is_grad_enabled()
 
     def _integrate_torchdiffeq(self, x: Tensor, run: _Run) -> Tensor:
         solver = run.solver
@@ -336,6 +383,26 @@ class ODEBlock(WeightFunction):
         )
 
 
+class _Step(GradientCheckpointingLayer):
+    """One native solver step of the ODE block, as the layer transformers checkpoints.
+
+    ``activation_checkpointing_enable()`` looks for ``GradientCheckpointingLayer`` modules and
+    checkpoints their forward; the block's unit of recomputation is a step (checkpointing the
+    whole integration would rebuild every step's activations at once in backward, saving
+    nothing at the peak). It holds no state: the step's arguments are the hidden state, the
+    call's run and the step index, all positional, as reentrant checkpointing needs.
+    """
+
+    def __init__(self):
+        super().__init__()
+        # Checkpoint every n-th step only: activation_checkpointing_enable(every_n_layers=n),
+        # which counts this one layer, reaches it through the model's _set_gradient_checkpointing.
+        self.every = 1
+
+    def forward(self, x: Tensor, run: _Run, i: int) -> Tensor:
+        return run.block.step(x, run, i)
+
+
 class _Run:
     """What one forward call shares across its steps."""
 
@@ -349,7 +416,8 @@ class _Run:
         self.times: list[float] = []
         self.index: list[int] = []
         self.schedule: Schedule | None = None  # the grid of one step count for the batch
-        self.weights: list[Weights] = []
+        self.weights: list[Weights] = []  # the grid's, or empty: each step builds its own
+        self.low_rank: dict = {}  # the low-rank updates at bind, for steps that build weights
         self.per_sample: Tensor | None = None  # [B] step counts when samples have their own grids
         self.sample_times: Tensor | None = None  # [B, steps * stages] with per-sample counts
         self.sample_gains: Tensor | None = None  # [B, steps, gains per step]
@@ -377,16 +445,17 @@ class _Run:
 class _StepField:
     """The field and its two sub-updates at the stages of one native step."""
 
-    __slots__ = ("run", "i", "num_layers")
+    __slots__ = ("run", "i", "num_layers", "weights")
 
-    def __init__(self, run: _Run, i: int):
+    def __init__(self, run: _Run, i: int, weights=None):
         self.run, self.i, self.num_layers = run, i, run.num_layers
+        self.weights = weights  # indexed by grid time: the run's grid or the step's own
 
     def _at(self, stage: int) -> tuple[Weights, Stage]:
         run = self.run
         slot = self.i * run.stages + stage
         j = run.index[slot]
-        return run.weights[j], run.stage(run.times[j], slot)
+        return self.weights[j], run.stage(run.times[j], slot)
 
     def attention(self, x: Tensor, stage: int) -> Tensor:
         w, step = self._at(stage)

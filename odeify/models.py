@@ -35,6 +35,7 @@ import functools
 import inspect
 import sys
 
+import torch
 import transformers
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -47,8 +48,10 @@ except ImportError:  # releases that read _can_record_outputs off the model itse
 
 from .adapters import FAMILIES
 from .bases import FourierUnit, fourier_frequencies
+from .block import ODEBlock
 from .family import ODEIFY_TYPE_PREFIX
 from .surgery import is_odeified
+from .weight_function import _ParamTree
 
 _PREFIX = "Odeify"
 # The per-call depth keywords the ODE block's bind() takes from the layer call.
@@ -105,10 +108,46 @@ def _config_class(stock: type[PretrainedConfig]) -> type[PretrainedConfig]:
             "__module__": __name__,
             "__qualname__": name,
             "__doc__": f"{stock.__name__} of an odeified model; the ODE settings are ``odeify``.",
+            "base_model_tp_plan": tp_plan(stock),
         },
     )
     setattr(sys.modules[__name__], name, cls)  # importable by name: pickle finds it
     return cls
+
+
+def tp_plan(stock: type[PretrainedConfig]) -> dict[str, str] | None:
+    """The tensor-parallel plan of an odeified base model: the stock plan's linears as the basis
+    tensors that replace them, each sharded along the same dimension of the weight.
+
+    A basis tensor is ``[K, out, in]`` (every linear, GPT-2's Conv1D included) under
+    ``<stack>.0.basis.<module>.weight``. transformers' ``colwise`` style shards a parameter's
+    second-to-last dimension (``out``) and ``rowwise`` its last (``in``), so the stock styles,
+    named on the parameter rather than on a module, shard the basis as they shard the layers; W(t)
+    is a sum over K, so each rank's shard of the basis gives its shard of every W(t). Left out,
+    so replicated: norms (``replicated_with_grad_allreduce`` hooks a module's forward; a basis
+    tensor has none), and linear biases (``[K, out]``, where ``colwise`` would shard K). None when
+    the stock model has no plan (GPT-2).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> tp_plan(LlamaConfig)["layers.*.basis.self_attn.q_proj.weight"]
+        'colwise'
+        >>> tp_plan(LlamaConfig)["layers.*.basis.mlp.down_proj.weight"]
+        'rowwise'
+    """
+    plan = stock.base_model_tp_plan
+    family = next((f for f in FAMILIES.values() if stock.model_type in f.model_types), None)
+    if not plan or family is None:
+        return None
+    layer = f"{family.stack}.*."
+    out = {}
+    for key, style in plan.items():
+        module = key[len(layer) :] if key.startswith(layer) else None
+        if module is None:
+            out[key] = style  # outside the block stack: the stock module is still there
+        elif module in family.linears:
+            out[f"{layer}basis.{module}.weight"] = style
+    return out
 
 
 def odeify_class(stock: type[PreTrainedModel]) -> type[PreTrainedModel]:
@@ -172,6 +211,13 @@ def adopt(model: nn.Module) -> nn.Module:
             config = module.config
             if not is_odeify_class(type(config)):
                 set_config_class(config, odeify_config_class(type(config)))
+    # The parallel plans were copied from the stock config when the model was built; they name
+    # the removed layers. Rebuilt from the odeify config, inner models first (an outer model
+    # merges its children's plans).
+    inner_first = [m for m in model.modules() if isinstance(m, PreTrainedModel)][::-1]
+    for module in inner_first:
+        if hasattr(module, "init_parallel_plans"):  # transformers >= 5.2x
+            module.init_parallel_plans()
     return model
 
 
@@ -213,12 +259,92 @@ class _OdeifyModel:
             settings.pop(key, None)
         odeify(self, init="none" if meta else "fit", progress=False, **settings)
 
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=None, **kw):
+        """transformers' switch, and its ``every_n_layers`` for the ODE block's steps: the block
+        is one checkpointing layer to transformers, which would count it once."""
+        if gradient_checkpointing_func is not None:
+            kw["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable, **kw)
+        for module in self.modules():
+            if isinstance(module, ODEBlock):
+                module.stepper.every = max(1, int(kw.get("every_n_layers", 1)))
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """As the stock class: odeify's classes are stock classes whose init is the stock
+        ``_init_weights`` (transformers' init functions, which skip loaded tensors). As "custom
+        code" transformers would skip the init of modules without parameters of their own, such
+        as GPT-2's attention, which gives its ``c_proj`` the depth-scaled init."""
+        return stock_class(cls).is_custom_code()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, FourierUnit):
             # Its frequencies are a non-persistent buffer: not in the checkpoint, so after a
             # meta-device load they are recomputed here, as transformers does for RoPE's.
             hf_init.copy_(module.freqs, fourier_frequencies(module.freqs.numel()))
+        if isinstance(module, _ParamTree) and module._parameters:
+            # transformers inits the modules that hold uninitialised parameters: the basis
+            # trees' leaves (the block holds none itself). The first leaf inits the whole basis.
+            block = next(
+                (
+                    m
+                    for m in self.modules()
+                    if isinstance(m, ODEBlock) and any(t is module for t in m.basis.modules())
+                ),
+                None,
+            )
+            if block is not None:
+                self._init_block(block)
+
+    @torch.no_grad()
+    def _init_block(self, block: ODEBlock) -> None:
+        """The basis fitted to freshly initialised stock layers, as ``post_init`` fits it: what a
+        meta-device load (``from_pretrained``) gives the basis tensors the checkpoint lacks.
+
+        The layers are drawn as the stock model's init draws them (built without drawing, then
+        the stock ``_init_weights`` over each layer's modules in transformers' order), so under
+        one seed the result equals ``odeify(Model(config))``. Tensors the load filled (marked
+        ``_is_hf_initialized``) are kept; with all of them filled nothing is built.
+        """
+        params = dict(block.basis.named_parameters())
+        loaded = {n for n, p in params.items() if getattr(p, "_is_hf_initialized", False)}
+        first = next(iter(params.values()))
+        if len(loaded) == len(params) or first.device.type == "meta":
+            return
+        stock = stock_class(type(self))
+        # The stack's layer class: the module the stock model keeps whole under device_map.
+        layer_class = getattr(sys.modules[stock.__module__], stock._no_split_modules[0])
+        with torch.device("meta"):  # no random draws at construction: init draws them below
+            layers = nn.ModuleList(
+                layer_class(self.config, layer_idx=i) for i in range(block.ode.num_layers)
+            )
+        layers.to_empty(device=first.device).to(first.dtype)
+        for layer in layers:
+            for module in _post_order(layer):  # transformers' smart_apply order and entry point
+                self._initialize_weights(module)
+        samples = {
+            name: torch.stack(
+                [
+                    p.t() if block.family.is_transposed(name) else p
+                    for p in (layer.get_parameter(name) for layer in layers)
+                ]
+            )
+            for name in block.names
+        }
+        kept = {n: params[n].clone() for n in loaded}
+        block.fit(samples, progress=False)
+        for name, value in kept.items():
+            params[name].copy_(value)
+        for p in params.values():
+            p._is_hf_initialized = True  # the other leaves find the basis done
+
+
+def _post_order(module: nn.Module):
+    """A module's submodules, children before their parent (the order transformers inits in)."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
 
 
 def _forward_with_depth(stock_forward):
@@ -275,6 +401,7 @@ def register_auto_classes() -> None:
 
 __all__ = [
     "adopt",
+    "tp_plan",
     "set_config_class",
     "register_auto_classes",
     "is_odeify_class",

@@ -34,6 +34,11 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from . import local
+
+try:  # the sharded tensors of tensor parallelism; torch builds without distributed lack them
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:
+    _DTensor = None
 from .bases import TimeBasis, make_basis
 from .weights import Weights, vectors_in_own_dtype
 
@@ -80,6 +85,13 @@ def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
 def _get(root: nn.Module, name: str) -> Tensor:
     # Looked up on every call: peft's parametrisations replace the attribute, not the Parameter.
     return functools.reduce(getattr, name.split("."), root)
+
+
+def _whole(basis: Tensor) -> Tensor:
+    """A basis tensor whole: one that a tensor-parallel plan sharded (a DTensor, see
+    :func:`odeify.models.tp_plan`) is gathered, differentiably (its gradient goes back to each
+    rank's shard), as the forward computes W(t) with whole weights on every rank."""
+    return basis.full_tensor() if _DTensor is not None and isinstance(basis, _DTensor) else basis
 
 
 class WeightFunction(nn.Module):
@@ -151,11 +163,17 @@ class WeightFunction(nn.Module):
             >>> torch.allclose(update, torch.ones(4, 128, 32))   # the update of its moment
             True
         """
-        return functools.partial(self._adapted, low_rank=self._low_rank)
+        return functools.partial(self._adapted, low_rank=self._low_rank, whole=True)
 
-    def _adapted(self, name: str, low_rank: Mapping[str, Sequence[Factor]]) -> Tensor:
+    def _adapted(
+        self, name: str, low_rank: Mapping[str, Sequence[Factor]], whole: bool = False
+    ) -> Tensor:
+        # Without an update and not ``whole``: the parameter itself, which loaders write into.
         basis = _get(self.basis, name)
-        for lhs, rhs, scaling in low_rank.get(name, ()):
+        terms = low_rank.get(name, ())
+        if whole or terms:
+            basis = _whole(basis)
+        for lhs, rhs, scaling in terms:
             basis = torch.baddbmm(basis, lhs, rhs, alpha=scaling)
         return basis
 
@@ -187,7 +205,7 @@ class WeightFunction(nn.Module):
     def _combine(self, coeffs: dict[str, Tensor], names, lookup) -> dict[str, Tensor]:
         out = {}
         for name in self.names if names is None else names:
-            basis = lookup(name)
+            basis = _whole(lookup(name))
             c = coeffs[self.group[name]].to(basis.dtype)
             with vectors_in_own_dtype(basis):
                 value = c @ basis.reshape(basis.shape[0], -1)
@@ -316,13 +334,16 @@ class WeightFunction(nn.Module):
         with _CACHE_LOCK:
             self._grid_cache.clear()
 
-    def _with_low_rank(self, weights: list[Weights], times: list[float]) -> list[Weights]:
+    def _with_low_rank(
+        self, weights: list[Weights], times: list[float], low_rank: Mapping | None = None
+    ) -> list[Weights]:
         """Each grid time's weights with dW(t) = sum_k c_k(t) s B_k A_k kept factored: only the k
         with c_k(t) != 0 (one or two for the hat basis), so the step costs what LoRA on a stock
-        layer costs and no gradient of a full weight matrix is formed."""
+        layer costs and no gradient of a full weight matrix is formed. ``low_rank``: the
+        updates to use (default: the slot's, as this thread sees it now)."""
         coeffs = self.coefficients(times)
         out = [Weights(w.tensors, w.transposed, {}) for w in weights]
-        for name, terms in self._low_rank.items():
+        for name, terms in (self._low_rank if low_rank is None else low_rank).items():
             c = coeffs[self.group[name]]
             live = (c != 0).cpu()
             for j, w in enumerate(out):

@@ -129,7 +129,7 @@ def test_per_step_checkpointing_gives_the_same_gradients(make_llama):
 
 def test_transformers_activation_checkpointing_switch_reaches_the_block(model):
     model.activation_checkpointing_enable()
-    assert get_block(model).gradient_checkpointing
+    assert get_block(model).stepper.gradient_checkpointing
     model.train()
     model(IDS, labels=IDS, use_cache=False).loss.backward()
     assert get_block(model).basis_tensor("ln_1.weight").grad is not None
