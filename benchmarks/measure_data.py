@@ -92,27 +92,36 @@ def step(kind: str, folder: str, scratch: str, workers: int, batches: int) -> di
         prepared = shards.prepare(folder, tokenizer, scratch, workers=workers, progress=False)
         result = {"tokens": len(prepared), "shards": len(prepared.maps)}
     elif kind == "train":
-        # A small DiffEqFormer's training steps fed by the shard loader: the process's peak RSS
-        # is the model, optimizer and activations plus the memory map's touched pages.
+        # A small DiffEqFormer's training steps fed by the shard loader. One step on random
+        # tokens first: the peak RSS after it is the model, optimizer and activations; what the
+        # loader-fed steps add on top is the data path's share (the memory map's touched pages).
         from transformers import GPT2Config, GPT2LMHeadModel
 
         from odeify import odeify
 
         torch.manual_seed(0)
-        config = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tokenizer))
+        config = GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=len(tokenizer))
         model = odeify(GPT2LMHeadModel(config), basis="fourier", init="random", progress=False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        loader = data.Batches(shards.Shards(folder, tokenizer), batch_size=8, seq_len=256, seed=0)
-        began, cpu = time.perf_counter(), time.process_time()
-        for i in range(batches):
-            x, y = loader.get(i)
+        loader = data.Batches(shards.Shards(folder, tokenizer), batch_size=4, seq_len=128, seed=0)
+
+        def train_step(x, y) -> float:
             loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        tokens = torch.randint(0, len(tokenizer), (loader.batch_size, loader.seq_len + 1))
+        train_step(tokens[:, :-1], tokens[:, 1:])
+        before = _peaks()["peak_rss_mib"]
+        began, cpu = time.perf_counter(), time.process_time()
+        for i in range(batches):
+            loss = train_step(*loader.get(i))
         # tokens: those trained on (for the rates); corpus_tokens: the shards' size.
         trained = batches * loader.batch_size * loader.seq_len
-        result = {"tokens": trained, "corpus_tokens": len(loader.tokens), "loss": float(loss)}
+        result = {"tokens": trained, "corpus_tokens": len(loader.tokens), "loss": loss}
+        result["peak_rss_before_loader_mib"] = before
     else:  # loaders: today's memmap (a file) or a shard folder
         if Path(folder).is_file():
             tokens = np.memmap(folder, dtype=np.uint16, mode="r")
