@@ -90,7 +90,7 @@ def step(kind: str, folder: str, scratch: str, workers: int, batches: int) -> di
         result = {"tokens": sum(len(e.ids) for b in encoded for e in b)}
     elif kind == "prepare":
         prepared = shards.prepare(folder, tokenizer, scratch, workers=workers, progress=False)
-        result = {"tokens": len(prepared), "shards": len(prepared.maps)}
+        result = {"tokens": len(prepared), "shards": len(prepared.files)}
     elif kind == "train":
         # A small DiffEqFormer's training steps fed by the shard loader. One step on random
         # tokens first: the peak RSS after it is the model, optimizer and activations; what the

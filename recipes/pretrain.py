@@ -16,7 +16,7 @@ Features:
   folder, ``hf:NAME[:CONFIG[:SPLIT]]``, streamed), held-out documents (``heldout``: e.g. a few
   plays) or a held-out fraction, each split streamed once through ``data_workers`` tokenising
   processes into cached token shards (``odeify.train.shards``; rank 0 prepares, the others wait)
-  that are read memory-mapped; GPT-2 BPE or any tokenizer folder. Batches are a pure function of
+  read a window at a time (constant memory); GPT-2 BPE or any tokenizer folder. Batches are a pure function of
   (seed, step).
 - Training: AdamW with weight decay on matrices only (norms, biases, time units excluded),
   linear warmup + cosine decay, gradient clipping, gradient accumulation, bf16 autocast where

@@ -42,7 +42,7 @@ def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2):
     today = data.tokenize(train_docs, gpt2, cache=None)
     options = {"workers": 2, "part": split.train, "shard_tokens": 20_000, "batch_chars": 9_000}
     ours = shards.prepare(docs, gpt2, tmp_path / "train", **options)
-    assert len(ours.maps) == 2 and ours.documents == 2  # a shard holds whole documents
+    assert len(ours.files) == 2 and ours.documents == 2  # a shard holds whole documents
     assert np.array_equal(ours[0 : len(ours)], today)
     held = shards.prepare(docs, gpt2, tmp_path / "held", part=split.held, progress=False)
     assert np.array_equal(held[0 : len(held)], data.tokenize(held_docs, gpt2, cache=None))
@@ -104,6 +104,12 @@ def test_bad_input(tmp_path, folder, gpt2, capsys):
         shards.Shards(out, other)
     with pytest.raises(ValueError, match="different .*tokenizer"):
         shards.prepare(str(folder), other, out)
+    (shard,) = out.glob("shard-*")
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-2])  # a truncated shard is not read as a shorter corpus
+    with pytest.raises(ValueError, match="do not hold the token counts their index lists"):
+        shards.Shards(out, gpt2)
+    shard.write_bytes(whole)
     index = json.loads((out / "index.json").read_text())
     (out / "index.json").write_text(json.dumps({**index, "format": 0}))
     with pytest.raises(ValueError, match="format version 0"):
@@ -177,3 +183,21 @@ def test_cli_prepare(tmp_path, folder, capsys):
     assert cli([*args, "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert f"--set token_cache={cache}" in printed and len(list(cache.iterdir())) == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_reading_leaves_no_shard_mapped(tmp_path, folder, gpt2):
+    # A memory map kept open keeps every page a random window touched resident, so the RSS of
+    # a long run would grow to the size of the shards; reads must leave nothing mapped.
+    prepared = shards.prepare(
+        str(folder), gpt2, tmp_path / "s", shard_tokens=200, batch_chars=1, progress=False
+    )
+    assert len(prepared.files) > 1
+    batches = data.Batches(prepared, 4, 32, seed=0)
+    whole = np.concatenate([np.fromfile(f, dtype=prepared.dtype) for f in prepared.files])
+    for step in range(10):
+        x, y = batches.get(step)
+        rows = np.random.default_rng([0, step]).integers(0, len(whole) - 33, size=4)
+        assert np.array_equal(x.numpy(), np.stack([whole[r : r + 32] for r in rows]))
+    mapped = Path("/proc/self/maps").read_text()
+    assert not [f.name for f in prepared.files if str(f) in mapped]
