@@ -77,3 +77,60 @@ def test_a_smooth_basis_at_realistic_depth_fits_to_the_rounding_of_its_storage(b
     # and 3.1x the storage estimate). A solve in float32 instead of float64 is ten times over.
     assert residual < 4 * rounding.item()
     assert rounding.item() < 0.02  # the estimate itself is not vacuous at this depth
+
+
+_SHAPES = {"fc.weight": torch.Size([3, 2]), "fc.bias": torch.Size([3])}
+
+
+def test_the_fit_residual_is_the_least_squares_residual_over_the_layers():
+    # Hat K = 3 over L = 4 layers compresses: the residual is that of the float64 solve.
+    wf = WeightFunction(_SHAPES, "hat", 3, 4, {}, lambda name: "mlp")
+    g = torch.Generator().manual_seed(0)
+    samples = {name: torch.randn(4, *shape, generator=g) for name, shape in _SHAPES.items()}
+    wf.fit(samples, progress=False)
+    c = wf.coefficients([layer / 4 for layer in range(4)])["shared"].double()
+    for name, p in samples.items():
+        flat = p.reshape(4, -1).double()
+        fit = c @ torch.linalg.lstsq(c, flat).solution
+        want = ((fit - flat).norm() / flat.norm()).item()
+        assert wf.fit_residuals[name] == pytest.approx(want, rel=1e-5)
+        assert 0.05 < want < 1  # a compressing fit leaves a visible residual
+
+
+def test_a_zero_layer_stack_fits_with_zero_residual():
+    wf = WeightFunction(_SHAPES, "chebyshev", 3, 4, {}, lambda name: "mlp")
+    zeros = {name: torch.zeros(4, *shape) for name, shape in _SHAPES.items()}
+    assert wf.fit(zeros, progress=False) == {"fc.weight": 0.0, "fc.bias": 0.0}
+
+
+def test_fit_warnings_point_at_the_caller_with_their_full_wording():
+    wf = WeightFunction(_SHAPES, "hat", 8, 4, {}, lambda name: "mlp")
+    samples = {name: torch.randn(4, *shape) for name, shape in _SHAPES.items()}
+    with pytest.warns(UserWarning) as record:
+        wf.fit(samples, progress=False)
+    assert [str(w.message) for w in record] == [
+        "num_basis K = 8 > L = 4 layers: the layers do not determine the basis tensors; the "
+        "minimum-norm fit is exact at the layer times, but W(t) between them is not fitted to "
+        "anything (use K <= L)"
+    ]
+    assert record[0].filename == __file__
+
+
+def test_an_inexact_fit_names_its_worst_parameter():
+    wf = WeightFunction(_SHAPES, "chebyshev", 30, 30, {}, lambda name: "mlp")
+    g = torch.Generator().manual_seed(0)
+    samples = {name: torch.randn(30, *shape, generator=g) for name, shape in _SHAPES.items()}
+    with pytest.warns(UserWarning) as record:
+        residuals = wf.fit(samples, progress=False)
+    worst = max(residuals, key=residuals.get)
+    assert [str(w.message) for w in record] == [
+        f"the fit is not exact although K = 30 >= L = 30: relative residual "
+        f"{residuals[worst]:.2e} for {worst} (the basis is ill-conditioned at this K in the "
+        "model's dtype; the hat basis is exact at K = L)"
+    ]
+    assert record[0].filename == __file__
+
+
+def test_the_basis_tree_shows_the_original_parameter_names_and_shapes():
+    wf = WeightFunction(_SHAPES, "hat", 4, 4, {}, lambda name: "mlp")
+    assert repr(wf.basis) == "_ParamTree(\n  (fc): _ParamTree(weight: [4, 3, 2], bias: [4, 3])\n)"

@@ -1,10 +1,13 @@
 """The weight cache: W(t) of the current grid is built once outside training and rebuilt exactly
 when a parameter or the grid changes; in training, gradients reach the basis."""
 
+import warnings
+
 import pytest
 import torch
 
 from odeify import get_block, odeify, steps
+from odeify.weight_function import WeightFunction
 
 IDS = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -185,3 +188,97 @@ def test_edits_the_version_counter_misses_need_clear_weight_cache(model, builds)
     assert builds[0] == 2 and not torch.allclose(fresh, before)
     get_block(model).ode.cache_weights = False
     torch.testing.assert_close(_run(model), fresh, rtol=0, atol=0)
+
+
+# WeightFunction alone (no model): the eviction order, the stale entries, the stored layout and
+# the factored low-rank terms of a grid, against direct evaluations.
+_SHAPES = {"fc.weight": torch.Size([3, 2]), "fc.bias": torch.Size([3])}
+
+
+def _fitted_wf(num_basis=4, num_layers=4, basis="hat", transposed=()):
+    wf = WeightFunction(
+        _SHAPES, basis, num_basis, num_layers, {}, lambda name: "mlp", transposed=transposed
+    )
+    g = torch.Generator().manual_seed(0)
+    samples = {
+        name: torch.randn(num_layers, *shape, generator=g) for name, shape in _SHAPES.items()
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wf.fit(samples, progress=False)
+    return wf, samples
+
+
+def test_the_grid_cache_evicts_the_least_recently_used_grid():
+    wf, _ = _fitted_wf()
+    assert wf.grid_cache_size == 4  # the documented default
+    wf.grid_cache_size = 2
+    with torch.no_grad():
+        a = wf.grid_weights("a", [0.0])
+        wf.grid_weights("b", [0.25])
+        assert wf.grid_weights("a", [0.0]) is a  # a hit: served, and now the most recent
+        wf.grid_weights("c", [0.5])  # evicts b, the least recently used, not a
+        assert list(wf._grid_cache) == ["a", "c"]
+        assert wf.grid_weights("a", [0.0]) is a
+
+
+def test_the_default_cache_keeps_four_grids_and_a_size_below_one_keeps_one():
+    wf, _ = _fitted_wf()
+    with torch.no_grad():
+        for key in "abcde":
+            wf.grid_weights(key, [0.0])
+        assert list(wf._grid_cache) == ["b", "c", "d", "e"]
+        wf.grid_cache_size = 0  # max(1, size): the grid being built is always kept
+        wf.grid_weights("f", [0.0])
+        assert list(wf._grid_cache) == ["f"]
+
+
+def test_a_parameter_change_drops_every_grid_of_the_old_state():
+    wf, _ = _fitted_wf()
+    with torch.no_grad():
+        wf.grid_weights("a", [0.0])
+        wf.grid_weights("b", [0.25])
+        wf.basis_tensor("fc.weight").mul_(2.0)  # bumps the version: both entries are stale
+        fresh = wf.grid_weights("c", [0.5])
+        assert list(wf._grid_cache) == ["c"]
+        torch.testing.assert_close(
+            fresh[0]["fc.weight"], wf.weights_at([0.5])["fc.weight"][0], rtol=0, atol=0
+        )
+
+
+def test_cached_grids_store_transposed_weights_and_uncached_ones_do_not():
+    wf, _ = _fitted_wf(transposed=["fc.weight"])
+    exact = wf.weights_at([0.0, 0.375])
+    with torch.no_grad():
+        cached = wf.grid_weights("a", [0.0, 0.375])
+        plain = wf.grid_weights("a", [0.0, 0.375], cache=False)
+    for j in range(2):
+        assert cached[j].transposed == frozenset({"fc.weight"}) and not plain[j].transposed
+        torch.testing.assert_close(cached[j]["fc.weight"], exact["fc.weight"][j].mT, rtol=0, atol=0)
+        assert cached[j]["fc.weight"].is_contiguous()
+        torch.testing.assert_close(plain[j]["fc.weight"], exact["fc.weight"][j], rtol=0, atol=0)
+        torch.testing.assert_close(cached[j]["fc.bias"], exact["fc.bias"][j], rtol=0, atol=0)
+
+
+def test_a_grid_carries_only_the_live_low_rank_terms_and_they_add_the_full_update():
+    wf, _ = _fitted_wf()
+    g = torch.Generator().manual_seed(1)
+    b, a = torch.randn(4, 3, 2, generator=g), torch.randn(4, 2, 2, generator=g)
+    wf.set_low_rank({"fc.weight": [(b, a, 0.5)]}, state="adapter")
+    times = [0.0, 0.375, 0.75]  # a node (k = 0), between nodes 1 and 2, the last node
+    exact = wf.weights_at(times)  # W(t) with the full update s sum_k c_k B_k A_k
+    x = torch.randn(5, 2, generator=g)
+    with torch.no_grad():
+        grid = wf.grid_weights("a", times)
+    # Factored as [(k r), in] and [out, (k r)] over the k with c_k(t) != 0 only.
+    assert [tuple(w.lora["fc.weight"][0][0].shape) for w in grid] == [(2, 2), (4, 2), (2, 2)]
+    for j, w in enumerate(grid):
+        want = x @ exact["fc.weight"][j].T + exact["fc.bias"][j]
+        torch.testing.assert_close(w.linear("fc", x), want, rtol=1e-6, atol=1e-6)
+    # The cache keeps the frozen weights without the update.
+    with torch.no_grad():
+        wf.set_low_rank()
+        base = wf.weights_at(times)
+    for j, w in enumerate(wf._grid_cache["a"][1]):
+        assert not w.lora
+        torch.testing.assert_close(w["fc.weight"], base["fc.weight"][j], rtol=0, atol=0)
