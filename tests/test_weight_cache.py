@@ -282,3 +282,15 @@ def test_a_grid_carries_only_the_live_low_rank_terms_and_they_add_the_full_updat
     for j, w in enumerate(wf._grid_cache["a"][1]):
         assert not w.lora
         torch.testing.assert_close(w["fc.weight"], base["fc.weight"][j], rtol=0, atol=0)
+
+
+def test_moving_the_parameters_empties_the_cache_and_keeps_the_apply_options():
+    wf, _ = _fitted_wf()
+    with torch.no_grad():
+        wf.grid_weights("a", [0.0])
+    wf.double()  # new storage: the old grid's weights are dropped, not kept until a new store
+    assert len(wf._grid_cache) == 0
+    # to_empty(recurse=False) passes its keyword through _apply: the basis (a child module) stays.
+    before = wf.basis_tensor("fc.weight").data_ptr()
+    wf.to_empty(device="cpu", recurse=False)
+    assert wf.basis_tensor("fc.weight").data_ptr() == before
