@@ -294,3 +294,20 @@ def test_moving_the_parameters_empties_the_cache_and_keeps_the_apply_options():
     before = wf.basis_tensor("fc.weight").data_ptr()
     wf.to_empty(device="cpu", recurse=False)
     assert wf.basis_tensor("fc.weight").data_ptr() == before
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+def test_trainable_lora_factors_under_the_basis_leave_a_frozen_base_cacheable(factor):
+    # peft hangs "<module>.lora_A.<adapter>.weight" under the basis; those enter a grid as
+    # low-rank terms, so a trainable factor (either of the two) must not disable the cache.
+    from odeify.weight_function import _set_param
+
+    wf, _ = _fitted_wf()
+    wf.requires_grad_(False)
+    _set_param(wf.basis, f"fc.{factor}.default.weight", torch.nn.Parameter(torch.zeros(4, 1, 2)))
+    assert torch.is_grad_enabled()
+    first = wf.grid_weights("a", [0.0, 0.375])
+    assert wf.grid_weights("a", [0.0, 0.375]) is first
+    # An own parameter that trains does disable it (each call builds with gradients).
+    wf.basis_tensor("fc.bias").requires_grad_(True)
+    assert wf.grid_weights("a", [0.0, 0.375]) is not wf.grid_weights("a", [0.0, 0.375])
