@@ -311,3 +311,33 @@ def test_trainable_lora_factors_under_the_basis_leave_a_frozen_base_cacheable(fa
     # An own parameter that trains does disable it (each call builds with gradients).
     wf.basis_tensor("fc.bias").requires_grad_(True)
     assert wf.grid_weights("a", [0.0, 0.375]) is not wf.grid_weights("a", [0.0, 0.375])
+
+
+def test_a_low_rank_update_without_a_state_applies_and_a_state_alone_keys_the_cache():
+    wf, _ = _fitted_wf()
+    b, a = torch.ones(4, 3, 1), torch.ones(4, 1, 2)
+    base = wf.weights_at([0.375])["fc.weight"]
+    wf.set_low_rank({"fc.weight": [(b, a, 2.0)]})  # the default state ()
+    # c @ (P + 2) against c @ P + 2 (the hat's c sums to 1): one float32 rounding at |W| ~ 2.
+    torch.testing.assert_close(wf.weights_at([0.375])["fc.weight"], base + 2.0, rtol=0, atol=3e-7)
+    # No factors, but a state (an adapter merged into the basis, which bumps no version): the
+    # state alone decides whether a cached grid is still valid.
+    with torch.no_grad():
+        wf.set_low_rank(state="merged-1")
+        first = wf.grid_weights("a", [0.0])
+        assert wf.grid_weights("a", [0.0]) is first
+        wf.set_low_rank(state="merged-2")
+        assert wf.grid_weights("a", [0.0]) is not first
+
+
+def test_an_emptied_low_rank_slot_holds_no_reference_to_the_block():
+    import gc
+    import weakref
+
+    wf = WeightFunction(_SHAPES, "hat", 4, 4, {}, lambda name: "mlp")
+    wf.set_low_rank({"fc.weight": [(torch.ones(4, 3, 1), torch.ones(4, 1, 2), 1.0)]})
+    wf.set_low_rank()
+    ref = weakref.ref(wf)
+    del wf
+    gc.collect()
+    assert ref() is None  # the thread's slot dropped its entry, not kept an empty one
