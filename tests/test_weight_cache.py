@@ -341,3 +341,16 @@ def test_an_emptied_low_rank_slot_holds_no_reference_to_the_block():
     del wf
     gc.collect()
     assert ref() is None  # the thread's slot dropped its entry, not kept an empty one
+
+
+def test_the_time_units_take_the_basis_options_and_everything_the_device():
+    group = {"fc.weight": "mlp", "fc.bias": "norm"}.get
+    wf = WeightFunction(_SHAPES, "fourier", 5, 4, {"features": 3, "hidden": 7}, group)
+    # A learned basis has one unit per weight group, each built with the options given.
+    assert sorted(wf.time_basis) == ["mlp", "norm"]
+    assert wf.group == {"fc.weight": "mlp", "fc.bias": "norm"}
+    assert {tuple(u.lin1.weight.shape) for u in wf.time_basis.values()} == {(7, 2 * 3 + 1)}
+    # device= reaches both the basis tensors and the time units (meta: nothing allocated).
+    meta = WeightFunction(_SHAPES, "fourier", 5, 4, {}, group, device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert [tuple(p.shape) for p in meta.basis.parameters()] == [(5, 3, 2), (5, 3)]
