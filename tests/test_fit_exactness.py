@@ -134,3 +134,16 @@ def test_an_inexact_fit_names_its_worst_parameter():
 def test_the_basis_tree_shows_the_original_parameter_names_and_shapes():
     wf = WeightFunction(_SHAPES, "hat", 4, 4, {}, lambda name: "mlp")
     assert repr(wf.basis) == "_ParamTree(\n  (fc): _ParamTree(weight: [4, 3, 2], bias: [4, 3])\n)"
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_layer_times_are_evaluated_in_float64_so_the_hat_is_one_hot_at_every_layer(as_tensor):
+    # l / 3 is not a float32 number: rounded to float32, u = 3t misses the node by ~1e-8, more
+    # than the 1e-9 the hat basis snaps, and W(l / 3) would blend 1e-8 of the next layer in.
+    wf = WeightFunction(_SHAPES, "hat", 3, 3, {}, lambda name: "mlp")
+    times = [layer / 3 for layer in range(3)]
+    if as_tensor:
+        times = torch.tensor(times, dtype=torch.float64)
+    c = wf.coefficients(times)["shared"]
+    assert c.dtype == torch.float32 and torch.equal(c, torch.eye(3))
+    assert wf.fit_residuals == {}  # nothing fitted yet

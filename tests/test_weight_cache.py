@@ -354,3 +354,13 @@ def test_the_time_units_take_the_basis_options_and_everything_the_device():
     meta = WeightFunction(_SHAPES, "fourier", 5, 4, {}, group, device="meta")
     assert {p.device.type for p in meta.parameters()} == {"meta"}
     assert [tuple(p.shape) for p in meta.basis.parameters()] == [(5, 3, 2), (5, 3)]
+
+
+def test_while_compiling_no_grid_is_cached(monkeypatch):
+    # Under torch.compile the cache (a lock, data pointers, version counters) is not traced:
+    # every call builds its grid. Stands in for a compile, which costs seconds on CPU.
+    wf, _ = _fitted_wf()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        assert wf.grid_weights("a", [0.0]) is not wf.grid_weights("a", [0.0])
+    assert len(wf._grid_cache) == 0
