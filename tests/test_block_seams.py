@@ -175,3 +175,104 @@ def test_the_low_rank_update_outlives_the_forward_for_a_recomputed_step(make_lla
         grads.append({n: p.grad for n, p in model.named_parameters() if ".lora_B" in n})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-5)
+
+
+# The block's refusals, each with its full message (a partial match lets a mangled one pass).
+def _block(make_gpt2, **kw):
+    return get_block(odeify(make_gpt2(**kw), progress=False))
+
+
+def test_a_second_capture_is_refused(make_gpt2):
+    block = _block(make_gpt2)
+    with block.capture(), pytest.raises(RuntimeError) as error, block.capture():
+        pass
+    assert str(error.value) == "this model's ODE block is already capturing its calls"
+    with block.capture() as calls:  # left cleanly: capturing again works
+        assert calls == []
+
+
+def test_cross_attention_inputs_are_refused(make_gpt2):
+    block = _block(make_gpt2)
+    x = torch.zeros(1, 3, 32)
+    with pytest.raises(ValueError) as error:
+        block(hidden_states=x, encoder_hidden_states=x)
+    assert str(error.value) == (
+        "odeified models have no cross-attention; do not pass encoder_hidden_states"
+    )
+
+
+def test_a_given_schedule_must_match_the_run(make_gpt2):
+    from odeify.schedule import Schedule
+    from odeify.schemes import resolve_solver
+
+    block = _block(make_gpt2)
+    sequential = resolve_solver("sequential")
+    given = Schedule.uniform(2, 4, "sequential")
+    assert block.schedule_for(sequential, 2, given) is given
+    with pytest.raises(ValueError) as error:
+        block.schedule_for(sequential, 3, given)
+    assert str(error.value) == (
+        "the schedule given has 2 steps of 'sequential'; the run has 3 steps of 'sequential'"
+    )
+    with pytest.raises(ValueError) as error:
+        block.schedule_for(resolve_solver("euler"), 2, given)
+    assert str(error.value) == (
+        "the schedule given has 2 steps of 'sequential'; the run has 2 steps of 'euler'"
+    )
+    with pytest.raises(ValueError) as error:
+        block.schedule_for(sequential, 2, "fastest")
+    assert str(error.value) == (
+        "ode_schedule must be a Schedule or one of ('calibrated', 'uniform'), got 'fastest'"
+    )
+
+
+def test_per_sample_refusals_in_full(make_gpt2):
+    ids = IDS[:, :3]
+    model = odeify(make_gpt2(), progress=False)
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        model(ids, use_cache=False, ode_steps=torch.tensor([2, 3]), ode_scheme="dopri5")
+    assert (
+        str(error.value) == "per-sample step counts need a native fixed-grid scheme, not 'dopri5'"
+    )
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        model(ids, use_cache=False, ode_steps=torch.tensor([2, 3, 4]))
+    assert str(error.value) == "got 3 per-sample step counts for a batch of 2"
+    scaled = odeify(make_gpt2(scale_attn_by_inverse_layer_idx=True), progress=False)
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        scaled(ids, use_cache=False, ode_steps=torch.tensor([2, 3]))
+    assert str(error.value) == (
+        "per-sample step counts are not supported with scale_attn_by_inverse_layer_idx"
+    )
+    # Equal counts are one grid for the batch, which that model runs.
+    with torch.no_grad():
+        same = scaled(ids, use_cache=False, ode_steps=torch.tensor([4, 4])).logits
+        torch.testing.assert_close(same, scaled(ids, use_cache=False).logits, rtol=0, atol=0)
+
+
+def test_the_block_repr_names_its_settings(make_gpt2):
+    block = _block(make_gpt2)
+    assert block.extra_repr() == ("family=gpt2, L=4, basis=hat, K=4, scheme=sequential, steps=4")
+
+
+def test_selected_hidden_states_are_the_stock_models_at_n_equals_l(make_gpt2):
+    # output_hidden_states=[1, 3] keeps those states and puts None for the others (transformers'
+    # own selection, which the block's recording follows): the stock model's, bit for bit.
+    base = make_gpt2()
+    with torch.no_grad():
+        want = base(IDS, output_hidden_states=[1, 3], use_cache=False).hidden_states
+        got = odeify(base, progress=False)(IDS, output_hidden_states=[1, 3], use_cache=False)
+    assert [s is None for s in got.hidden_states] == [True, False, True, False, True]
+    assert [s is None for s in want] == [True, False, True, False, True]
+    for mine, theirs in zip(got.hidden_states, want, strict=True):
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_torchdiffeq_steps_see_their_times(make_gpt2):
+    # GPT-2's scale_attn_by_inverse_layer_idx scales attention by 1 / (t L + 1): torchdiffeq's
+    # Euler on the same grid is the native Euler only if each evaluation gets its own time.
+    model = odeify(make_gpt2(scale_attn_by_inverse_layer_idx=True), progress=False)
+    with torch.no_grad():
+        native = model(IDS, use_cache=False, ode_scheme="euler", ode_steps=4).logits
+        bridged = model(IDS, use_cache=False, ode_scheme="torchdiffeq:euler", ode_steps=4).logits
+    torch.testing.assert_close(bridged, native, rtol=0, atol=0)
