@@ -276,3 +276,64 @@ def test_torchdiffeq_steps_see_their_times(make_gpt2):
         native = model(IDS, use_cache=False, ode_scheme="euler", ode_steps=4).logits
         bridged = model(IDS, use_cache=False, ode_scheme="torchdiffeq:euler", ode_steps=4).logits
     torch.testing.assert_close(bridged, native, rtol=0, atol=0)
+
+
+def _claim_error(cache, grid, slots=2, tokens=1):
+    from odeify.block import _claim_cache
+
+    with pytest.raises(ValueError) as error:
+        _claim_cache(cache, grid, slots, tokens)
+    return str(error.value)
+
+
+def test_claiming_a_kv_cache_counts_tokens_and_replicates_its_layers():
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    from odeify.block import _claim_cache
+
+    cache = Cache(layers=[DynamicLayer()])  # no layer class to replicate: the block copies
+    _claim_cache(cache, ("rk4", 2, "uniform"), 8, 5)
+    assert len(cache.layers) == 8 and cache._odeify == (("rk4", 2, "uniform"), 5)
+    assert len({id(layer) for layer in cache.layers}) == 8
+    _claim_cache(cache, ("rk4", 2, "uniform"), 8, 1)  # the next token, same grid
+    assert len(cache.layers) == 8 and cache._odeify == (("rk4", 2, "uniform"), 6)
+    # Claimed but never filled (no tokens yet): another grid may still take it.
+    empty = DynamicCache()
+    _claim_cache(empty, ("rk4", 2, "uniform"), 8, 0)
+    _claim_cache(empty, ("euler", 3, "uniform"), 3, 4)
+    assert empty._odeify == (("euler", 3, "uniform"), 4) and empty.layers == []
+    assert _claim_error(Cache(layers=[]), ("euler", 3, "uniform")) == (
+        "past_key_values has no layers to replicate; pass a DynamicCache()"
+    )
+
+
+def test_a_kv_cache_of_another_grid_is_refused_in_full():
+    from transformers.cache_utils import DynamicCache
+
+    from odeify.block import _claim_cache
+
+    stock = DynamicCache()
+    stock.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), 0)
+    assert _claim_error(stock, ("rk4", 2, "uniform")) == (
+        "past_key_values already holds keys that odeify did not write (e.g. from the original "
+        "model); pass past_key_values=None to start a new cache"
+    )
+    adaptive = DynamicCache()
+    _claim_cache(adaptive, ("dopri5", None, None), 0, 3)
+    assert _claim_error(adaptive, ("dopri5", None, None)) == (
+        "scheme 'dopri5' is integrated by torchdiffeq, which keeps no KV cache: call "
+        "generate(..., use_cache=False) or use a native fixed-grid scheme"
+    )
+    filled = DynamicCache()
+    _claim_cache(filled, ("rk4", 2, "uniform"), 8, 3)
+    assert _claim_error(filled, ("rk4", 2, "calibrated")) == (
+        "this KV cache was filled under another schedule of 2 steps of 'rk4' (calibrated or "
+        "uniform, see odeify.steps(..., schedule=)); its keys belong to that grid's times. Start "
+        "a new cache (past_key_values=None) or restore it."
+    )
+    assert _claim_error(filled, ("euler", 3, "uniform")) == (
+        "this KV cache was filled at 2 steps of 'rk4' but the model now runs 3 steps of "
+        "'euler'; a cache holds one slot per step and stage, so it is valid for one grid only. "
+        "Start a new cache (past_key_values=None) or restore the steps."
+    )
+    assert "now runs adaptive steps of 'dopri5'" in _claim_error(filled, ("dopri5", None, None))
