@@ -337,3 +337,42 @@ def test_a_kv_cache_of_another_grid_is_refused_in_full():
         "Start a new cache (past_key_values=None) or restore the steps."
     )
     assert "now runs adaptive steps of 'dopri5'" in _claim_error(filled, ("dopri5", None, None))
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_torchdiffeq_gets_the_method_grid_tolerances_and_trainable_parameters(
+    make_gpt2, monkeypatch, adjoint
+):
+    import odeify.block as block_module
+
+    calls = []
+
+    def spy(name):
+        real = getattr(block_module, name)
+
+        def wrapper(field, x, t, **kwargs):
+            calls.append((name, t.tolist(), kwargs))
+            return real(field, x, t, **kwargs)
+
+        monkeypatch.setattr(block_module, name, wrapper)
+
+    spy("odeint")
+    spy("odeint_adjoint")
+    model = odeify(make_gpt2(), progress=False)
+    block = get_block(model)
+    block.ode.update(rtol=2e-3, atol=3e-4, adjoint=adjoint)
+    block.basis_tensor("ln_1.weight").requires_grad_(False)
+    with torch.no_grad():
+        model(IDS, use_cache=False, ode_scheme="dopri5")
+        model(IDS, use_cache=False, ode_scheme="torchdiffeq:euler", ode_steps=4)
+    name = "odeint_adjoint" if adjoint else "odeint"
+    assert [c[:2] for c in calls] == [(name, [0.0, 1.0])] * 2
+    dopri5, euler = (c[2] for c in calls)
+    params = dopri5.pop("adjoint_params", None)
+    euler.pop("adjoint_params", None)
+    assert dopri5 == {"method": "dopri5", "rtol": 2e-3, "atol": 3e-4}
+    assert euler == {"method": "euler", "options": {"step_size": 0.25}}
+    if adjoint:  # the parameters that train, the frozen one left out
+        trainable = [p for p in block.parameters() if p.requires_grad]
+        assert len(params) == len(trainable) == len(list(block.parameters())) - 1
+        assert all(a is b for a, b in zip(params, trainable, strict=True))
