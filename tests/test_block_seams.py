@@ -376,3 +376,33 @@ def test_torchdiffeq_gets_the_method_grid_tolerances_and_trainable_parameters(
         trainable = [p for p in block.parameters() if p.requires_grad]
         assert len(params) == len(trainable) == len(list(block.parameters())) - 1
         assert all(a is b for a, b in zip(params, trainable, strict=True))
+
+
+def test_schedule_for_serves_a_stored_schedule_of_its_scheme_and_warns_once_otherwise(make_gpt2):
+    import warnings
+
+    from odeify.schedule import Schedule
+    from odeify.schemes import resolve_solver
+
+    block = _block(make_gpt2)
+    sequential, euler = resolve_solver("sequential"), resolve_solver("euler")
+    odd = Schedule([0.0, 0.3], [1.0, 0.7, 1.6, 1.2], 4)  # 2 sequential steps, 2 gains each
+    block.ode.update(schedules={"2": odd.to_dict()})
+    assert block.schedule_for(sequential, 2).key == odd.key
+    assert block.schedule_for(sequential, 2, "uniform").key == Schedule.uniform(2, 4).key
+    with pytest.warns(UserWarning) as record:
+        stored_for_another = block.schedule_for(euler, 2)
+        block.schedule_for(euler, 2)  # said once per (scheme, N)
+        block.schedule_for(sequential, 3)
+    assert stored_for_another.key == Schedule.uniform(2, 4, "euler").key
+    tail = "; running the uniform grid. Calibrate it with odeify.calibrate(model, steps=[...])."
+    assert [str(w.message) for w in record] == [
+        "no calibrated 'euler' schedule for 2 steps (calibrated: 2)" + tail,
+        "no calibrated 'sequential' schedule for 3 steps (calibrated: 2)" + tail,
+    ]
+    assert {w.filename for w in record} == {__file__}  # the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert block.schedule_for(sequential, 4).key == Schedule.uniform(4, 4).key  # N = L
+        block.ode.update(schedules={}, discrete_ends=1)
+        assert block.schedule_for(sequential, 3).key == Schedule.discrete_ends(3, 4, 1).key
