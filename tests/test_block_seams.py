@@ -406,3 +406,23 @@ def test_schedule_for_serves_a_stored_schedule_of_its_scheme_and_warns_once_othe
         assert block.schedule_for(sequential, 4).key == Schedule.uniform(4, 4).key  # N = L
         block.ode.update(schedules={}, discrete_ends=1)
         assert block.schedule_for(sequential, 3).key == Schedule.discrete_ends(3, 4, 1).key
+
+
+def test_torchdiffeq_claims_a_kv_cache_for_no_slots_and_counts_its_tokens(make_gpt2):
+    from transformers.cache_utils import Cache
+
+    block = _block(make_gpt2)
+    cache = Cache(layers=[])  # nothing to replicate: fine for a run that needs no slot
+    with torch.no_grad():
+        block(hidden_states=torch.randn(1, 3, 32), past_key_values=cache, ode_scheme="dopri5")
+    assert cache._odeify == (("dopri5", None, None), 3)
+
+
+def test_an_adaptive_solver_refuses_half_precision_in_full(make_gpt2):
+    block = _block(make_gpt2)
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        block(hidden_states=torch.randn(1, 3, 32, dtype=torch.bfloat16), ode_scheme="dopri5")
+    assert str(error.value) == (
+        "the adaptive solver 'dopri5' cannot run a torch.bfloat16 model: its step-size control "
+        "underflows ('underflow in dt'); use model.float() or a fixed-grid scheme"
+    )
