@@ -1,6 +1,7 @@
 """Least-squares fits are deterministic and exact where K >= L promises it, and say so when not."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,9 @@ def test_a_smooth_basis_at_realistic_depth_fits_to_the_rounding_of_its_storage(b
     assert rounding.item() < 0.02  # the estimate itself is not vacuous at this depth
 
 
+# fit()'s warnings name its caller (this file), not the frame torch.no_grad() wraps fit in. Only
+# "not inside torch" is asserted: mutmut's trampolines add frames of their own.
+_TORCH = str(Path(torch.__file__).parent)
 _SHAPES = {"fc.weight": torch.Size([3, 2]), "fc.bias": torch.Size([3])}
 
 
@@ -113,7 +117,7 @@ def test_fit_warnings_point_at_the_caller_with_their_full_wording():
         "minimum-norm fit is exact at the layer times, but W(t) between them is not fitted to "
         "anything (use K <= L)"
     ]
-    assert record[0].filename == __file__
+    assert not record[0].filename.startswith(_TORCH)  # stacklevel 3 named no_grad's wrapper
 
 
 def test_an_inexact_fit_names_its_worst_parameter():
@@ -128,7 +132,7 @@ def test_an_inexact_fit_names_its_worst_parameter():
         f"{residuals[worst]:.2e} for {worst} (the basis is ill-conditioned at this K in the "
         "model's dtype; the hat basis is exact at K = L)"
     ]
-    assert record[0].filename == __file__
+    assert not record[0].filename.startswith(_TORCH)  # stacklevel 3 named no_grad's wrapper
 
 
 def test_the_basis_tree_shows_the_original_parameter_names_and_shapes():
