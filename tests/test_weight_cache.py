@@ -364,3 +364,34 @@ def test_while_compiling_no_grid_is_cached(monkeypatch):
     with torch.no_grad():
         assert wf.grid_weights("a", [0.0]) is not wf.grid_weights("a", [0.0])
     assert len(wf._grid_cache) == 0
+
+
+def test_weights_at_evaluates_only_the_names_asked_for():
+    wf, _ = _fitted_wf()
+    full = wf.weights_at([0.375])
+    only = wf.weights_at([0.375], names=["fc.bias"])
+    assert list(only) == ["fc.bias"]
+    torch.testing.assert_close(only["fc.bias"], full["fc.bias"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_terms_ride_on_a_transposed_cached_grid_in_the_basis_dtype(dtype):
+    # GPT-2's Conv1D weights are cached as [in, out]; the factors stay [(k r), in], [out, (k r)]
+    # in the factors' dtype (the hat's float32 coefficients must not promote them).
+    wf, _ = _fitted_wf(transposed=["fc.weight"])
+    wf.to(dtype)
+    g = torch.Generator().manual_seed(2)
+    b = torch.randn(4, 3, 2, generator=g).to(dtype)
+    a = torch.randn(4, 2, 2, generator=g).to(dtype)
+    wf.set_low_rank({"fc.weight": [(b, a, 0.5)]}, state="adapter")
+    times = [0.0, 0.375]
+    exact = wf.weights_at(times)
+    x = torch.randn(5, 2, generator=g).to(dtype)
+    with torch.no_grad():
+        grid = wf.grid_weights("a", times)
+    for j, w in enumerate(grid):
+        assert w.transposed == frozenset({"fc.weight"})
+        assert {t.dtype for pair in w.lora["fc.weight"] for t in pair} == {dtype}
+        want = x.double() @ exact["fc.weight"][j].double().T + exact["fc.bias"][j].double()
+        tol = 1e-6 if dtype == torch.float32 else 0.05  # bf16: 8 bits, sums of a few terms
+        torch.testing.assert_close(w.linear("fc", x).double(), want, rtol=tol, atol=tol)
