@@ -99,6 +99,14 @@ def test_the_fit_residual_is_the_least_squares_residual_over_the_layers():
         want = ((fit - flat).norm() / flat.norm()).item()
         assert wf.fit_residuals[name] == pytest.approx(want, rel=1e-5)
         assert 0.05 < want < 1  # a compressing fit leaves a visible residual
+    # Relative: the same for layers a thousand times smaller (norms below 1).
+    first = dict(wf.fit_residuals)
+    small = {name: p * 1e-3 for name, p in samples.items()}
+    assert all(p.norm() < 1 for p in small.values())
+    scaled = wf.fit(small, progress=False)
+    for name in samples:
+        assert scaled[name] == pytest.approx(first[name], rel=1e-5)
+        assert scaled[name] > 0.05
 
 
 def test_a_zero_layer_stack_fits_with_zero_residual():
