@@ -313,7 +313,7 @@ def test_a_kv_cache_of_another_grid_is_refused_in_full():
     from odeify.block import _claim_cache
 
     stock = DynamicCache()
-    stock.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), 0)
+    stock.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), 0)  # one token is enough
     assert _claim_error(stock, ("rk4", 2, "uniform")) == (
         "past_key_values already holds keys that odeify did not write (e.g. from the original "
         "model); pass past_key_values=None to start a new cache"
