@@ -425,3 +425,22 @@ def test_an_adaptive_solver_refuses_half_precision_in_full(make_gpt2):
         "the adaptive solver 'dopri5' cannot run a torch.bfloat16 model: its step-size control "
         "underflows ('underflow in dt'); use model.float() or a fixed-grid scheme"
     )
+
+
+def test_per_sample_counts_follow_the_schedule_choice(make_gpt2):
+    from odeify.schedule import Schedule
+
+    model = odeify(make_gpt2(), progress=False)
+    odd = Schedule([0.0, 0.3], [1.0, 0.7, 1.6, 1.2], 4)  # a stored schedule for 2 steps
+    get_block(model).ode.update(schedules={"2": odd.to_dict()})
+
+    def logits(ids, counts, **kw):
+        with torch.no_grad():
+            return model(ids, use_cache=False, ode_steps=counts, **kw).logits
+
+    both = logits(IDS, torch.tensor([2, 4]), ode_schedule="uniform")
+    alone = logits(IDS[:1], 2, ode_schedule="uniform")
+    calibrated = logits(IDS[:1], 2)
+    # Per-sample runs go through time_linear: the same sums in another order (float32).
+    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
+    assert (alone - calibrated).abs().max() > 1e-2  # the choice matters at 2 steps
