@@ -412,14 +412,17 @@ class WeightFunction(nn.Module):
 
 def _warn_inexact(residuals: Mapping[str, float], basis: TimeBasis, num_layers: int) -> None:
     """K >= L promises a fit exact at every layer; say so when it is not, and when K > L
-    leaves a fixed basis undetermined between the layers (a learned one is trained there)."""
+    leaves a fixed basis undetermined between the layers (a learned one is trained there).
+
+    The warnings name fit()'s caller: stacklevel 4 counts this function, fit, and the wrapper
+    that torch.no_grad() puts around fit (3 named that wrapper, inside torch)."""
     num_basis = basis.num_basis
     if num_basis > num_layers and not basis.learned:
         warnings.warn(
             f"num_basis K = {num_basis} > L = {num_layers} layers: the layers do not determine "
             "the basis tensors; the minimum-norm fit is exact at the layer times, but W(t) "
             "between them is not fitted to anything (use K <= L)",
-            stacklevel=3,
+            stacklevel=4,
         )
     worst = max(residuals, key=residuals.get)
     if num_basis >= num_layers and residuals[worst] > EXACT_FIT_TOLERANCE:
@@ -427,7 +430,7 @@ def _warn_inexact(residuals: Mapping[str, float], basis: TimeBasis, num_layers: 
             f"the fit is not exact although K = {num_basis} >= L = {num_layers}: relative "
             f"residual {residuals[worst]:.2e} for {worst} (the basis is ill-conditioned at this "
             "K in the model's dtype; the hat basis is exact at K = L)",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

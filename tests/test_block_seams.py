@@ -175,3 +175,272 @@ def test_the_low_rank_update_outlives_the_forward_for_a_recomputed_step(make_lla
         grads.append({n: p.grad for n, p in model.named_parameters() if ".lora_B" in n})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-5)
+
+
+# The block's refusals, each with its full message (a partial match lets a mangled one pass).
+def _block(make_gpt2, **kw):
+    return get_block(odeify(make_gpt2(**kw), progress=False))
+
+
+def test_a_second_capture_is_refused(make_gpt2):
+    block = _block(make_gpt2)
+    with block.capture(), pytest.raises(RuntimeError) as error, block.capture():
+        pass
+    assert str(error.value) == "this model's ODE block is already capturing its calls"
+    with block.capture() as calls:  # left cleanly: capturing again works
+        assert calls == []
+
+
+def test_cross_attention_inputs_are_refused(make_gpt2):
+    block = _block(make_gpt2)
+    x = torch.zeros(1, 3, 32)
+    with pytest.raises(ValueError) as error:
+        block(hidden_states=x, encoder_hidden_states=x)
+    assert str(error.value) == (
+        "odeified models have no cross-attention; do not pass encoder_hidden_states"
+    )
+
+
+def test_a_given_schedule_must_match_the_run(make_gpt2):
+    from odeify.schedule import Schedule
+    from odeify.schemes import resolve_solver
+
+    block = _block(make_gpt2)
+    sequential = resolve_solver("sequential")
+    given = Schedule.uniform(2, 4, "sequential")
+    assert block.schedule_for(sequential, 2, given) is given
+    with pytest.raises(ValueError) as error:
+        block.schedule_for(sequential, 3, given)
+    assert str(error.value) == (
+        "the schedule given has 2 steps of 'sequential'; the run has 3 steps of 'sequential'"
+    )
+    with pytest.raises(ValueError) as error:
+        block.schedule_for(resolve_solver("euler"), 2, given)
+    assert str(error.value) == (
+        "the schedule given has 2 steps of 'sequential'; the run has 2 steps of 'euler'"
+    )
+    with pytest.raises(ValueError) as error:
+        block.schedule_for(sequential, 2, "fastest")
+    assert str(error.value) == (
+        "ode_schedule must be a Schedule or one of ('calibrated', 'uniform'), got 'fastest'"
+    )
+
+
+def test_per_sample_refusals_in_full(make_gpt2):
+    ids = IDS[:, :3]
+    model = odeify(make_gpt2(), progress=False)
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        model(ids, use_cache=False, ode_steps=torch.tensor([2, 3]), ode_scheme="dopri5")
+    assert (
+        str(error.value) == "per-sample step counts need a native fixed-grid scheme, not 'dopri5'"
+    )
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        model(ids, use_cache=False, ode_steps=torch.tensor([2, 3, 4]))
+    assert str(error.value) == "got 3 per-sample step counts for a batch of 2"
+    scaled = odeify(make_gpt2(scale_attn_by_inverse_layer_idx=True), progress=False)
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        scaled(ids, use_cache=False, ode_steps=torch.tensor([2, 3]))
+    assert str(error.value) == (
+        "per-sample step counts are not supported with scale_attn_by_inverse_layer_idx"
+    )
+    # Equal counts are one grid for the batch, which that model runs.
+    with torch.no_grad():
+        same = scaled(ids, use_cache=False, ode_steps=torch.tensor([4, 4])).logits
+        torch.testing.assert_close(same, scaled(ids, use_cache=False).logits, rtol=0, atol=0)
+
+
+def test_the_block_repr_names_its_settings(make_gpt2):
+    block = _block(make_gpt2)
+    assert block.extra_repr() == ("family=gpt2, L=4, basis=hat, K=4, scheme=sequential, steps=4")
+
+
+def test_selected_hidden_states_are_the_stock_models_at_n_equals_l(make_gpt2):
+    # output_hidden_states=[1, 3] keeps those states and puts None for the others (transformers'
+    # own selection, which the block's recording follows): the stock model's, bit for bit.
+    base = make_gpt2()
+    with torch.no_grad():
+        want = base(IDS, output_hidden_states=[1, 3], use_cache=False).hidden_states
+        got = odeify(base, progress=False)(IDS, output_hidden_states=[1, 3], use_cache=False)
+    assert [s is None for s in got.hidden_states] == [True, False, True, False, True]
+    assert [s is None for s in want] == [True, False, True, False, True]
+    for mine, theirs in zip(got.hidden_states, want, strict=True):
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_torchdiffeq_steps_see_their_times(make_gpt2):
+    # GPT-2's scale_attn_by_inverse_layer_idx scales attention by 1 / (t L + 1): torchdiffeq's
+    # Euler on the same grid is the native Euler only if each evaluation gets its own time.
+    model = odeify(make_gpt2(scale_attn_by_inverse_layer_idx=True), progress=False)
+    with torch.no_grad():
+        native = model(IDS, use_cache=False, ode_scheme="euler", ode_steps=4).logits
+        bridged = model(IDS, use_cache=False, ode_scheme="torchdiffeq:euler", ode_steps=4).logits
+    torch.testing.assert_close(bridged, native, rtol=0, atol=0)
+
+
+def _claim_error(cache, grid, slots=2, tokens=1):
+    from odeify.block import _claim_cache
+
+    with pytest.raises(ValueError) as error:
+        _claim_cache(cache, grid, slots, tokens)
+    return str(error.value)
+
+
+def test_claiming_a_kv_cache_counts_tokens_and_replicates_its_layers():
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    from odeify.block import _claim_cache
+
+    cache = Cache(layers=[DynamicLayer()])  # no layer class to replicate: the block copies
+    _claim_cache(cache, ("rk4", 2, "uniform"), 8, 5)
+    assert len(cache.layers) == 8 and cache._odeify == (("rk4", 2, "uniform"), 5)
+    assert len({id(layer) for layer in cache.layers}) == 8
+    _claim_cache(cache, ("rk4", 2, "uniform"), 8, 1)  # the next token, same grid
+    assert len(cache.layers) == 8 and cache._odeify == (("rk4", 2, "uniform"), 6)
+    # Claimed but never filled (no tokens yet): another grid may still take it.
+    empty = DynamicCache()
+    _claim_cache(empty, ("rk4", 2, "uniform"), 8, 0)
+    _claim_cache(empty, ("euler", 3, "uniform"), 3, 4)
+    assert empty._odeify == (("euler", 3, "uniform"), 4) and empty.layers == []
+    assert _claim_error(Cache(layers=[]), ("euler", 3, "uniform")) == (
+        "past_key_values has no layers to replicate; pass a DynamicCache()"
+    )
+
+
+def test_a_kv_cache_of_another_grid_is_refused_in_full():
+    from transformers.cache_utils import DynamicCache
+
+    from odeify.block import _claim_cache
+
+    stock = DynamicCache()
+    stock.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), 0)  # one token is enough
+    assert _claim_error(stock, ("rk4", 2, "uniform")) == (
+        "past_key_values already holds keys that odeify did not write (e.g. from the original "
+        "model); pass past_key_values=None to start a new cache"
+    )
+    adaptive = DynamicCache()
+    _claim_cache(adaptive, ("dopri5", None, None), 0, 3)
+    assert _claim_error(adaptive, ("dopri5", None, None)) == (
+        "scheme 'dopri5' is integrated by torchdiffeq, which keeps no KV cache: call "
+        "generate(..., use_cache=False) or use a native fixed-grid scheme"
+    )
+    filled = DynamicCache()
+    _claim_cache(filled, ("rk4", 2, "uniform"), 8, 3)
+    assert _claim_error(filled, ("rk4", 2, "calibrated")) == (
+        "this KV cache was filled under another schedule of 2 steps of 'rk4' (calibrated or "
+        "uniform, see odeify.steps(..., schedule=)); its keys belong to that grid's times. Start "
+        "a new cache (past_key_values=None) or restore it."
+    )
+    assert _claim_error(filled, ("euler", 3, "uniform")) == (
+        "this KV cache was filled at 2 steps of 'rk4' but the model now runs 3 steps of "
+        "'euler'; a cache holds one slot per step and stage, so it is valid for one grid only. "
+        "Start a new cache (past_key_values=None) or restore the steps."
+    )
+    assert "now runs adaptive steps of 'dopri5'" in _claim_error(filled, ("dopri5", None, None))
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_torchdiffeq_gets_the_method_grid_tolerances_and_trainable_parameters(
+    make_gpt2, monkeypatch, adjoint
+):
+    import odeify.block as block_module
+
+    calls = []
+
+    def spy(name):
+        real = getattr(block_module, name)
+
+        def wrapper(field, x, t, **kwargs):
+            calls.append((name, t.tolist(), kwargs))
+            return real(field, x, t, **kwargs)
+
+        monkeypatch.setattr(block_module, name, wrapper)
+
+    spy("odeint")
+    spy("odeint_adjoint")
+    model = odeify(make_gpt2(), progress=False)
+    block = get_block(model)
+    block.ode.update(rtol=2e-3, atol=3e-4, adjoint=adjoint)
+    block.basis_tensor("ln_1.weight").requires_grad_(False)
+    with torch.no_grad():
+        model(IDS, use_cache=False, ode_scheme="dopri5")
+        model(IDS, use_cache=False, ode_scheme="torchdiffeq:euler", ode_steps=4)
+    name = "odeint_adjoint" if adjoint else "odeint"
+    assert [c[:2] for c in calls] == [(name, [0.0, 1.0])] * 2
+    dopri5, euler = (c[2] for c in calls)
+    params = dopri5.pop("adjoint_params", None)
+    euler.pop("adjoint_params", None)
+    assert dopri5 == {"method": "dopri5", "rtol": 2e-3, "atol": 3e-4}
+    assert euler == {"method": "euler", "options": {"step_size": 0.25}}
+    if adjoint:  # the parameters that train, the frozen one left out
+        trainable = [p for p in block.parameters() if p.requires_grad]
+        assert len(params) == len(trainable) == len(list(block.parameters())) - 1
+        assert all(a is b for a, b in zip(params, trainable, strict=True))
+
+
+def test_schedule_for_serves_a_stored_schedule_of_its_scheme_and_warns_once_otherwise(make_gpt2):
+    import warnings
+
+    from odeify.schedule import Schedule
+    from odeify.schemes import resolve_solver
+
+    block = _block(make_gpt2)
+    sequential, euler = resolve_solver("sequential"), resolve_solver("euler")
+    odd = Schedule([0.0, 0.3], [1.0, 0.7, 1.6, 1.2], 4)  # 2 sequential steps, 2 gains each
+    block.ode.update(schedules={"2": odd.to_dict()})
+    assert block.schedule_for(sequential, 2).key == odd.key
+    assert block.schedule_for(sequential, 2, "uniform").key == Schedule.uniform(2, 4).key
+    with pytest.warns(UserWarning) as record:
+        stored_for_another = block.schedule_for(euler, 2)
+        block.schedule_for(euler, 2)  # said once per (scheme, N)
+        block.schedule_for(sequential, 3)
+    assert stored_for_another.key == Schedule.uniform(2, 4, "euler").key
+    tail = "; running the uniform grid. Calibrate it with odeify.calibrate(model, steps=[...])."
+    assert [str(w.message) for w in record] == [
+        "no calibrated 'euler' schedule for 2 steps (calibrated: 2)" + tail,
+        "no calibrated 'sequential' schedule for 3 steps (calibrated: 2)" + tail,
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert block.schedule_for(sequential, 4).key == Schedule.uniform(4, 4).key  # N = L
+        block.ode.update(schedules={}, discrete_ends=1)
+        assert block.schedule_for(sequential, 3).key == Schedule.discrete_ends(3, 4, 1).key
+
+
+def test_torchdiffeq_claims_a_kv_cache_for_no_slots_and_counts_its_tokens(make_gpt2):
+    from transformers.cache_utils import Cache
+
+    block = _block(make_gpt2)
+    cache = Cache(layers=[])  # nothing to replicate: fine for a run that needs no slot
+    with torch.no_grad():
+        block(hidden_states=torch.randn(1, 3, 32), past_key_values=cache, ode_scheme="dopri5")
+    assert cache._odeify == (("dopri5", None, None), 3)
+
+
+def test_an_adaptive_solver_refuses_half_precision_in_full(make_gpt2):
+    block = _block(make_gpt2)
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        block(hidden_states=torch.randn(1, 3, 32, dtype=torch.bfloat16), ode_scheme="dopri5")
+    assert str(error.value) == (
+        "the adaptive solver 'dopri5' cannot run a torch.bfloat16 model: its step-size control "
+        "underflows ('underflow in dt'); use model.float() or a fixed-grid scheme"
+    )
+
+
+def test_per_sample_counts_follow_the_schedule_choice(make_gpt2):
+    from odeify.schedule import Schedule
+
+    model = odeify(make_gpt2(), progress=False)
+    odd = Schedule([0.0, 0.3], [1.0, 0.7, 1.6, 1.2], 4)  # a stored schedule for 2 steps
+    get_block(model).ode.update(schedules={"2": odd.to_dict()})
+
+    def logits(ids, counts, **kw):
+        with torch.no_grad():
+            return model(ids, use_cache=False, ode_steps=counts, **kw).logits
+
+    both = logits(IDS, torch.tensor([2, 4]), ode_schedule="uniform")
+    alone = logits(IDS[:1], 2, ode_schedule="uniform")
+    calibrated = logits(IDS[:1], 2)
+    # Per-sample runs go through time_linear: the same sums in another order (float32).
+    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
+    assert (alone - calibrated).abs().max() > 1e-2  # the choice matters at 2 steps

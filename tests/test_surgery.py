@@ -10,7 +10,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel, Qwen2Config
 from transformers.pytorch_utils import Conv1D
 
-from odeify import adapters, materialize, odeify, save_pretrained
+from odeify import adapters, get_block, materialize, odeify, save_pretrained, set_steps
 from odeify.block import ODEBlock
 from odeify.family import Family, Projection
 from odeify.surgery import (
@@ -225,3 +225,51 @@ def test_layer_shapes_refuse_blocks_that_differ():
     model.layers[1].mlp.up_proj = nn.Linear(16, 8, bias=False)
     with pytest.raises(ValueError, match="block 1 has different parameters"):
         layer_shapes(model)
+
+
+# odeify's and materialize's refusals in full (a partial match lets a mangled message pass), and
+# the defaults odeify fills in.
+def _error(call, error=ValueError):
+    with pytest.raises(error) as raised:
+        call()
+    return str(raised.value)
+
+
+def test_odeify_refusals_in_full(make_gpt2, tmp_path):
+    base = make_gpt2()
+    assert _error(lambda: materialize(base, steps=3)) == (
+        "GPT2LMHeadModel is not odeified: call odeify(model) first"
+    )
+    assert _error(lambda: odeify(tmp_path, init="none")) == (
+        "init='none' builds on a model in memory; a checkpoint path is fitted (init='fit'): load "
+        "the model first for the other inits"
+    )
+    assert _error(lambda: odeify(base, dtype=torch.half, device="cpu"), TypeError) == (
+        "odeify(model, device=...) applies when odeify is given a checkpoint path; for a model in "
+        "memory, move or cast it with model.to(...) first"
+    )
+    assert _error(lambda: odeify(base, init="zeros")) == (
+        "init must be one of ('fit', 'random', 'none'), got 'zeros'"
+    )
+    for bad in (0, True, 2.0):
+        assert _error(lambda bad=bad: odeify(base, num_basis=bad)) == (
+            f"num_basis (K) must be an integer >= 1, got {bad!r}"
+        )
+    assert _error(lambda: odeify(base, basis="chebyshev", init="random")) == (
+        "init='random' builds DiffEqFormer's learned time units: use basis='fourier'. With the "
+        "fixed basis 'chebyshev', init='fit' on a freshly built model fits its random layers"
+    )
+    odeified = odeify(base, progress=False)
+    assert _error(lambda: odeify(odeified)) == (
+        "this model is already odeified; use odeify.steps(...) to retarget it"
+    )
+    assert _error(lambda: set_steps(odeified, [2, 3]), TypeError) == (
+        "set_steps saves one step count; use odeify.steps(...) for per-sample counts"
+    )
+
+
+def test_odeify_fills_in_the_defaults_and_keeps_the_training_mode(make_gpt2):
+    fitted = get_block(odeify(make_gpt2().train(), progress=False))
+    assert (fitted.ode.scheme, fitted.ode.num_basis, fitted.training) == ("sequential", 4, True)
+    fresh = get_block(odeify(make_gpt2(), basis="fourier", init="random", progress=False))
+    assert (fresh.ode.scheme, fresh.ode.num_basis, fresh.training) == ("euler", 21, False)
