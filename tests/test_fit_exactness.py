@@ -145,7 +145,12 @@ def test_an_inexact_fit_names_its_worst_parameter():
 
 def test_the_basis_tree_shows_the_original_parameter_names_and_shapes():
     wf = WeightFunction(_SHAPES, "hat", 4, 4, {}, lambda name: "mlp")
-    assert repr(wf.basis) == "_ParamTree(\n  (fc): _ParamTree(weight: [4, 3, 2], bias: [4, 3])\n)"
+    # A linear's tree also says what to use for LoRA: peft quotes it when a LoraConfig targets it.
+    leaf = (
+        "_ParamTree(weight: [4, 3, 2], bias: [4, 3]; W(t) over 4 basis tensors, not an nn.Linear: "
+        "for LoRA use odeify.lora_config(model))"
+    )
+    assert repr(wf.basis) == f"_ParamTree(\n  (fc): {leaf}\n)"
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
