@@ -140,7 +140,7 @@ def calibrate(
             layers = None if init == UNIFORM else initial_layers(states, n, init, ends)
             initial, residuals = _initial(model, n, layers), []
             if correction is not None:
-                windows = _spread(tokens, correction_tokens, seq_len)
+                windows = spread_windows(tokens, correction_tokens, seq_len)
                 initial, residuals = fit_linear_correction(
                     model, initial, windows, ridge=ridge, forcing=forcing, progress=progress
                 )
@@ -201,9 +201,14 @@ def _check_correction(
         raise ValueError(f"correction_tokens must be an integer >= 1, got {tokens!r}")
 
 
-def _spread(tokens: Tensor, count: int, seq_len: int) -> Tensor:
+def spread_windows(tokens: Tensor, count: int, seq_len: int) -> Tensor:
     """ceil(count / seq_len) windows [W, seq_len] spread evenly over the corpus (as many as fit
-    without overlapping when it is shorter): the fit sees all of the text, not one part."""
+    without overlapping when it is shorter): the fit sees all of the text, not one part.
+
+    Example:
+        >>> spread_windows(torch.arange(100), 40, 10)[:, 0].tolist()
+        [0, 30, 60, 90]
+    """
     wanted = max(1, math.ceil(count / seq_len))
     fit = max(1, len(tokens) // seq_len)
     starts = np.linspace(0, len(tokens) - seq_len, min(wanted, fit)).round().astype(int)
