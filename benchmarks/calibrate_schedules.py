@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--corrected", default="", help="e.g. dp:closed,dp:refined,bi:closed")
     parser.add_argument("--correction-tokens", type=int, default=32_768)
     parser.add_argument("--ridge", type=float, default=1e-3)
-    parser.add_argument("--forcing", default="teacher")
+    parser.add_argument("--forcing", default="student", choices=["student", "teacher"])
     parser.add_argument("--correction-lr", type=float, default=1e-4)
     parser.add_argument("--baseline", action="store_true", help="with --corrected: dp + gains too")
     parser.add_argument("--no-original", action="store_true", help="skip the N = L rows")

@@ -49,7 +49,7 @@ from .schemes import check_steps, resolve_solver
 
 INITS = ("dp", "bi", "angular", "uniform")
 CORRECTIONS = (LINEAR,)
-FORCINGS = ("teacher", "student")
+FORCINGS = ("student", "teacher")
 
 
 @dataclass
@@ -86,7 +86,7 @@ def calibrate(
     correction: str | None = None,
     correction_tokens: int = 32_768,
     ridge: float = 1e-3,
-    forcing: str = "teacher",
+    forcing: str = "student",
     learn_correction: bool = True,
     correction_lr: float = 1e-4,
 ) -> dict[int, Calibration]:
@@ -107,8 +107,10 @@ def calibrate(
             ``seq_len`` spread evenly over the corpus; all of it when shorter). d^2 unknowns
             per step want many more tokens than d to stay clear of overfitting.
         ridge: lambda / (mean eigenvalue of X^T X): the pull of T towards the identity.
-        forcing: the input of step i while fitting: 'teacher' (the original's state where step i
-            starts) or 'student' (the corrected N-step model's own state there).
+        forcing: the input of step i while fitting: 'student' (the corrected N-step model's own
+            state there, fitted step after step, so a step also undoes the error of the jumps
+            before it; SmolLM2, N = 15: 174.5 held-out perplexity) or 'teacher' (the original's
+            state where step i starts; 770.5 there, benchmarks/RESULTS.md).
         learn_correction, correction_lr: whether Adam (when it runs) refines the matrices too,
             and its learning rate for them (entries of T move by about this much per step).
 
@@ -487,15 +489,15 @@ def fit_linear_correction(
     windows: Tensor,
     *,
     ridge: float = 1e-3,
-    forcing: str = "teacher",
+    forcing: str = "student",
     batch_windows: int = 8,
     progress: bool = False,
 ) -> tuple[Schedule, list[tuple[float, float]]]:
     """Fit the linear correction of a ``sequential`` schedule whose steps start at layers of the
     original (times l_i / L), in closed form on token windows [W, S].
 
-    For step i the step's input is the original's state x_{l_i} (``forcing="teacher"``) or the
-    corrected N-step model's own state (``"student"``, fitted step after step); with h its state
+    For step i the step's input is the corrected N-step model's own state (``forcing="student"``,
+    fitted step after step) or the original's state x_{l_i} (``"teacher"``); with h its state
     after the attention update and u its MLP update (times the gain), T_i solves
     ``u T ~ x_{l_{i+1}} - h`` by :class:`LinearFit` (x_{l_N} the original's last state).
 
