@@ -407,13 +407,12 @@ def _fit(
         {"params": [p for p in (params.z, params.gains) if p.requires_grad], "lr": lr},
         {"params": [p for p in params.matrices() if p.requires_grad], "lr": correction_lr},
     ]
+    # The matrices get their own learning rate: entries of T near 1 (diagonal) or ~1 / sqrt(d)
+    # (off it), where a gain's lr would move the whole d x d map by about lr x sqrt(d) a step.
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.Adam(groups) if groups else None
-    trainable = groups
     result = Calibration(steps, start, layers)
-    bar = tqdm(
-        range(iters if trainable else 0), desc=f"calibrating N = {steps}", disable=not progress
-    )
+    bar = tqdm(range(iters if groups else 0), desc=f"calibrating N = {steps}", disable=not progress)
     device = next(model.parameters()).device
     for i in bar:
         ids = batches.get(i).to(device)

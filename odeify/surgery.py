@@ -247,8 +247,9 @@ def _fill_layers(
 
 def _compose(w: Tensor, t: Tensor) -> Tensor:
     """The MLP output projection whose output y is replaced by y T (row vectors): a weight in
-    odeify's layout [out, in] (y = x W^T + b) becomes T^T W, a bias b T. Done in float64, the
-    way the ODE block's y @ T rounds only once more (materialize's equality)."""
+    odeify's layout [out, in] (y = x W^T + b) becomes T^T W, a bias b T. The product is taken
+    in float64 so that the folded weight is rounded once, to the model's dtype: the stock layer
+    then matches the ODE block's (x W^T) T to that dtype's rounding."""
     t = t.to(device=w.device, dtype=torch.float64)
     wide = w.double()
     out = t.T @ wide if w.dim() == 2 else wide @ t
