@@ -247,8 +247,10 @@ def materialize(model: nn.Module, steps: int, schedule: str | None = None) -> nn
     """A stock transformers model with ``steps`` layers equal to the ODE model at that many
     ``sequential`` steps of its schedule: layer i holds W(t_i), its attention and MLP output
     projections scaled by the step's two gains (uniform: t_i = i / steps and L / steps; or the
-    calibrated schedule of that count, or the grid of ``discrete_ends``). ``schedule`` forces
-    'uniform' or 'calibrated' (default: the model's setting).
+    calibrated schedule of that count, or the grid of ``discrete_ends``). A calibrated
+    schedule's linear correction folds into the MLP output projections: layer i's becomes
+    T_i^T W (bias b T_i). ``schedule`` forces 'uniform' or 'calibrated' (default: the model's
+    setting).
 
     Example:
         >>> plain = odeify.materialize(model, steps=2)
@@ -273,7 +275,9 @@ def materialize(model: nn.Module, steps: int, schedule: str | None = None) -> nn
     times, _ = plan.stage_times(sequential.native.offsets)
     weights = block.weights_at(times)
     layer = lambda i: {name: w[i] for name, w in weights.items()}
-    return stock_model(model, count, layer, [plan.step_gains(i) for i in range(count)])
+    gains = [plan.step_gains(i) for i in range(count)]
+    corrections = [plan.step_correction(i) for i in range(count)]
+    return stock_model(model, count, layer, gains, corrections)
 
 
 def _refuse_peft_wrapper(model: nn.Module) -> None:

@@ -31,7 +31,7 @@ from transformers.utils.output_capturing import _active_collector
 from . import local, lora_hooks
 from .config import ODEConfig, ODESettings
 from .family import Family, Stage
-from .schedule import CALIBRATED, CHOICES, Schedule
+from .schedule import CALIBRATED, CHOICES, Schedule, correction_size
 from .schemes import Solver, check_sample_steps, check_steps, resolve_solver
 from .weight_function import WeightFunction, _get
 from .weights import PerSampleWeights, Weights
@@ -86,7 +86,48 @@ class ODEBlock(WeightFunction):
         # The unit transformers' activation_checkpointing_enable() checkpoints: one solver step.
         self.stepper = _Step()
         self._warned: set[tuple[str, int]] = set()  # (scheme, N) told they run uniform
+        # The matrices of the schedules' linear corrections, buffers "n<N>" [N, d, d] saved with
+        # the weights: registered here from the settings' descriptions so that a checkpoint's
+        # skeleton (and transformers' loader) expects exactly the tensors that were saved.
+        # Identity until loaded or calibrated: an unloaded correction changes nothing.
+        self.corrections = nn.Module()
+        for steps, data in ode.schedules.items():
+            size = correction_size(data.get("correction"))
+            if size is not None:
+                self._check_width(size, f"the schedule of {steps} steps has a correction for")
+                eye = torch.eye(size, dtype=dtype, device=device)
+                self.corrections.register_buffer(f"n{steps}", eye.repeat(int(steps), 1, 1))
         lora_hooks.attach(self)
+
+    def _check_width(self, size: int, what: str) -> None:
+        width = getattr(self.config, "hidden_size", None)
+        if width is not None and size != width:
+            raise ValueError(
+                f"{what} hidden size {size}; the model has {width}. Calibrate it again for "
+                "this model (odeify.calibrate)"
+            )
+
+    def store_schedule(self, schedule: Schedule) -> None:
+        """Save a schedule as the calibrated one of its step count: its dict in the settings
+        (``schedules``), its correction matrices (if any) in the buffer ``corrections.n<N>``;
+        a schedule without one removes an earlier correction of that count.
+
+        Example:
+            >>> block.store_schedule(Schedule.from_layers([0, 2], num_layers=4))  # doctest: +SKIP
+            >>> block.ode.schedules["2"]["times"]                                 # doctest: +SKIP
+            [0.0, 0.5]
+        """
+        schedule.check_layers(self.ode.num_layers)
+        name = f"n{schedule.steps}"
+        if schedule.correction is not None:
+            self._check_width(schedule.hidden_size, "this schedule's correction is for")
+            like = next(self.basis.parameters())
+            value = schedule.correction.detach().to(like.device, like.dtype)
+            self.corrections.register_buffer(name, value.clone().contiguous())
+        elif name in self.corrections._buffers:
+            del self.corrections._buffers[name]
+        saved = {**self.ode.schedules, str(schedule.steps): schedule.to_dict()}
+        self.ode.update(schedules=saved)
 
     @property
     def ode(self) -> ODESettings:
@@ -227,6 +268,8 @@ class ODEBlock(WeightFunction):
         choice = ode.schedule if choice is None else choice
         if isinstance(choice, Schedule):
             choice.check_layers(ode.num_layers)
+            if choice.correction is not None:
+                self._check_width(choice.hidden_size, "this schedule's correction is for")
             if choice.steps != steps or choice.scheme != solver.name:
                 raise ValueError(
                     f"the schedule given has {choice.steps} steps of {choice.scheme!r}; the run "
@@ -238,7 +281,16 @@ class ODEBlock(WeightFunction):
         saved = ode.schedules if choice == CALIBRATED else {}
         data = saved.get(str(steps))
         if data is not None and data.get("scheme", "sequential") == solver.name:
-            return Schedule.from_dict(data)
+            correction = None
+            if data.get("correction") is not None:
+                correction = self.corrections._buffers.get(f"n{steps}")
+                if correction is None:
+                    raise ValueError(
+                        f"the calibrated schedule of {steps} steps has a linear correction but "
+                        "the model holds no matrices for it (the settings were edited, or "
+                        "copied without the weights); calibrate it again"
+                    )
+            return Schedule.from_dict(data, correction=correction)
         if saved and steps != ode.num_layers and (solver.name, steps) not in self._warned:
             self._warned.add((solver.name, steps))
             warnings.warn(
@@ -257,6 +309,8 @@ class ODEBlock(WeightFunction):
         scheme, counts = run.solver.native, run.per_sample
         schedules = {n: self.schedule_for(run.solver, n, choice) for n in set(counts.tolist())}
         times, gains = [], []
+        if any(s.correction is not None for s in schedules.values()):
+            run.sample_schedules = [schedules[n] for n in counts.tolist()]
         for n in counts.tolist():
             schedule = schedules[n]
             t, index = schedule.stage_times(scheme.offsets)
@@ -421,6 +475,7 @@ class _Run:
         self.per_sample: Tensor | None = None  # [B] step counts when samples have their own grids
         self.sample_times: Tensor | None = None  # [B, steps * stages] with per-sample counts
         self.sample_gains: Tensor | None = None  # [B, steps, gains per step]
+        self.sample_schedules: list[Schedule] | None = None  # when some have a correction
         # Basis tensors with the low-rank update of this call (steps read them per sample and in
         # torchdiffeq, possibly again in backward, after the forward has emptied the slot).
         self.basis = block.adapted_basis()
@@ -463,7 +518,12 @@ class _StepField:
 
     def mlp(self, x: Tensor, stage: int) -> Tensor:
         w, step = self._at(stage)
-        return self.run.block.family.mlp(x, w, step)
+        return self._corrected(self.run.block.family.mlp(x, w, step))
+
+    def _corrected(self, update: Tensor) -> Tensor:
+        # The schedule's linear correction of this step's MLP update, M T_i (row vectors).
+        t = self.run.schedule.step_correction(self.i)
+        return update if t is None else update @ t.to(update.dtype)
 
     def __call__(self, x: Tensor, stage: int) -> Tensor:
         w, step = self._at(stage)
@@ -483,6 +543,19 @@ class _PerSampleStepField(_StepField):
         t = run.sample_times[:, slot].to(run.per_sample.device)
         w = PerSampleWeights(block.coefficients(t), run.basis, block.group)
         return w, run.stage(t, slot)
+
+    def _corrected(self, update: Tensor) -> Tensor:
+        # Each sample's own T_i; the identity past its last step (its state is kept there) and
+        # for schedules without a correction.
+        schedules = self.run.sample_schedules
+        if schedules is None:
+            return update
+        eye = torch.eye(update.shape[-1], dtype=update.dtype, device=update.device)
+        t = [
+            eye if s.correction is None or self.i >= s.steps else s.correction[self.i]
+            for s in schedules
+        ]
+        return torch.bmm(update, torch.stack(t).to(update.dtype))
 
 
 class _TorchdiffeqField(nn.Module):

@@ -18,6 +18,14 @@ Initial nodes (``init=``), each from the recorded states x_0 .. x_L:
 - ``"angular"``: remove the contiguous block of L - N layers whose input and output states have
   the smallest mean angular distance (Gromov et al.);
 - ``"uniform"``: t_i = i / N with gains L / N (today's retargeting), the others start at gain 1.
+
+``correction="linear"`` adds a per-step linear correction (ReplaceMe-style): a step that stands
+in for several layers misses what the skipped layers added to the residual stream, so its MLP
+update u is replaced by u T_i, with T_i a d x d matrix fitted in closed form by ridge least
+squares on calibration activations (:func:`fit_linear_correction`): X the step's MLP updates,
+Y what the step should have added after its attention update (the original's state where the
+next step starts, minus the step's state after attention), T_i = argmin ||X T - Y||^2 +
+lambda ||T - I||^2. Adam then refines T_i with the gains (``learn_correction``) when it runs.
 """
 
 from __future__ import annotations
@@ -35,23 +43,30 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .api import get_block
-from .schedule import UNIFORM, Schedule
+from .block import _StepField
+from .schedule import LINEAR, UNIFORM, Schedule
 from .schemes import check_steps, resolve_solver
 
 INITS = ("dp", "bi", "angular", "uniform")
+CORRECTIONS = (LINEAR,)
+FORCINGS = ("student", "teacher")
 
 
 @dataclass
 class Calibration:
     """What calibrating one step count gave: the schedule, its initial layers (None for
-    ``init="uniform"``), the KL (nats per token) at each Adam step, seconds and peak memory."""
+    ``init="uniform"``), the KL (nats per token) at each Adam step, wall and CPU seconds, peak
+    memory and, with a linear correction, each step's relative least-squares residual
+    ||X T - Y||^2 / ||Y||^2 on the fitting tokens without (T = I) and with the correction."""
 
     steps: int
     schedule: Schedule
     layers: list[int] | None
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    residuals: list[tuple[float, float]] = field(default_factory=list)
 
 
 def calibrate(
@@ -68,6 +83,12 @@ def calibrate(
     seq_len: int = 256,
     seed: int = 0,
     progress: bool = True,
+    correction: str | None = None,
+    correction_tokens: int = 32_768,
+    ridge: float = 1e-3,
+    forcing: str = "student",
+    learn_correction: bool = True,
+    correction_lr: float = 1e-4,
 ) -> dict[int, Calibration]:
     """Calibrate the ``sequential`` schedules of some step counts and store them in the model.
 
@@ -80,18 +101,32 @@ def calibrate(
         iters, lr, batch_size, seq_len, seed: Adam steps, its learning rate, and the random
             windows of tokens each step sees (batch i is the same for every N).
         progress: a tqdm bar per step count.
+        correction: None, or 'linear': fit each step's d x d correction of its MLP update in
+            closed form (see the module docstring; needs layer initial nodes, not 'uniform').
+        correction_tokens: how many calibration tokens the least squares sees (windows of
+            ``seq_len`` spread evenly over the corpus; all of it when shorter). d^2 unknowns
+            per step want many more tokens than d to stay clear of overfitting.
+        ridge: lambda / (mean eigenvalue of X^T X): the pull of T towards the identity.
+        forcing: the input of step i while fitting: 'student' (the corrected N-step model's own
+            state there, fitted step after step, so a step also undoes the error of the jumps
+            before it; SmolLM2, N = 15: 174.5 held-out perplexity) or 'teacher' (the original's
+            state where step i starts; 770.5 there, benchmarks/RESULTS.md).
+        learn_correction, correction_lr: whether Adam (when it runs) refines the matrices too,
+            and its learning rate for them (entries of T move by about this much per step).
 
     Returns {N: :class:`Calibration`}; the schedules are in ``config.odeify["schedules"]``.
 
     Example:
         >>> ids = tokenizer(text, return_tensors="pt").input_ids[0]            # doctest: +SKIP
         >>> odeify.calibrate(model, steps=[15, 20], data=ids, iters=100)        # doctest: +SKIP
+        >>> odeify.calibrate(model, [15], ids, correction="linear", iters=0)  # doctest: +SKIP
         >>> with odeify.steps(model, 15):                                      # doctest: +SKIP
         ...     logits = model(ids[None]).logits        # the calibrated schedule of 15
     """
     block = get_block(model)
     num_layers, ends = block.ode.num_layers, block.ode.discrete_ends
     counts = _check(steps, num_layers, ends, init)
+    _check_correction(correction, init, forcing, ridge, correction_tokens)
     tokens = _tokens(data, batch_size, seq_len)
     batches = _Batches(tokens, batch_size, seq_len, seed)
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -103,13 +138,23 @@ def calibrate(
         states = _teacher_states(model, batches.get(0), num_layers)
         results = {}
         for n in counts:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             layers = None if init == UNIFORM else initial_layers(states, n, init, ends)
-            result = _fit(model, batches, n, layers, learn_gains, learn_times, iters, lr, progress)
+            initial, residuals = _initial(model, n, layers), []
+            if correction is not None:
+                windows = spread_windows(tokens, correction_tokens, seq_len)
+                initial, residuals = fit_linear_correction(
+                    model, initial, windows, ridge=ridge, forcing=forcing, progress=progress
+                )
+            learn = (learn_gains, learn_times, learn_correction)
+            result = _fit(
+                model, batches, n, initial, layers, learn, iters, lr, correction_lr, progress
+            )
+            result.residuals = residuals
             result.seconds = time.perf_counter() - start
+            result.cpu_seconds = time.process_time() - cpu
             result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            saved = {**block.ode.schedules, str(n): result.schedule.to_dict()}
-            block.ode.update(schedules=saved)
+            block.store_schedule(result.schedule)
             results[n] = result
     finally:
         for p in frozen:
@@ -136,6 +181,40 @@ def _check(steps: Sequence[int], num_layers: int, ends: int, init: str) -> list[
                 f"(the {ends} discrete layers at each end and one step between), got N = {n}"
             )
     return counts
+
+
+def _check_correction(
+    correction: str | None, init: str, forcing: str, ridge: float, tokens: int
+) -> None:
+    if correction is None:
+        return
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be None or one of {CORRECTIONS}, got {correction!r}")
+    if init == UNIFORM:
+        raise ValueError(
+            "a linear correction is fitted to the original's states at the layers where the "
+            "steps start; init='uniform' steps start between layers. Use 'dp', 'bi' or 'angular'"
+        )
+    if forcing not in FORCINGS:
+        raise ValueError(f"forcing must be one of {FORCINGS}, got {forcing!r}")
+    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"correction_tokens must be an integer >= 1, got {tokens!r}")
+
+
+def spread_windows(tokens: Tensor, count: int, seq_len: int) -> Tensor:
+    """ceil(count / seq_len) windows [W, seq_len] spread evenly over the corpus (as many as fit
+    without overlapping when it is shorter): the fit sees all of the text, not one part.
+
+    Example:
+        >>> spread_windows(torch.arange(100), 40, 10)[:, 0].tolist()
+        [0, 30, 60, 90]
+    """
+    wanted = max(1, math.ceil(count / seq_len))
+    fit = max(1, len(tokens) // seq_len)
+    starts = np.linspace(0, len(tokens) - seq_len, min(wanted, fit)).round().astype(int)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
 def _tokens(data, batch_size: int, seq_len: int) -> Tensor:
@@ -256,7 +335,14 @@ class _Parametrised(nn.Module):
     discrete ends) t = a + (b - a) cumsum(softmax(z)) between the fixed times a and b around
     them, so they stay strictly increasing in [0, 1) whatever Adam does."""
 
-    def __init__(self, start: Schedule, ends: int, learn_gains: bool, learn_times: bool):
+    def __init__(
+        self,
+        start: Schedule,
+        ends: int,
+        learn_gains: bool,
+        learn_times: bool,
+        learn_correction: bool = False,
+    ):
         super().__init__()
         self.start, n = start, start.steps
         times = start.starts
@@ -267,6 +353,14 @@ class _Parametrised(nn.Module):
         self.gains = nn.Parameter(
             torch.tensor(list(start.gains), dtype=torch.float32), requires_grad=learn_gains
         )
+        self.correction = None
+        if start.correction is not None:
+            self.correction = nn.Parameter(
+                start.correction.detach().clone(), requires_grad=learn_correction
+            )
+
+    def matrices(self) -> list[nn.Parameter]:
+        return [] if self.correction is None else [self.correction]
 
     def schedule(self) -> Schedule:
         times = self.start.starts
@@ -276,38 +370,49 @@ class _Parametrised(nn.Module):
             fixed = lambda values: torch.tensor(values, dtype=torch.float64)
             times = torch.cat([fixed(self.head), free, fixed(self.tail)])
         gains = self.gains if self.gains.requires_grad else list(self.start.gains)
-        return Schedule(times, gains, self.start.num_layers, "sequential")
+        return Schedule(
+            times, gains, self.start.num_layers, "sequential", correction=self.correction
+        )
 
     def final(self) -> Schedule:
         schedule = self.schedule()
         times, gains = schedule.to_dict()["times"], schedule.to_dict()["gains"]
-        return Schedule(times, gains, self.start.num_layers, "sequential")
+        correction = None if self.correction is None else self.correction.detach().clone()
+        return Schedule(times, gains, self.start.num_layers, "sequential", correction=correction)
+
+
+def _initial(model: nn.Module, steps: int, layers: list[int] | None) -> Schedule:
+    block = get_block(model)
+    if layers is None:
+        return block.schedule_for(resolve_solver("sequential"), steps, UNIFORM)
+    return Schedule.from_layers(layers, block.ode.num_layers)
 
 
 def _fit(
     model: nn.Module,
     batches: _Batches,
     steps: int,
+    start: Schedule,
     layers: list[int] | None,
-    learn_gains: bool,
-    learn_times: bool,
+    learn: tuple[bool, bool, bool],
     iters: int,
     lr: float,
+    correction_lr: float,
     progress: bool,
 ) -> Calibration:
     block = get_block(model)
     num_layers, ends = block.ode.num_layers, block.ode.discrete_ends
-    if layers is None:
-        start = block.schedule_for(resolve_solver("sequential"), steps, UNIFORM)
-    else:
-        start = Schedule.from_layers(layers, num_layers)
-    params = _Parametrised(start, ends, learn_gains, learn_times)
-    trainable = [p for p in params.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=lr) if trainable else None
+    params = _Parametrised(start, ends, *learn)
+    groups = [
+        {"params": [p for p in (params.z, params.gains) if p.requires_grad], "lr": lr},
+        {"params": [p for p in params.matrices() if p.requires_grad], "lr": correction_lr},
+    ]
+    # The matrices get their own learning rate: entries of T near 1 (diagonal) or ~1 / sqrt(d)
+    # (off it), where a gain's lr would move the whole d x d map by about lr x sqrt(d) a step.
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.Adam(groups) if groups else None
     result = Calibration(steps, start, layers)
-    bar = tqdm(
-        range(iters if trainable else 0), desc=f"calibrating N = {steps}", disable=not progress
-    )
+    bar = tqdm(range(iters if groups else 0), desc=f"calibrating N = {steps}", disable=not progress)
     device = next(model.parameters()).device
     for i in bar:
         ids = batches.get(i).to(device)
@@ -325,3 +430,140 @@ def _fit(
         bar.set_postfix(kl=f"{result.losses[-1]:.3f}")
     result.schedule = params.final()
     return result
+
+
+class LinearFit:
+    """Ridge least squares for one d x d correction, accumulated over batches in float64:
+    T = argmin ||X T - Y||^2 + lambda ||T - I||^2, i.e. (X^T X + lambda I) T = X^T Y + lambda I.
+
+    The ridge pulls T towards the identity (the uncorrected step), not towards zero, so a
+    direction the data never excites keeps the step's own update. lambda = ``ridge`` x the
+    mean eigenvalue of X^T X (trace / d): scale-free, so one value serves every step and model
+    (MLP updates differ by orders of magnitude in norm between layers).
+
+    Example:
+        >>> x = torch.randn(500, 4, dtype=torch.float64)
+        >>> t = torch.randn(4, 4, dtype=torch.float64)
+        >>> fit = LinearFit(4)
+        >>> fit.add(x, x @ t)
+        >>> torch.allclose(fit.solve(ridge=0.0), t)
+        True
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.xx = torch.zeros(size, size, dtype=torch.float64)
+        self.xy = torch.zeros(size, size, dtype=torch.float64)
+        self.yy = 0.0
+        self.count = 0
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        """Add rows: x, y [..., d] (the same leading shape)."""
+        x = x.reshape(-1, self.size).to("cpu", torch.float64)
+        y = y.reshape(-1, self.size).to("cpu", torch.float64)
+        self.xx += x.T @ x
+        self.xy += x.T @ y
+        self.yy += float((y * y).sum())
+        self.count += x.shape[0]
+
+    def solve(self, ridge: float) -> Tensor:
+        """T [d, d] (float64)."""
+        if self.count == 0:
+            raise ValueError("no rows to fit a correction to")
+        eye = torch.eye(self.size, dtype=torch.float64)
+        lam = ridge * float(torch.trace(self.xx)) / self.size
+        return torch.linalg.solve(self.xx + lam * eye, self.xy + lam * eye)
+
+    def residual(self, t: Tensor) -> float:
+        """||X T - Y||^2 / ||Y||^2 over the rows added."""
+        t = t.to(torch.float64)
+        sq = float(torch.trace(t.T @ self.xx @ t) - 2 * torch.trace(t.T @ self.xy)) + self.yy
+        return max(sq, 0.0) / max(self.yy, 1e-300)
+
+
+@torch.no_grad()
+def fit_linear_correction(
+    model: nn.Module,
+    schedule: Schedule,
+    windows: Tensor,
+    *,
+    ridge: float = 1e-3,
+    forcing: str = "student",
+    batch_windows: int = 8,
+    progress: bool = False,
+) -> tuple[Schedule, list[tuple[float, float]]]:
+    """Fit the linear correction of a ``sequential`` schedule whose steps start at layers of the
+    original (times l_i / L), in closed form on token windows [W, S].
+
+    For step i the step's input is the corrected N-step model's own state (``forcing="student"``,
+    fitted step after step) or the original's state x_{l_i} (``"teacher"``); with h its state
+    after the attention update and u its MLP update (times the gain), T_i solves
+    ``u T ~ x_{l_{i+1}} - h`` by :class:`LinearFit` (x_{l_N} the original's last state).
+
+    Returns the schedule with the correction, and each step's relative residual before (T = I)
+    and after. The model is not changed (store the schedule with ``block.store_schedule``).
+
+    Example:
+        >>> start = Schedule.from_layers([0, 2], num_layers=4)                # doctest: +SKIP
+        >>> fixed, residuals = fit_linear_correction(model, start, ids.view(-1, 16))  # doctest: +SKIP
+        >>> fixed.correction.shape                                               # doctest: +SKIP
+        torch.Size([2, 32, 32])
+    """
+    if forcing not in FORCINGS:
+        raise ValueError(f"forcing must be one of {FORCINGS}, got {forcing!r}")
+    if schedule.scheme != "sequential":
+        raise ValueError(
+            f"a linear correction is for 'sequential' schedules, not {schedule.scheme!r}"
+        )
+    block = get_block(model)
+    num_layers = block.ode.num_layers
+    schedule.check_layers(num_layers)
+    layers = [round(t * num_layers) for t in schedule.starts]
+    if any(
+        abs(t * num_layers - layer) > 1e-6 for t, layer in zip(schedule.starts, layers, strict=True)
+    ):
+        raise ValueError(
+            f"a linear correction is fitted where the steps start on the original's layers; "
+            f"this schedule's steps start between layers (times {schedule.starts})"
+        )
+    plain = Schedule(schedule.starts, list(schedule.gains), num_layers, "sequential", schedule.name)
+    bounds = [*layers, num_layers]
+    device = next(model.parameters()).device
+    # Per batch of windows: the original's states at the step bounds, and the bound N-step run.
+    batches = []
+    for ids in windows.split(batch_windows):
+        ids = ids.to(device)
+        with block.recording() as after:
+            out = model(
+                ids, use_cache=False, output_hidden_states=True, **_run(num_layers, UNIFORM)
+            )
+        states = [out.hidden_states[0], *after]
+        targets = {layer: states[layer].float() for layer in set(bounds)}
+        del states, after, out
+        with block.capture() as calls:
+            model(ids, use_cache=False, **_run(schedule.steps, plain))
+        batches.append([targets, calls[0].run, targets[0]])
+    size = batches[0][0][0].shape[-1]
+    matrices, residuals = [], []
+    for i in tqdm(range(schedule.steps), desc="fitting corrections", disable=not progress):
+        fit, updates = LinearFit(size), []
+        g_attn, g_mlp = plain.step_gains(i)
+        for targets, run, state in batches:
+            x = targets[bounds[i]] if forcing == "teacher" else state
+            field = _StepField(run, i)
+            h = x + field.attention(x, 0) * g_attn
+            u = field.mlp(h, 0) * g_mlp
+            fit.add(u, targets[bounds[i + 1]] - h)
+            updates.append((h, u))
+        t = fit.solve(ridge)
+        residuals.append((fit.residual(torch.eye(size)), fit.residual(t)))
+        matrices.append(t)
+        if forcing == "student":
+            t = t.to(device, batches[0][0][0].dtype)
+            for batch, (h, u) in zip(batches, updates, strict=True):
+                batch[2] = h + u @ t
+    correction = torch.stack(matrices).to(next(block.basis.parameters()).dtype)
+    fixed = Schedule(
+        plain.starts, list(plain.gains), num_layers, "sequential", plain.name, correction=correction
+    )
+    return fixed, residuals

@@ -306,6 +306,10 @@ def cmd_calibrate(args) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         seed=args.seed,
+        correction=args.correction,
+        correction_tokens=args.correction_tokens,
+        ridge=args.ridge,
+        forcing=args.forcing,
     )
     for n, result in results.items():
         kl = f"KL {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else ""
@@ -522,7 +526,7 @@ def _add_generate(sub) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    from .calibrate import INITS
+    from .calibrate import CORRECTIONS, FORCINGS, INITS
 
     p = sub.add_parser(
         "calibrate", help="learn step schedules (times and gains, weights frozen) for some N"
@@ -537,6 +541,23 @@ def _add_calibrate(sub) -> None:
     )
     p.add_argument("--init", default="dp", choices=INITS, help="initial nodes (default: dp)")
     p.add_argument("--fixed-times", action="store_true", help="learn the gains only")
+    p.add_argument(
+        "--correction",
+        default=None,
+        choices=CORRECTIONS,
+        help="also fit a d x d linear correction of each step's MLP update in closed form "
+        "(then refined with the gains by the Adam steps; --iters 0 keeps the closed form)",
+    )
+    p.add_argument(
+        "--correction-tokens", type=int, default=32_768, help="tokens the correction is fitted on"
+    )
+    p.add_argument("--ridge", type=float, default=1e-3, help="the correction's pull towards I")
+    p.add_argument(
+        "--forcing",
+        default="student",
+        choices=FORCINGS,
+        help="fit each step on the corrected model's own state (student) or the original's",
+    )
     p.add_argument("--iters", type=int, default=100, help="Adam steps per step count")
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--batch-size", type=int, default=2)

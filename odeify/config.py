@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from . import local
-from .schedule import CHOICES, Schedule
+from .schedule import CHOICES, Schedule, correction_size
 from .schemes import check_sample_steps, check_steps, resolve_solver, spans
 
 # Bumped whenever the saved layout changes; `from_pretrained` refuses other versions.
@@ -83,7 +83,8 @@ class ODEConfig:
         default_factory=dict,
         metadata={
             "help": "Calibrated step schedules by step count ({'15': Schedule.to_dict()}), "
-            "written by odeify.calibrate: step start times and one gain per stage update."
+            "written by odeify.calibrate: step start times, one gain per stage update and, with "
+            "a linear correction, its description (the matrices are the block's `corrections`)."
         },
     )
     rtol: float = field(default=1e-3, metadata={"help": "Relative tolerance of adaptive solvers."})
@@ -113,7 +114,11 @@ class ODEConfig:
         if self.schedule not in CHOICES:
             raise ValueError(f"schedule must be one of {CHOICES}, got {self.schedule!r}")
         for steps, data in self.schedules.items():
-            schedule = Schedule.from_dict(data)
+            # A correction's matrices are tensors of the model, not of this dict: here only
+            # its description is checked (the block checks the matrices against it).
+            plain = {k: v for k, v in data.items() if k != "correction"}
+            correction_size(data.get("correction"))
+            schedule = Schedule.from_dict(plain)
             schedule.check_layers(self.num_layers)
             if str(schedule.steps) != steps:
                 raise ValueError(

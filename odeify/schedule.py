@@ -9,6 +9,12 @@ one step size per step (N). The uniform schedule (t_i = i / N, gains L / N) is w
 one layer long at the layer times, gain 1, the middle sharing the rest), and calibrated
 schedules (:func:`odeify.calibrate`) are stored in the model's ODE settings, one per N.
 
+A ``sequential`` schedule may also carry a linear correction (ReplaceMe-style): one d x d matrix
+T_i per step, applied to the step's MLP update, y = h + g M(h) T_i (row vectors), so a step that
+stands in for several layers can add what the skipped ones would have. The matrices are tensors:
+the saved dict holds only their description (``{"kind": "linear", "hidden_size": d}``) and the
+model keeps them with its weights (the ODE block's ``corrections`` buffers, in the safetensors).
+
 Times and gains are floats, or tensors while :func:`odeify.calibrate` learns them (the weights
 of the grid and the updates then stay in the autograd graph).
 """
@@ -28,6 +34,7 @@ from .schemes import layer_bounds, resolve_solver, spans
 UNIFORM = "uniform"
 CALIBRATED = "calibrated"
 CHOICES = (CALIBRATED, UNIFORM)
+LINEAR = "linear"  # the one kind of correction: a d x d matrix per step
 
 
 def _floats(values) -> list[float]:
@@ -50,6 +57,8 @@ class Schedule:
         name: what made it ('uniform', 'discrete_ends', 'calibrated', ...), for messages.
         unit: the unit of ``times`` (1: they are the times). The uniform grid gives step
             numbers i in units of N, so a stage time is the one quotient (i + c) / N.
+        correction: None, or [N, d, d]: step i's MLP update (after its gain) is multiplied on
+            the right by ``correction[i]`` (``sequential`` only; see the module docstring).
 
     Example:
         >>> s = Schedule.uniform(3, num_layers=6)
@@ -65,6 +74,7 @@ class Schedule:
     scheme: str = "sequential"
     name: str = CALIBRATED
     unit: float = 1.0
+    correction: Tensor | None = None
 
     def __post_init__(self) -> None:
         solver = resolve_solver(self.scheme)
@@ -91,6 +101,41 @@ class Schedule:
             raise ValueError(f"schedule gains must be finite, got {gains}")
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
             raise ValueError(f"num_layers must be an integer, got {self.num_layers!r}")
+        if self.correction is not None:
+            self._check_correction(len(times))
+
+    def _check_correction(self, steps: int) -> None:
+        c = self.correction
+        if not _is_sequential(self.scheme):
+            raise ValueError(
+                f"a linear correction multiplies the MLP update of a 'sequential' step; the "
+                f"{self.scheme!r} scheme has no separate MLP update to correct"
+            )
+        if not isinstance(c, Tensor) or c.dim() != 3 or c.shape[0] != steps:
+            shape = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(
+                f"a schedule of {steps} steps takes a correction of shape [{steps}, d, d] (one "
+                f"d x d matrix per step), got {shape}"
+            )
+        if c.shape[1] != c.shape[2] or not c.dtype.is_floating_point:
+            raise ValueError(
+                f"correction matrices are square and floating point, got {tuple(c.shape)} {c.dtype}"
+            )
+        if not bool(torch.isfinite(c.detach()).all()):
+            raise ValueError("the correction matrices must be finite")
+
+    @property
+    def hidden_size(self) -> int | None:
+        """d of the correction matrices (None without a correction)."""
+        return None if self.correction is None else int(self.correction.shape[-1])
+
+    def check_hidden_size(self, hidden_size: int) -> None:
+        """Refuse a correction made for a model of another width."""
+        if self.correction is not None and self.hidden_size != hidden_size:
+            raise ValueError(
+                f"this schedule's correction is for hidden size {self.hidden_size}; the model "
+                f"has {hidden_size}. Calibrate it again for this model (odeify.calibrate)"
+            )
 
     # ------------------------------------------------------------------------------ builders
     @classmethod
@@ -156,8 +201,18 @@ class Schedule:
 
     @property
     def key(self) -> tuple:
-        """What identifies the grid for the weight and KV caches (times and gains as floats)."""
-        return (self.scheme, tuple(self.starts), tuple(_floats(self.gains)))
+        """What identifies the grid for the weight and KV caches (times and gains as floats,
+        and a fingerprint of the correction: keys written under one correction are not those
+        of another)."""
+        key = (self.scheme, tuple(self.starts), tuple(_floats(self.gains)))
+        if self.correction is None:
+            return key
+        c = self.correction.detach().double()
+        return (*key, (LINEAR, float(c.sum()), float((c * c).sum())))
+
+    def step_correction(self, i: int) -> Tensor | None:
+        """Step i's correction matrix T_i [d, d], or None."""
+        return None if self.correction is None else self.correction[i]
 
     def stage_times(self, offsets: Sequence[float]) -> tuple[list, list[int]]:
         """The distinct stage times of the grid and, for each (step, stage), its index.
@@ -201,31 +256,84 @@ class Schedule:
 
     # ----------------------------------------------------------------------------- saving
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON: times (as times, unit 1), gains, num_layers, scheme, name."""
-        return {
+        """Plain JSON: times (as times, unit 1), gains, num_layers, scheme, name, and with a
+        correction its description (the matrices themselves are saved as tensors)."""
+        data = {
             "times": self.starts,
             "gains": _floats(self.gains),
             "num_layers": self.num_layers,
             "scheme": self.scheme,
             "name": self.name,
         }
+        if self.correction is not None:
+            data["correction"] = {"kind": LINEAR, "hidden_size": self.hidden_size}
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Schedule:
-        """The schedule of :meth:`to_dict` (validated)."""
+    def from_dict(cls, data: dict[str, Any], correction: Tensor | None = None) -> Schedule:
+        """The schedule of :meth:`to_dict` (validated); a dict that describes a correction
+        needs its matrices, ``correction`` [N, d, d] (the model keeps them, see
+        ``ODEBlock.schedule_for``), and a plain one refuses them.
+
+        Example:
+            >>> s = Schedule.from_layers([0, 2], 4)
+            >>> c = torch.eye(3).expand(2, 3, 3)
+            >>> fixed = Schedule(s.times, s.gains, 4, correction=c)
+            >>> Schedule.from_dict(fixed.to_dict(), correction=c).hidden_size
+            3
+        """
         if not isinstance(data, dict):
             raise ValueError(f"a saved schedule is a dict, got {type(data).__name__}")
-        known = {"times", "gains", "num_layers", "scheme", "name"}
+        known = {"times", "gains", "num_layers", "scheme", "name", "correction"}
         if set(data) - known or not {"times", "gains", "num_layers"} <= set(data):
             raise ValueError(
-                f"a saved schedule has the keys {sorted(known)} (scheme and name optional), "
-                f"got {sorted(data)}"
+                f"a saved schedule has the keys {sorted(known)} (scheme, name and correction "
+                f"optional), got {sorted(data)}"
             )
+        data = dict(data)
+        described = correction_size(data.pop("correction", None))
+        if described is None and correction is not None:
+            raise ValueError("this saved schedule has no correction; none can be attached to it")
+        if described is not None:
+            if correction is None:
+                raise ValueError(
+                    "this saved schedule has a linear correction, whose matrices are saved with "
+                    "the model's tensors: load the model (ODEBlock.schedule_for reads it)"
+                )
+            schedule = cls(**data, correction=correction)
+            schedule.check_hidden_size(described)
+            return schedule
         return cls(**data)
 
     def __repr__(self) -> str:
         times = ", ".join(f"{t:.3f}" for t in self.starts)
         return f"Schedule({self.name}, N={self.steps}, L={self.num_layers}, times=[{times}])"
+
+
+def correction_size(data: Any) -> int | None:
+    """The hidden size d a saved schedule's ``correction`` entry describes (None: no entry);
+    anything but ``{"kind": "linear", "hidden_size": d}`` is refused.
+
+    Example:
+        >>> correction_size({"kind": "linear", "hidden_size": 576}), correction_size(None)
+        (576, None)
+    """
+    if data is None:
+        return None
+    size = data.get("hidden_size") if isinstance(data, dict) else None
+    if (
+        not isinstance(data, dict)
+        or set(data) != {"kind", "hidden_size"}
+        or data["kind"] != LINEAR
+        or isinstance(size, bool)
+        or not isinstance(size, int)
+        or size < 1
+    ):
+        raise ValueError(
+            f'a saved correction is {{"kind": "{LINEAR}", "hidden_size": d}} with d >= 1, got '
+            f"{data!r}"
+        )
+    return size
 
 
 def _is_sequential(scheme: str) -> bool:

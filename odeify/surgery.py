@@ -220,7 +220,9 @@ def _copy_outer(source: nn.Module, plain: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _fill_layers(plain: nn.Module, layer: LayerState, scales: Sequence | None) -> None:
+def _fill_layers(
+    plain: nn.Module, layer: LayerState, scales: Sequence | None, corrections: Sequence | None
+) -> None:
     family = family_for(plain)
     for i, block in enumerate(block_stack(plain)):
         state, params = layer(i), dict(block.named_parameters())
@@ -237,7 +239,21 @@ def _fill_layers(plain: nn.Module, layer: LayerState, scales: Sequence | None) -
             if module in family.output_projections:
                 s = per_projection[family.output_projections.index(module)]
                 w = w if s == 1.0 else w * s
+                t = None if corrections is None else corrections[i]
+                if t is not None and module == family.output_projections[1]:
+                    w = _compose(w, t)
             params[name].copy_(w.t() if family.is_transposed(name) else w)
+
+
+def _compose(w: Tensor, t: Tensor) -> Tensor:
+    """The MLP output projection whose output y is replaced by y T (row vectors): a weight in
+    odeify's layout [out, in] (y = x W^T + b) becomes T^T W, a bias b T. The product is taken
+    in float64 so that the folded weight is rounded once, to the model's dtype: the stock layer
+    then matches the ODE block's (x W^T) T to that dtype's rounding."""
+    t = t.to(device=w.device, dtype=torch.float64)
+    wide = w.double()
+    out = t.T @ wide if w.dim() == 2 else wide @ t
+    return out.to(w.dtype)
 
 
 def stock_model(
@@ -245,6 +261,7 @@ def stock_model(
     depth: int,
     layer: LayerState | None = None,
     scales: Sequence[float | tuple[float, float]] | None = None,
+    corrections: Sequence[Tensor | None] | None = None,
 ) -> nn.Module:
     """A stock transformers model with ``depth`` layers.
 
@@ -252,7 +269,9 @@ def stock_model(
     mode and weights outside the block stack the new model takes; or a config, for a freshly
     initialised model of its architecture. ``layer(i)`` gives layer i's parameters in odeify's
     layout (linear weights [out, in]); the output projections are multiplied by ``scales[i]``
-    (a float, or a pair: the attention's and the MLP's, as a schedule's gains are).
+    (a float, or a pair: the attention's and the MLP's, as a schedule's gains are), and the
+    MLP's composed with ``corrections[i]`` (a [d, d] matrix T_i: the layer's MLP output y
+    becomes y T_i, as a corrected schedule's step computes it; None: none).
     Without ``layer`` the layers keep their fresh init.
 
     Example:
@@ -272,5 +291,5 @@ def stock_model(
     else:
         plain = _from_config(_stock_config(source, depth))
     if layer is not None:
-        _fill_layers(plain, layer, scales)
+        _fill_layers(plain, layer, scales, corrections)
     return plain

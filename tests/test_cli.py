@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from odeify import from_pretrained, get_block
@@ -195,3 +196,16 @@ def test_calibrate_saves_the_schedules_with_the_model(converted, tmp_path, capsy
     assert list(schedules) == ["2"] and schedules["2"]["num_layers"] == 3
     err = _user_error([*args, "--seq-len", "100000", "--overwrite"], capsys)
     assert "shorter than one batch" in err
+
+
+def test_calibrate_with_a_linear_correction_saves_its_matrices(converted, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("Friends, Romans, countrymen, lend me your ears. " * 40)
+    out = tmp_path / "gpt2-cal"
+    args = ["calibrate", str(converted), str(out), "--steps", "2", "--corpus", str(text)]
+    assert main([*args, "--iters", "0", "--seq-len", "32", "--correction", "linear"]) == 0
+    block = get_block(from_pretrained(out))
+    assert block.ode.schedules["2"]["correction"]["kind"] == "linear"
+    size = block.ode.schedules["2"]["correction"]["hidden_size"]
+    assert block.corrections.n2.shape == (2, size, size)
+    assert not torch.equal(block.corrections.n2, torch.eye(size).repeat(2, 1, 1))  # fitted
