@@ -504,7 +504,8 @@ class _StepField:
 
     def __init__(self, run: _Run, i: int, weights=None):
         self.run, self.i, self.num_layers = run, i, run.num_layers
-        self.weights = weights  # indexed by grid time: the run's grid or the step's own
+        # Indexed by grid time: the run's grid (default) or the step's own.
+        self.weights = run.weights if weights is None else weights
 
     def _at(self, stage: int) -> tuple[Weights, Stage]:
         run = self.run

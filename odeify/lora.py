@@ -272,8 +272,11 @@ def upgrade_adapter(path: str | os.PathLike) -> list[str]:
     Returns the new targets (unchanged when the adapter is already current).
 
     Example:
-        >>> odeify.lora.upgrade_adapter("run/adapter")   # or: odeify upgrade run/adapter
-        ['basis.mlp.down_proj.weight', 'basis.self_attn.q_proj.weight', ...]
+        >>> from peft import get_peft_model
+        >>> config = odeify.lora_config(r=2, targets=["c_attn"], model=model)
+        >>> get_peft_model(model, config).save_pretrained("adapter")
+        >>> upgrade_adapter("adapter")   # already current; or: odeify upgrade adapter
+        ['basis.attn.c_attn.weight']
     """
     from safetensors import safe_open
 
