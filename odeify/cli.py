@@ -164,11 +164,10 @@ def _streamable(source: str) -> Path | None:
 def cmd_upgrade(args) -> int:
     from .io import from_pretrained, save_pretrained
     from .loading import _tokenizer_in
+    from .lora import ADAPTER_CONFIG, upgrade_adapter
 
     folder = Path(args.folder)
-    if (folder / "adapter_config.json").exists():
-        from .lora import upgrade_adapter
-
+    if (folder / ADAPTER_CONFIG).exists():
         targets = upgrade_adapter(folder)
         print(f"{folder}: continuous adapter, target_parameters {targets}")
         return 0

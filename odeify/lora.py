@@ -165,6 +165,16 @@ def lora_config(
     return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(chosen), **kwargs)
 
 
+def _read_adapter(path: Path) -> tuple[dict, Path]:
+    """A peft adapter folder's saved config and the path of its weights file."""
+    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config_file.exists() or not weights.exists():
+        raise FileNotFoundError(
+            f"{path} is not a peft adapter folder (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
+    return json.loads(config_file.read_text()), weights
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, **kwargs):
     """``PeftModel.from_pretrained`` with a clear error when the adapter belongs to another base.
 
@@ -184,12 +194,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, **kwargs):
     from safetensors import safe_open
 
     path = Path(path)
-    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not config_file.exists() or not weights.exists():
-        raise FileNotFoundError(
-            f"{path} is not a peft adapter folder (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
-        )
-    saved = json.loads(config_file.read_text())
+    saved, weights = _read_adapter(path)
     continuous = bool(saved.get("target_parameters"))
     if continuous != is_odeified(model):
         kind = (
@@ -283,12 +288,7 @@ def upgrade_adapter(path: str | os.PathLike) -> list[str]:
     from .atomic import write_text
 
     path = Path(path)
-    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not config_file.exists() or not weights.exists():
-        raise FileNotFoundError(
-            f"{path} is not a peft adapter folder (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
-        )
-    saved = json.loads(config_file.read_text())
+    saved, weights = _read_adapter(path)
     targets = saved.get("target_parameters") or []
     if not targets:
         raise ValueError(
@@ -309,5 +309,5 @@ def upgrade_adapter(path: str | os.PathLike) -> list[str]:
         )
     upgraded = sorted(f"basis.{p}.weight" for p in paths)
     saved["target_parameters"] = upgraded
-    write_text(config_file, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    write_text(path / ADAPTER_CONFIG, json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return upgraded

