@@ -6,6 +6,7 @@ with odeify.steps(model, 6): model(ids)  # retarget depth
 plain = odeify.materialize(model, 18)    # back to a stock model with 18 layers
 model = odeify("folder-or-hub-id")       # a stock checkpoint, streamed layer by layer
 odeify.calibrate(model, steps=[6], data=ids)  # a schedule that makes 6 steps work
+odeify.compile(model)                    # one compiled step for every step count
 """
 
 from .api import get_block, materialize, odeify, set_steps, steps
@@ -14,6 +15,7 @@ from .config import ODEConfig
 from .io import from_pretrained, save_pretrained
 from .lora import lora_config
 from .models import register_auto_classes
+from .regional import compile
 from .schedule import Schedule
 from .streaming import convert
 
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 for _name, _fn in {
     "steps": steps,
     "calibrate": calibrate,
+    "compile": compile,
     "set_steps": set_steps,
     "materialize": materialize,
     "get_block": get_block,
@@ -42,6 +45,7 @@ __all__ = [
     "ODEConfig",
     "Schedule",
     "calibrate",
+    "compile",
     "convert",
     "from_pretrained",
     "get_block",

@@ -332,39 +332,39 @@ class ODEBlock(WeightFunction):
             raise ValueError(
                 f"per-sample step counts need a native fixed-grid scheme, not {solver.name!r}"
             )
-        if getattr(self.config, "scale_attn_by_inverse_layer_idx", False):
+        if self.time_scaled:
             raise ValueError(
                 "per-sample step counts are not supported with scale_attn_by_inverse_layer_idx"
             )
         return int(counts.max()), counts
 
-    def step(self, x: Tensor, run: _Run, i: int) -> Tensor:
+    def step(self, x: Tensor, run: _Run, i: int | _StepInputs) -> Tensor:
         """Step i of a native scheme, from t_i to t_{i+1} of the run's :class:`Schedule`, its
         updates scaled by the schedule's gains (uniform: t_i = i / N, gains L / N).
 
-        With per-sample step counts N_b, sample b steps on the schedule of its own count, and
-        leaves its state unchanged once i >= N_b.
+        ``i`` is the step index, or what ``run.inputs(i)`` made of it (what a compiled step is
+        given, see :func:`odeify.compile`). With per-sample step counts N_b, sample b steps on the
+        schedule of its own count, and leaves its state unchanged once i >= N_b.
         """
         if run.per_sample is None:
-            field = _StepField(run, i, run.weights or self.step_weights(run, i))
-            return run.solver.native.step(field, x, run.schedule.step_gains(i))
+            inputs = i if isinstance(i, _StepInputs) else run.inputs(i)
+            weights = inputs.weights or self.step_weights(run, inputs.times)
+            field = _StepField(run, inputs, weights)
+            return run.solver.native.step(field, x, inputs.gains)
         counts = run.per_sample.view(-1, 1, 1)
         g = run.sample_gains[:, i].unsqueeze(-1).unsqueeze(-1)  # [B, gains, 1, 1]
         h = (g[:, 0], g[:, 1]) if g.shape[1] == 2 else g[:, 0]
         moved = run.solver.native.step(_PerSampleStepField(run, i), x, h)
         return torch.where(counts > i, moved, x)
 
-    def step_weights(self, run: _Run, i: int) -> dict[int, Weights]:
-        """The weights of step i's stage times, {grid index: weights}, built from the basis (with
-        the low-rank updates bind saw): what a checkpointed step computes, and recomputes."""
-        stages = run.solver.native.stages
-        index = sorted({run.index[i * stages + s] for s in range(stages)})
-        times = [run.times[j] for j in index]
+    def step_weights(self, run: _Run, times) -> list[Weights]:
+        """The weights at a step's stage times (floats, or a tensor of them), built from the basis
+        with the low-rank updates bind saw: what a checkpointed step computes, and recomputes."""
         base = functools.partial(_get, self.basis)
         weights = self._split(self._combine(self.coefficients(times), None, base))
         if run.low_rank:
             weights = self._with_low_rank(weights, times, run.low_rank)
-        return dict(zip(index, weights, strict=True))
+        return weights
 
     def forward(self, *args, **kwargs) -> Tensor:
         x, run = self.bind(*args, **kwargs)
@@ -384,21 +384,32 @@ class ODEBlock(WeightFunction):
         # then checkpoints itself, through the function activation_checkpointing_enable gave it).
         own = self.checkpointing and not self.stepper.gradient_checkpointing
         recorded = local.get(self, "recording")
+        # Under odeify.compile the stepper is one compiled region: it is given its step's inputs
+        # (weights, gains as tensors) rather than i, so that no step and no step count retraces.
+        # Per-sample runs index by i and stay eager.
+        region = self.stepper.compiled and run.per_sample is None
+        stepper = self.stepper if run.per_sample is None or not self.stepper.compiled else self.step
         for i in range(run.steps):
             # The run holds everything bind resolved for this call (scheme, steps, schedule,
             # weights, low-rank updates), so a step recomputed in backward, maybe in autograd's
             # own thread where this thread's odeify.steps() is not set, repeats this step.
+            arg = run.inputs(i, region=True) if region else i
             if own:
-                x = checkpoint(self.stepper, x, run, i, use_reentrant=False)
+                x = checkpoint(stepper, x, run, arg, use_reentrant=False)
             elif self.stepper.gradient_checkpointing and i % self.stepper.every:
-                x = self.step(x, run, i)  # every_n_layers: between checkpointed steps, kept
+                x = self.step(x, run, arg)  # every_n_layers: between checkpointed steps, kept
             else:
-                x = self.stepper(x, run, i)
+                x = stepper(x, run, arg)
             if recorded is not None:
                 recorded.append(x)
             if record:
                 _record_hidden(run.collected, x)
         return x
+
+    @property
+    def time_scaled(self) -> bool:
+        """Whether attention reads the stage time (GPT-2's ``scale_attn_by_inverse_layer_idx``)."""
+        return bool(getattr(self.config, "scale_attn_by_inverse_layer_idx", False))
 
     @property
     def checkpointing(self) -> bool:
@@ -452,8 +463,9 @@ class _Step(GradientCheckpointingLayer):
         # Checkpoint every n-th step only: activation_checkpointing_enable(every_n_layers=n),
         # which counts this one layer, reaches it through the model's _set_gradient_checkpointing.
         self.every = 1
+        self.compiled = False  # set by odeify.compile
 
-    def forward(self, x: Tensor, run: _Run, i: int) -> Tensor:
+    def forward(self, x: Tensor, run: _Run, i: int | _StepInputs) -> Tensor:
         return run.block.step(x, run, i)
 
 
@@ -482,12 +494,46 @@ class _Run:
         # What transformers' output_hidden_states / output_attentions asked to collect, if anything.
         self.collected = None if torch.compiler.is_compiling() else _active_collector.get()
         self.stages = solver.native.stages if solver.native is not None else 1
+        self._gain_rows: Tensor | None = None  # [steps, gains per step], built by inputs()
 
-    def stage(self, t: float, slot: int) -> Stage:
+    def inputs(self, i: int, region: bool = False) -> _StepInputs:
+        """What step i reads of the run. ``region``: gains as tensors, and stage times as a
+        tensor where the step builds its own weights, so a compiled step is traced once for
+        every i and every step count (a float is a constant of the graph)."""
+        s = self.stages
+        index = self.index[i * s : (i + 1) * s]
+        times = [self.times[j] for j in index]
+        weights = [self.weights[j] for j in index] if self.weights else None
+        gains = self.schedule.step_gains(i)
+        if region:
+            if self._gain_rows is None:
+                device = next(iter(self.block.basis.parameters())).device
+                gains_all = torch.as_tensor(self.schedule.gains, dtype=torch.float32)
+                self._gain_rows = gains_all.to(device).view(self.steps, -1)
+            row = self._gain_rows[i]
+            gains = (row[0], row[1]) if row.numel() == 2 else row[0]
+            if weights is None:
+                times = torch.tensor(times, dtype=torch.float64)
+        slots = tuple(range(i * s, (i + 1) * s))
+        caches = None
+        if region:
+            # What a step reads becomes a guard of the compiled step: a slot index would be one
+            # (the step is given the slots' layers instead), and the stage times, given weights,
+            # are read only by GPT-2's inverse-layer scaling.
+            if self.cache is not None and not getattr(self.cache, "offloading", False):
+                caches = tuple(_SlotCache(self.cache, slot) for slot in slots)
+            if self.cache is None or caches is not None:
+                slots = (0,) * s
+            if weights is not None and not self.block.time_scaled:
+                times = [0.0] * s
+        correction = self.schedule.step_correction(i)
+        return _StepInputs(times, slots, weights, gains, correction, caches)
+
+    def stage(self, t: float, slot: int, cache=None) -> Stage:
         return Stage(
             t,
             slot,
-            self.cache,
+            self.cache if cache is None else cache,
             self.mask,
             self.position_embeddings,
             self.extra,
@@ -497,21 +543,47 @@ class _Run:
         )
 
 
+@dataclass
+class _StepInputs:
+    """What one native step reads of its run, per stage of the step."""
+
+    times: list[float] | Tensor
+    slots: tuple[int, ...]  # KV-cache slots
+    weights: list[Weights] | None  # None: the step builds its own (checkpointed steps)
+    gains: tuple | float | Tensor
+    correction: Tensor | None  # the schedule's T_i of the MLP update
+    caches: tuple[_SlotCache, ...] | None = None  # the slots' cache layers (compiled steps)
+
+
+class _SlotCache:
+    """One slot of a KV cache, updated the way ``Cache.update`` updates it but without its index:
+    what a compiled step is given, so that a slot is not a constant of its graph."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, cache, slot: int):
+        layers = cache.layers
+        while len(layers) <= slot:  # Cache.update grows a cache that replicates its layers
+            layers.append(cache.layer_class_to_replicate())
+        self.layer = layers[slot]
+
+    def update(self, key: Tensor, value: Tensor, slot: int, *args, **kwargs):
+        return self.layer.update(key, value, *args, **kwargs)
+
+
 class _StepField:
     """The field and its two sub-updates at the stages of one native step."""
 
-    __slots__ = ("run", "i", "num_layers", "weights")
+    __slots__ = ("run", "inputs", "num_layers", "weights")
 
-    def __init__(self, run: _Run, i: int, weights=None):
-        self.run, self.i, self.num_layers = run, i, run.num_layers
-        # Indexed by grid time: the run's grid (default) or the step's own.
-        self.weights = run.weights if weights is None else weights
+    def __init__(self, run: _Run, inputs: _StepInputs, weights: list[Weights] | None = None):
+        self.run, self.inputs, self.num_layers = run, inputs, run.num_layers
+        self.weights = inputs.weights if weights is None else weights
 
     def _at(self, stage: int) -> tuple[Weights, Stage]:
-        run = self.run
-        slot = self.i * run.stages + stage
-        j = run.index[slot]
-        return self.weights[j], run.stage(run.times[j], slot)
+        inputs = self.inputs
+        cache = None if inputs.caches is None else inputs.caches[stage]
+        return self.weights[stage], self.run.stage(inputs.times[stage], inputs.slots[stage], cache)
 
     def attention(self, x: Tensor, stage: int) -> Tensor:
         w, step = self._at(stage)
@@ -523,7 +595,7 @@ class _StepField:
 
     def _corrected(self, update: Tensor) -> Tensor:
         # The schedule's linear correction of this step's MLP update, M T_i (row vectors).
-        t = self.run.schedule.step_correction(self.i)
+        t = self.inputs.correction
         return update if t is None else update @ t.to(update.dtype)
 
     def __call__(self, x: Tensor, stage: int) -> Tensor:
@@ -536,7 +608,10 @@ class _PerSampleStepField(_StepField):
     """Each sample's stage time on the schedule of its step count; linear layers through
     time_linear."""
 
-    __slots__ = ()
+    __slots__ = ("i",)
+
+    def __init__(self, run: _Run, i: int):
+        self.run, self.i, self.num_layers = run, i, run.num_layers
 
     def _at(self, stage: int) -> tuple[PerSampleWeights, Stage]:
         run, block = self.run, self.run.block

@@ -1,9 +1,14 @@
-"""torch.compile friendliness: the native fixed-grid forward traces as one graph."""
+"""torch.compile friendliness: the native fixed-grid forward traces as one graph, and
+``odeify.compile`` compiles one solver step that every step count shares."""
+
+import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
 
-from odeify import get_block, odeify
+import odeify as odeify_api
+from odeify import Schedule, get_block, odeify
 
 
 def _block_call(model):
@@ -41,3 +46,91 @@ def test_compiled_block_matches_eager(make_llama):
         torch.testing.assert_close(
             compiled(*args, **kwargs), block(*args, **kwargs), rtol=0, atol=0
         )
+
+
+class _Counting:
+    """A torch.compile backend that counts the graphs dynamo hands it and runs them as traced."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return graph.forward
+
+
+def _compiled_pair(make, **odeify_kw):
+    model = odeify(make(), progress=False, **odeify_kw).eval()
+    reference = copy.deepcopy(model)
+    backend = _Counting()
+    torch._dynamo.reset()
+    assert odeify_api.compile(model, backend=backend) is model
+    return model, reference, backend
+
+
+IDS = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("scheme", ["sequential", "euler", "midpoint", "rk4"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_compiled_step_serves_every_step_count(make_gpt2, make_llama, family, scheme):
+    # torch.compile(model) traces the loop unrolled: a graph per step count, and eager after
+    # dynamo's recompile_limit (8). odeify.compile's step is traced once for all of them.
+    model, reference, backend = _compiled_pair(make_gpt2 if family == "gpt2" else make_llama)
+    with torch.no_grad():
+        for n in range(1, 9):
+            got = model(IDS, use_cache=False, ode_steps=n, ode_scheme=scheme).logits
+            expected = reference(IDS, use_cache=False, ode_steps=n, ode_scheme=scheme).logits
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"N = {n}")
+    assert backend.graphs == 1
+
+
+def test_calibrated_schedules_share_the_compiled_step(make_llama):
+    model, reference, backend = _compiled_pair(make_llama)
+    for m in (model, reference):
+        block = get_block(m)
+        for n, gains in ((2, [1.4, 1.6, 1.2, 1.7]), (4, [0.9] * 8)):
+            times = [0.0, 0.4] if n == 2 else [0.0, 0.1, 0.37, 0.7]
+            block.store_schedule(Schedule(times, gains, 3))
+    with torch.no_grad():
+        for n in (2, 5, 4):  # 5 has no calibrated schedule: the uniform grid
+            with pytest.warns(UserWarning, match="no calibrated") if n == 5 else nullcontext():
+                got = model(IDS, use_cache=False, ode_steps=n).logits
+            expected = reference(IDS, use_cache=False, ode_steps=n).logits
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"N = {n}")
+    assert backend.graphs == 1
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_generation_at_new_step_counts_compiles_nothing(
+    make_gpt2, make_llama, family, cache
+):
+    if family == "gpt2" and cache == "static":
+        pytest.skip("the static cache is exercised on Llama")
+    model, reference, backend = _compiled_pair(make_gpt2 if family == "gpt2" else make_llama)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    counts = []
+    for n in (3, 5, 2, 7):
+        got = model.generate(IDS, ode_steps=n, **kw)
+        torch.testing.assert_close(got, reference.generate(IDS, ode_steps=n, **kw), msg=f"N={n}")
+        counts.append(backend.graphs)
+    # The first generation traces prefill and decode (and decode again once the cache length
+    # is seen to vary); the KV-cache slot of each step is given to the step as its cache layer.
+    assert counts[0] <= 3 and counts == [counts[0]] * 4
+
+
+def test_compiled_checkpointed_training_gives_the_eager_gradients(make_llama):
+    model, reference, backend = _compiled_pair(make_llama)
+    grads = []
+    for m in (model, reference):
+        m.train().activation_checkpointing_enable()
+        for n in (2, 5):
+            m(IDS, labels=IDS, use_cache=False, ode_steps=n).loss.backward()
+        grads.append({k: p.grad for k, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert backend.graphs == 1
