@@ -134,3 +134,27 @@ def test_compiled_checkpointed_training_gives_the_eager_gradients(make_llama):
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
     assert backend.graphs == 1
+
+
+def test_compiled_lora_steps_stop_compiling_after_two_step_counts(make_llama):
+    from peft import get_peft_model
+
+    model, reference, backend = _compiled_pair(make_llama)
+    torch.manual_seed(1)
+    peft_models = []
+    for m in (model, reference):
+        torch.manual_seed(1)
+        peft = get_peft_model(m, odeify_api.lora_config(r=2))
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)  # a live update (B starts at zero)
+        peft_models.append(peft)
+    counts = []
+    with torch.no_grad():
+        for n in (2, 3, 5, 4, 6):
+            got, expected = (m(IDS, use_cache=False, ode_steps=n).logits for m in peft_models)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"N = {n}")
+            counts.append(backend.graphs)
+    # The factors are views of one tensor of the grid's times: the second step count makes its
+    # length symbolic (and step 0, whose input needs no grad, has a graph of its own).
+    assert counts[1:] == [counts[1]] * 4 and counts[1] <= 3
