@@ -497,37 +497,34 @@ class _Run:
         self._gain_rows: Tensor | None = None  # [steps, gains per step], built by inputs()
 
     def inputs(self, i: int, region: bool = False) -> _StepInputs:
-        """What step i reads of the run. ``region``: gains as tensors, and stage times as a
-        tensor where the step builds its own weights, so a compiled step is traced once for
-        every i and every step count (a float is a constant of the graph)."""
+        """What step i reads of the run. ``region``: what a compiled step is given (see
+        :func:`odeify.compile`), where each value it reads is a guard of its graph: so the
+        gains come as tensors, the slots as the cache's layers, and stage times only where
+        read (a step building its own weights, GPT-2's inverse-layer scaling)."""
         s = self.stages
         index = self.index[i * s : (i + 1) * s]
         times = [self.times[j] for j in index]
         weights = [self.weights[j] for j in index] if self.weights else None
         gains = self.schedule.step_gains(i)
+        slots, caches = tuple(range(i * s, (i + 1) * s)), None
         if region:
             if self._gain_rows is None:
-                device = next(iter(self.block.basis.parameters())).device
-                gains_all = torch.as_tensor(self.schedule.gains, dtype=torch.float32)
-                self._gain_rows = gains_all.to(device).view(self.steps, -1)
+                p = next(iter(self.block.basis.parameters()))
+                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                rows = torch.as_tensor(self.schedule.gains, dtype=dtype)
+                self._gain_rows = rows.to(p.device).view(self.steps, -1)
             row = self._gain_rows[i]
             gains = (row[0], row[1]) if row.numel() == 2 else row[0]
+            cache = self.cache
+            if hasattr(cache, "layers") and not getattr(cache, "offloading", False):
+                caches = tuple(_SlotCache(cache, slot) for slot in slots)
+            if cache is None or caches is not None:
+                slots = (0,) * s
             if weights is None:
                 times = torch.tensor(times, dtype=torch.float64)
-        slots = tuple(range(i * s, (i + 1) * s))
-        caches = None
-        if region:
-            # What a step reads becomes a guard of the compiled step: a slot index would be one
-            # (the step is given the slots' layers instead), and the stage times, given weights,
-            # are read only by GPT-2's inverse-layer scaling.
-            if self.cache is not None and not getattr(self.cache, "offloading", False):
-                caches = tuple(_SlotCache(self.cache, slot) for slot in slots)
-            if self.cache is None or caches is not None:
-                slots = (0,) * s
-            if weights is not None and not self.block.time_scaled:
+            elif not self.block.time_scaled:
                 times = [0.0] * s
-        correction = self.schedule.step_correction(i)
-        return _StepInputs(times, slots, weights, gains, correction, caches)
+        return _StepInputs(times, slots, weights, gains, self.schedule.step_correction(i), caches)
 
     def stage(self, t: float, slot: int, cache=None) -> Stage:
         return Stage(
