@@ -386,9 +386,9 @@ class ODEBlock(WeightFunction):
         recorded = local.get(self, "recording")
         # Under odeify.compile the stepper is one compiled region: it is given its step's inputs
         # (weights, gains as tensors) rather than i, so that no step and no step count retraces.
-        # Per-sample runs index by i and stay eager.
+        # Per-sample grids are indexed by i: their steps run eagerly.
         region = self.stepper.compiled and run.per_sample is None
-        stepper = self.stepper if run.per_sample is None or not self.stepper.compiled else self.step
+        stepper = self.stepper if region or not self.stepper.compiled else self._eager_stepper()
         for i in range(run.steps):
             # The run holds everything bind resolved for this call (scheme, steps, schedule,
             # weights, low-rank updates), so a step recomputed in backward, maybe in autograd's
@@ -405,6 +405,13 @@ class ODEBlock(WeightFunction):
             if record:
                 _record_hidden(run.collected, x)
         return x
+
+    def _eager_stepper(self):
+        """The stepper's call without its compiled code: checkpointed as transformers' switch
+        set it up (``_gradient_checkpointing_func``), or the plain step."""
+        if self.checkpointing and self.stepper.gradient_checkpointing:
+            return functools.partial(self.stepper._gradient_checkpointing_func, self.step)
+        return self.step
 
     @property
     def time_scaled(self) -> bool:

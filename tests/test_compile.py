@@ -158,3 +158,17 @@ def test_compiled_lora_steps_stop_compiling_after_two_step_counts(make_llama):
     # The factors are views of one tensor of the grid's times: the second step count makes its
     # length symbolic (and step 0, whose input needs no grad, has a graph of its own).
     assert counts[1:] == [counts[1]] * 4 and counts[1] <= 3
+
+
+def test_per_sample_step_counts_run_eagerly_under_odeify_compile(make_llama):
+    model, reference, backend = _compiled_pair(make_llama)
+    counts = torch.tensor([2, 5])
+    grads = []
+    for m in (model, reference):
+        m.train().activation_checkpointing_enable()
+        out = m(IDS, labels=IDS, use_cache=False, ode_steps=counts)
+        out.loss.backward()
+        grads.append({k: p.grad for k, p in m.named_parameters() if p.grad is not None})
+    assert backend.graphs == 0  # each sample's grid is indexed per step: nothing traced
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
