@@ -1,6 +1,6 @@
 """Everything only a GPU can show, in one run that writes one JSON and one markdown table.
 
-    bash benchmarks/gpu.sh OUT             # a GPU machine: about 6 minutes on one H100/H200
+    bash benchmarks/gpu.sh OUT             # a GPU machine: about 9 minutes on one H100/H200
     bash benchmarks/gpu.sh --dry-run OUT   # a CPU: tiny shapes, Triton's interpreter (CI runs it)
 
 benchmarks/gpu.sh makes this checkout importable without installing it and runs this driver,
@@ -14,6 +14,9 @@ records it as ok, failed or skipped (with the reason) in OUT/gpu.json and OUT/gp
 - forward: benchmarks/bench_forward.py; odeified at N = L against the original (target
   <= 1.02x), at N = L/2 (target: the FLOP ratio), and a batch of mixed per-request step counts
   against a uniform batch at their mean (target >= 0.9x its throughput);
+- compile: benchmarks/measure_compile.py at SmolLM2-135M's shape (bf16, 512 tokens); the graphs
+  ``odeify.compile`` builds over eight step counts (target 1) and its forward against
+  ``torch.compile(model)``'s at N = 15 and 30 (target <= 1.15x), eager's reported;
 - pretrain: recipes/pretrain.py at GPT-small width on random text (character tokens),
   DiffEqFormer and the GPT-2 baseline: tokens/s, MFU, peak memory (target: the DiffEqFormer at
   >= 0.8x the baseline's tokens/s).
@@ -340,6 +343,69 @@ def forward(run: Run) -> dict:
     return record
 
 
+def _compile_runs(run: Run, modes: list[str], steps: list[int], limit_s: float) -> dict:
+    """measure_compile.py's results by mode, or {} when it failed (its log says why)."""
+    name = "compile-" + "-".join(m.split(".")[0] for m in modes)
+    out = run.out / f"{name}.json"
+    out.unlink(missing_ok=True)
+    shape = ["--layers", "2", "--tokens", "16", "--repeats", "1", "--backend", "aot_eager"]
+    if not run.dry_run:  # SmolLM2-135M's shape, as served
+        shape = ["--layers", "30", "--tokens", "512", "--repeats", "5"]
+        shape += ["--device", "cuda", "--dtype", "bfloat16"]
+    command = [sys.executable, "benchmarks/measure_compile.py", "--modes", *modes]
+    command += ["--steps", *map(str, steps), *shape, "--json", str(out)]
+    if run.call(name, command, limit_s).returncode != 0 or not out.exists():
+        return {}
+    return {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+
+
+def compile_steps(run: Run) -> dict:
+    """odeify.compile (one compiled step) against eager over eight step counts, and against
+    torch.compile(model) (a graph per step count) at two of them."""
+    if run.dry_run:  # one process a mode: the script runs, nothing more
+        steps = both = [1, 2]
+        results = _compile_runs(run, ["eager", "odeify.compile", "torch.compile"], steps, 150)
+    else:
+        steps, both = [6, 10, 15, 20, 25, 30, 40, 60], [15, 30]
+        results = _compile_runs(run, ["eager", "odeify.compile"], steps, 150)
+        results.update(_compile_runs(run, ["torch.compile"], both, 200))
+    if len(results) < 3:
+        return {"status": "failed", "reason": "measure_compile.py failed (see logs/compile-*.log)"}
+    median = {m: {r["steps"]: r["median_s"] for r in results[m]["rows"]} for m in results}
+    first = {m: {r["steps"]: r["first_s"] for r in results[m]["rows"]} for m in results}
+    regional = results["odeify.compile"]
+    targets = [
+        _target(
+            f"odeify.compile graphs over {len(steps)} step counts",
+            regional["graphs"],
+            "1",
+            regional["graphs"] == 1,
+        )
+    ]
+    for n in both:
+        ratio = median["odeify.compile"][n] / median["torch.compile"][n]
+        targets.append(
+            _target(
+                f"N = {n}: odeify.compile / torch.compile forward", ratio, "<= 1.15", ratio <= 1.15
+            )
+        )
+        targets.append(
+            _target(
+                f"N = {n}: eager / odeify.compile forward",
+                median["eager"][n] / median["odeify.compile"][n],
+                "reported",
+                None,
+            )
+        )
+    return {
+        "status": "ok",
+        "median_s": median,
+        "first_call_s": first,
+        "graphs": {m: r["graphs"] for m, r in results.items()},
+        "targets": targets,
+    }
+
+
 def _random_corpus(folder: Path, chars: int) -> Path:
     """Four documents of random lowercase words: data without a hub or an asset package."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -529,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The GPU benchmarks and checks, in one run.")
     parser.add_argument("out", type=Path, help="folder for gpu.json, gpu.md and the logs")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreter")
-    parser.add_argument("--budget", type=float, default=450, help="seconds for all parts")
+    parser.add_argument("--budget", type=float, default=560, help="seconds for all parts")
     args = parser.parse_args(argv)
     run = Run(args.out, args.dry_run, args.budget)
     os.environ.update(run.env())  # the dry run hides any GPU from this process's torch too
@@ -540,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         ("tests", tests),
         ("time_linear", time_linear),
         ("forward", forward),
+        ("compile", compile_steps),
         ("pretrain", pretrain),
     ):
         if gpu or args.dry_run:

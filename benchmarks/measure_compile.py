@@ -2,6 +2,7 @@
 
     python benchmarks/measure_compile.py --json out/compile.json
     python benchmarks/measure_compile.py --layers 4 --steps 1 2 3 --tokens 32   # a quick look
+    python benchmarks/measure_compile.py --device cuda --dtype bfloat16 --layers 30 --tokens 512
 
 A synthetic Llama with SmolLM2-135M's widths (576 wide, 1536 MLP, 9 heads, 3 KV heads) and
 ``--layers`` layers, random weights, odeified; one batch of ``--tokens`` tokens, no KV cache. For
@@ -15,6 +16,7 @@ it runs the step counts ``--steps`` in turn and reports, per step count, the wal
 first call (tracing and compiling included) and the median of ``--repeats`` further calls, and
 in all the graphs dynamo compiled (a counting wrapper around inductor) and whether dynamo gave
 up on the frame (its "recompile_limit" warning: later step counts then run eagerly).
+``--backend`` replaces inductor (``aot_eager`` for a quick check of the script itself).
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ class _LimitWatch(logging.Handler):
         self.hit |= "recompile_limit" in record.getMessage()
 
 
-def _one(mode: str, layers: int, steps: list[int], tokens: int, repeats: int) -> dict:
+def _one(mode: str, args: argparse.Namespace) -> dict:
     import torch
-    from torch._inductor.compile_fx import compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import odeify
@@ -54,18 +56,30 @@ def _one(mode: str, layers: int, steps: list[int], tokens: int, repeats: int) ->
         vocab_size=1024,
         hidden_size=576,
         intermediate_size=1536,
-        num_hidden_layers=layers,
+        num_hidden_layers=args.layers,
         num_attention_heads=9,
         num_key_value_heads=3,
-        max_position_embeddings=max(256, tokens),
+        max_position_embeddings=max(256, args.tokens),
     )
+    dtype = getattr(torch, args.dtype)
     model = odeify.odeify(LlamaForCausalLM(config), progress=False).eval()
+    model = model.to(args.device, dtype)
     graphs = 0
+    backend = lookup_backend(args.backend)
 
     def counting(graph, example_inputs):
         nonlocal graphs
         graphs += 1
-        return compile_fx(graph, example_inputs)
+        return backend(graph, example_inputs)
+
+    def timed(n: int) -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call(ids, use_cache=False, ode_steps=n)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
     watch = _LimitWatch()
     logging.getLogger("torch._dynamo").addHandler(watch)
@@ -74,18 +88,12 @@ def _one(mode: str, layers: int, steps: list[int], tokens: int, repeats: int) ->
         call = torch.compile(model, backend=counting)
     elif mode == "odeify.compile":
         odeify.compile(model, backend=counting)
-    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    ids = torch.randint(0, config.vocab_size, (1, args.tokens), device=args.device)
     rows = []
     with torch.no_grad():
-        for n in steps:
-            start = time.perf_counter()
-            call(ids, use_cache=False, ode_steps=n)
-            first = time.perf_counter() - start
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call(ids, use_cache=False, ode_steps=n)
-                times.append(time.perf_counter() - start)
+        for n in args.steps:
+            first = timed(n)
+            times = [timed(n) for _ in range(args.repeats)]
             rows.append(
                 dict(steps=n, first_s=first, median_s=statistics.median(times), graphs=graphs)
             )
@@ -105,11 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backend", default="inductor", help="torch.compile's backend")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = _one(args.child, args.layers, args.steps, args.tokens, args.repeats)
+        result = _one(args.child, args)
         print(json.dumps(result))
         return
     results = []
