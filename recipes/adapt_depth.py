@@ -3,6 +3,9 @@ distillation from its frozen original (issue 6), and the layer-dropping baseline
 
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2.yaml
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-drop15.yaml   # baseline (a)
+    python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-v2.yaml       # v2
+    python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-bi15.yaml     # (a')
+    python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-angular15.yaml  # (a'')
     python recipes/adapt_depth.py --config ... --set max_steps=20 --set out_dir=runs/try
     python recipes/adapt_depth.py --config ... --resume        # continue the run in out_dir
     torchrun --nproc_per_node=2 recipes/adapt_depth.py --config ...   # DDP
@@ -20,13 +23,36 @@ Features:
   weighted ``full_weight``) plus ``draws`` counts from [``low``, ``high``] (default L/3 to 2L)
   or from the list ``choices`` (e.g. the step counts a deployment will use),
   drawn with probability proportional to 1/N (``weighting: inverse``, equal compute per N) or
-  uniformly, a pure function of (seed, step). ``basis`` / ``num_basis`` refit the weight
+  uniformly, a pure function of (seed, step); ``every_batch: true`` instead takes every count
+  of ``choices`` at every step (each target trained on every batch). ``basis`` / ``num_basis`` refit the weight
   functions before training (default: the exact hat basis, K = L). ``discrete_ends: d`` keeps
   the first and last d layers discrete: at every step count they are those layers, and the
   other steps share the middle of the depth (``odeify.ODEConfig.discrete_ends``).
-- ``mode: drop`` is baseline (a): the original with ``keep_layers`` = M layers kept (layer
-  floor(i L / M), output projections scaled by L / M, as ``materialize`` does), trained at its
-  M layers with the same loss, data and budget.
+- Depth adaptation v2 (``mode: ode``): ``schedules: calibrate`` first calibrates the
+  ``choices`` below L with :func:`odeify.calibrate` on the training tokens (its keyword options
+  in ``calibrate``, e.g. ``{init: dp, iters: 100, correction: linear}``; ``seq_len`` and ``seed``
+  default to the run's), against the student at N = L (the original with the default exact
+  hat basis); ``schedules: stored`` takes the calibrated schedules of an odeified input model
+  (``odeify calibrate``'s output; the teacher is that model at N = L, which must be exact), one
+  for each of ``choices`` below L. Each such count then trains on its own schedule; with
+  ``train_schedules`` (default) the schedule's gains, and its times unless
+  ``calibrate: {learn_times: false}`` (``learn_gains: false`` likewise), are trained with the
+  weights by the same loss, at ``schedule_lr``; a linear correction's matrices too when
+  ``correction_lr`` > 0. N = L (the anchor, ``full_every`` / ``full_weight``) and counts above
+  L (2L may be a choice) run on the uniform grid. The trained schedules are stored in the
+  model's ODE settings: evaluation at ``eval_steps``, the materialize check (at the smallest
+  calibrated count) and ``model/`` use them. Calibrating's FLOPs (:func:`calibration_flops`)
+  count in ``budget_flops``. Hidden-state matching (``hidden``) needs the uniform grid: 0 here.
+  A resumed run calibrates again (deterministic), then loads its trained schedules.
+- ``mode: drop`` are the baselines: the original with ``keep_layers`` = M layers kept, trained
+  at its M layers with the same loss, data and budget. ``drop_selection``: ``uniform`` is (a)
+  (layer floor(i L / M), output projections scaled by L / M, as ``materialize`` does);
+  ``block_influence`` is (a'), the M layers of highest Block Influence 1 - cos(input, output)
+  (ShortGPT); ``angular`` is (a''), all but the contiguous L - M layers whose input and output
+  are closest in angle (Gromov et al.); both kept unscaled, measured on ``selection_tokens``
+  training tokens (their FLOPs in the budget) and need ``hidden: 0``. ``drop_gains: true``
+  adds a learned gain per attention and MLP update (an M-step schedule, at ``schedule_lr``),
+  stored with the model as v2's schedules are.
 - Loss: ``kl`` * KL(original || student) on the logits (``temperature``), ``lm`` * next-token
   cross-entropy, ``hidden`` * the mean squared difference of RMS-normalised hidden states where
   the student's grid meets the original's layers (t = j / N = l / L).
@@ -54,7 +80,10 @@ Features:
   baselines) in one table and the same plots, plus ``perplexity_budget.png`` (the curves
   against training FLOPs); ``--names`` gives the runs short names for the legends.
 - Errors before any work: unknown config keys, bad option values, held-out documents that are
-  not in the corpus, a run folder from another config (or a run there and no ``--resume``).
+  not in the corpus, a run folder from another config (or a run there and no ``--resume``),
+  options of one mode given to the other (``drop_selection`` / ``drop_gains`` with mode ode,
+  ``schedules`` with mode drop), ``schedules`` without ``choices``, unknown ``calibrate``
+  options, ``schedules: stored`` on a stock model or one without a target's schedule.
 """
 
 from __future__ import annotations
@@ -640,6 +669,12 @@ class AdaptDepth:
             cfg, original, self.tokens
         )
         del original
+        lowest = min(self.counts + self.curve_counts)
+        if lowest <= 2 * cfg.discrete_ends:
+            raise ValueError(
+                f"discrete_ends = {cfg.discrete_ends} needs every step count above "
+                f"{2 * cfg.discrete_ends}; eval_steps / curve_steps ask for {lowest}"
+            )
         self.weights = LossWeights(cfg.kl, cfg.lm, cfg.hidden, cfg.temperature)
         self.autocast = AUTOCAST[cfg.autocast]
         self.setup_schedules()
@@ -763,12 +798,6 @@ class AdaptDepth:
         self.curve_windows = windows[pick]
         self.counts = default_counts(cfg, self.num_layers, curve=False)
         self.curve_counts = default_counts(cfg, self.num_layers, curve=True)
-        lowest = min(self.counts + self.curve_counts)
-        if lowest <= 2 * cfg.discrete_ends:
-            raise ValueError(
-                f"discrete_ends = {cfg.discrete_ends} needs every step count above "
-                f"{2 * cfg.discrete_ends}; eval_steps / curve_steps ask for {lowest}"
-            )
 
     def setup_budget(self) -> None:
         cfg = self.cfg
