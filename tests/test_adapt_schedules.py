@@ -298,3 +298,15 @@ def test_bad_schedule_configs_fail_before_any_work(assets, tmp_path, overrides, 
     with pytest.raises(ValueError, match=match):
         _run(_config(assets, tmp_path / "run", **overrides))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_two_gloo_processes_train_the_schedules_as_one(assets, v2, tmp_path):  # noqa: F811
+    """The schedule parameters live outside DDP: their gradients are averaged by hand."""
+    from _launch import argv, fork, join
+
+    results, _, _ = v2
+    join(fork(adapt.main, argv(_v2(assets, tmp_path / "two")), world=2))
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    for n, trained in results["trained_schedules"].items():
+        assert two["trained_schedules"][n]["gains"] == pytest.approx(trained["gains"], rel=1e-4)
+        assert two["trained_schedules"][n]["times"] == pytest.approx(trained["times"], rel=1e-4)
