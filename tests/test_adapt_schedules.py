@@ -310,3 +310,16 @@ def test_two_gloo_processes_train_the_schedules_as_one(assets, v2, tmp_path):  #
     for n, trained in results["trained_schedules"].items():
         assert two["trained_schedules"][n]["gains"] == pytest.approx(trained["gains"], rel=1e-4)
         assert two["trained_schedules"][n]["times"] == pytest.approx(trained["times"], rel=1e-4)
+
+
+def test_v2_with_lora_keeps_the_trained_schedules_through_the_merge(assets, tmp_path):  # noqa: F811
+    out = tmp_path / "lora"
+    settings = _v2(assets, out, train="lora", lora_r=2, choices=[2], eval_steps=[2, 4], max_steps=2)
+    results = _run(settings)
+    model = odeify.from_pretrained(out / "model").eval()
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    saved = odeify.get_block(model).ode.schedules["2"]
+    assert saved["gains"] == pytest.approx(results["trained_schedules"]["2"]["gains"])
+    start = results["calibration"]["2"]["schedule"]["gains"]
+    assert saved["gains"] != pytest.approx(start, abs=1e-4)
+    assert results["materialize_check"]["max_abs_logit_diff"] < 1e-4
