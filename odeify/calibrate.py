@@ -135,7 +135,7 @@ def calibrate(
     for p in frozen:
         p.requires_grad_(False)
     try:
-        states = _teacher_states(model, batches.get(0), num_layers)
+        states = teacher_states(model, batches.get(0), num_layers)
         results = {}
         for n in counts:
             start, cpu = time.perf_counter(), time.process_time()
@@ -246,7 +246,7 @@ class _Batches:
 
 
 @torch.no_grad()
-def _teacher_states(model: nn.Module, ids: Tensor, num_layers: int) -> Tensor:
+def teacher_states(model: nn.Module, ids: Tensor, num_layers: int) -> Tensor:
     """The original's state x_0 .. x_L at every token, [L + 1, tokens, d] (float32)."""
     block = get_block(model)
     device = next(model.parameters()).device
@@ -330,8 +330,8 @@ def _jump_dp(states: Tensor, steps: int, ends: int) -> list[int]:
     return layers[::-1]
 
 
-class _Parametrised(nn.Module):
-    """The schedule being fitted: gains as they are; the free times (all but t_0 = 0 and the
+class ParametrisedSchedule(nn.Module):
+    """The schedule being fitted (here, and with the weights in ``recipes/adapt_depth.py``): gains as they are; the free times (all but t_0 = 0 and the
     discrete ends) t = a + (b - a) cumsum(softmax(z)) between the fixed times a and b around
     them, so they stay strictly increasing in [0, 1) whatever Adam does."""
 
@@ -402,7 +402,7 @@ def _fit(
 ) -> Calibration:
     block = get_block(model)
     num_layers, ends = block.ode.num_layers, block.ode.discrete_ends
-    params = _Parametrised(start, ends, *learn)
+    params = ParametrisedSchedule(start, ends, *learn)
     groups = [
         {"params": [p for p in (params.z, params.gains) if p.requires_grad], "lr": lr},
         {"params": [p for p in params.matrices() if p.requires_grad], "lr": correction_lr},

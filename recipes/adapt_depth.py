@@ -3,6 +3,9 @@ distillation from its frozen original (issue 6), and the layer-dropping baseline
 
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2.yaml
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-drop15.yaml   # baseline (a)
+    python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-v2.yaml       # v2
+    python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-bi15.yaml     # (a')
+    python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-angular15.yaml  # (a'')
     python recipes/adapt_depth.py --config ... --set max_steps=20 --set out_dir=runs/try
     python recipes/adapt_depth.py --config ... --resume        # continue the run in out_dir
     torchrun --nproc_per_node=2 recipes/adapt_depth.py --config ...   # DDP
@@ -20,13 +23,36 @@ Features:
   weighted ``full_weight``) plus ``draws`` counts from [``low``, ``high``] (default L/3 to 2L)
   or from the list ``choices`` (e.g. the step counts a deployment will use),
   drawn with probability proportional to 1/N (``weighting: inverse``, equal compute per N) or
-  uniformly, a pure function of (seed, step). ``basis`` / ``num_basis`` refit the weight
+  uniformly, a pure function of (seed, step); ``every_batch: true`` instead takes every count
+  of ``choices`` at every step (each target trained on every batch). ``basis`` / ``num_basis`` refit the weight
   functions before training (default: the exact hat basis, K = L). ``discrete_ends: d`` keeps
   the first and last d layers discrete: at every step count they are those layers, and the
   other steps share the middle of the depth (``odeify.ODEConfig.discrete_ends``).
-- ``mode: drop`` is baseline (a): the original with ``keep_layers`` = M layers kept (layer
-  floor(i L / M), output projections scaled by L / M, as ``materialize`` does), trained at its
-  M layers with the same loss, data and budget.
+- Depth adaptation v2 (``mode: ode``): ``schedules: calibrate`` first calibrates the
+  ``choices`` below L with :func:`odeify.calibrate` on the training tokens (its keyword options
+  in ``calibrate``, e.g. ``{init: dp, iters: 100, correction: linear}``; ``seq_len`` and ``seed``
+  default to the run's), against the student at N = L (the original with the default exact
+  hat basis); ``schedules: stored`` takes the calibrated schedules of an odeified input model
+  (``odeify calibrate``'s output; the teacher is that model at N = L, which must be exact), one
+  for each of ``choices`` below L. Each such count then trains on its own schedule; with
+  ``train_schedules`` (default) the schedule's gains, and its times unless
+  ``calibrate: {learn_times: false}`` (``learn_gains: false`` likewise), are trained with the
+  weights by the same loss, at ``schedule_lr``; a linear correction's matrices too when
+  ``correction_lr`` > 0. N = L (the anchor, ``full_every`` / ``full_weight``) and counts above
+  L (2L may be a choice) run on the uniform grid. The trained schedules are stored in the
+  model's ODE settings: evaluation at ``eval_steps``, the materialize check (at the smallest
+  calibrated count) and ``model/`` use them. Calibrating's FLOPs (:func:`calibration_flops`)
+  count in ``budget_flops``. Hidden-state matching (``hidden``) needs the uniform grid: 0 here.
+  A resumed run calibrates again (deterministic), then loads its trained schedules.
+- ``mode: drop`` are the baselines: the original with ``keep_layers`` = M layers kept, trained
+  at its M layers with the same loss, data and budget. ``drop_selection``: ``uniform`` is (a)
+  (layer floor(i L / M), output projections scaled by L / M, as ``materialize`` does);
+  ``block_influence`` is (a'), the M layers of highest Block Influence 1 - cos(input, output)
+  (ShortGPT); ``angular`` is (a''), all but the contiguous L - M layers whose input and output
+  are closest in angle (Gromov et al.); both kept unscaled, measured on ``selection_tokens``
+  training tokens (their FLOPs in the budget) and need ``hidden: 0``. ``drop_gains: true``
+  adds a learned gain per attention and MLP update (an M-step schedule, at ``schedule_lr``),
+  stored with the model as v2's schedules are.
 - Loss: ``kl`` * KL(original || student) on the logits (``temperature``), ``lm`` * next-token
   cross-entropy, ``hidden`` * the mean squared difference of RMS-normalised hidden states where
   the student's grid meets the original's layers (t = j / N = l / L).
@@ -54,12 +80,16 @@ Features:
   baselines) in one table and the same plots, plus ``perplexity_budget.png`` (the curves
   against training FLOPs); ``--names`` gives the runs short names for the legends.
 - Errors before any work: unknown config keys, bad option values, held-out documents that are
-  not in the corpus, a run folder from another config (or a run there and no ``--resume``).
+  not in the corpus, a run folder from another config (or a run there and no ``--resume``),
+  options of one mode given to the other (``drop_selection`` / ``drop_gains`` with mode ode,
+  ``schedules`` with mode drop), ``schedules`` without ``choices``, unknown ``calibrate``
+  options, ``schedules: stored`` on a stock model or one without a target's schedule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -68,6 +98,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -75,8 +106,13 @@ from tqdm.auto import tqdm
 import odeify as ode_lib
 from odeify.atomic import replace_folder, write_text
 from odeify.bases import BASES
+from odeify.calibrate import INITS as CALIBRATE_INITS
+from odeify.calibrate import ParametrisedSchedule, initial_layers, teacher_states
 from odeify.loading import load_with_tokenizer
 from odeify.lora import lora_config
+from odeify.schedule import Schedule
+from odeify.schemes import resolve_solver
+from odeify.surgery import block_stack, is_odeified
 from odeify.train import data
 from odeify.train.checkpoints import Checkpoints, finished
 from odeify.train.config import config_stamp, launch, recipe_parser
@@ -96,6 +132,16 @@ from odeify.train.run import open_run
 from odeify.train.sampler import WEIGHTINGS, StepSampler
 
 MODES = ("ode", "drop")
+SELECTIONS = ("uniform", "block_influence", "angular")
+SCHEDULES = ("uniform", "calibrate", "stored")
+# What drop_selection measures the layers with, in odeify.calibrate's names of the same methods.
+_SELECTION_INIT = {"block_influence": "bi", "angular": "angular"}
+# odeify.calibrate's options a config may set; the model, counts, data and progress are the run's.
+CALIBRATE_OPTIONS = tuple(
+    name
+    for name, p in inspect.signature(ode_lib.calibrate).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "progress"
+)
 TRAIN = ("full", "lora")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 # Keys that change what a run prints or how fast, not what it computes: a resume may change them.
@@ -109,8 +155,12 @@ class Config:
     # model
     model: str = "smollm2"  # 'smollm2' or a folder with a stock transformers model
     tokenizer: str | None = None  # None: the model's own; 'gpt2' or a folder
-    mode: str = "ode"  # 'ode' (depth adaptation) or 'drop' (baseline (a))
+    mode: str = "ode"  # 'ode' (depth adaptation) or 'drop' (baselines (a), (a'), (a''))
     keep_layers: int | None = None  # M of mode 'drop'
+    # mode 'drop': which M layers: 'uniform' (a), 'block_influence' (a'), 'angular' (a'')
+    drop_selection: str = "uniform"
+    drop_gains: bool = False  # mode 'drop': a learned gain per attention and MLP update
+    selection_tokens: int = 4096  # training tokens of the pass that measures the layers
     basis: str = "hat"  # mode 'ode': refit the weight functions to this basis first
     num_basis: int | None = None  # None: L (exact with the hat basis)
     discrete_ends: int = 0  # mode 'ode': layers kept discrete at each end of the depth
@@ -126,6 +176,14 @@ class Config:
     weighting: str = "inverse"  # 'inverse' (P(N) ~ 1/N) or 'uniform'
     full_every: int = 1  # N = L joins every full_every-th step; 0: never
     full_weight: float = 1.0
+    every_batch: bool = False  # every count of choices at every step (draws unused)
+    # step schedules (mode 'ode'): 'uniform' (v1), 'calibrate' (odeify.calibrate the choices
+    # below L at the start), 'stored' (the calibrated schedules the odeified input model holds)
+    schedules: str = "uniform"
+    calibrate: dict[str, Any] = field(default_factory=dict)  # odeify.calibrate's options
+    train_schedules: bool = True  # gains (and times, unless learn_times: false) trained too
+    schedule_lr: float = 1e-3  # Adam's learning rate of schedule times and gains
+    correction_lr: float = 0.0  # > 0: a linear correction's matrices trained too, at this lr
     # loss
     kl: float = 1.0
     lm: float = 0.0
@@ -216,6 +274,75 @@ def _sampler_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _schedule_problems(cfg: Config) -> list[str]:
+    """What is wrong with the schedule (v2) and the baselines' layer-selection options."""
+    problems = []
+    if cfg.drop_selection not in SELECTIONS:
+        problems.append(f"drop_selection must be one of {SELECTIONS}, got {cfg.drop_selection!r}")
+    if cfg.mode == "ode" and (cfg.drop_selection != "uniform" or cfg.drop_gains):
+        problems.append(
+            "drop_selection and drop_gains choose and scale the kept layers of the baselines "
+            "(mode: drop); with mode: ode use schedules: calibrate (calibrate: {init: bi} etc.)"
+        )
+    if cfg.mode == "drop" and cfg.drop_selection != "uniform" and cfg.hidden:
+        problems.append(
+            "hidden-state matching pairs step j of M with the original's layer j L / M; the "
+            f"layers {cfg.drop_selection} keeps are others: set hidden: 0"
+        )
+    if not _is_count(cfg.selection_tokens):
+        problems.append(f"selection_tokens must be an integer >= 1, got {cfg.selection_tokens!r}")
+    if cfg.schedules not in SCHEDULES:
+        problems.append(f"schedules must be one of {SCHEDULES}, got {cfg.schedules!r}")
+    elif cfg.schedules != "uniform":
+        if cfg.mode == "drop":
+            problems.append(
+                f"schedules: {cfg.schedules} is depth adaptation v2 (mode: ode); the baselines "
+                "learn their gains with drop_gains: true"
+            )
+        if not cfg.choices:
+            problems.append(
+                f"schedules: {cfg.schedules} trains each target step count on its own schedule; "
+                "list the targets in choices (e.g. choices: [15, 20])"
+            )
+        if cfg.hidden:
+            problems.append(
+                "hidden-state matching pairs the uniform grid with the teacher's layers; a "
+                "calibrated schedule's steps end elsewhere: set hidden: 0 with schedules"
+            )
+    if not isinstance(cfg.calibrate, dict):
+        problems.append(
+            f"calibrate takes a mapping of odeify.calibrate's options, got {cfg.calibrate!r}"
+        )
+    else:
+        unknown = sorted(set(cfg.calibrate) - set(CALIBRATE_OPTIONS))
+        if unknown:
+            problems.append(
+                f"calibrate: unknown options {unknown}; odeify.calibrate takes {list(CALIBRATE_OPTIONS)}"
+            )
+        if cfg.calibrate and cfg.schedules == "uniform":
+            problems.append("calibrate options need schedules: calibrate (or stored)")
+        extra = sorted(set(cfg.calibrate) - {"learn_gains", "learn_times"})
+        if cfg.schedules == "stored" and extra:
+            problems.append(
+                f"schedules: stored trains the model's schedules as they are; of calibrate's "
+                f"options only learn_gains and learn_times apply, got {extra}"
+            )
+        init = cfg.calibrate.get("init", "dp")
+        if init not in CALIBRATE_INITS:
+            problems.append(f"calibrate: init must be one of {CALIBRATE_INITS}, got {init!r}")
+    if cfg.every_batch and not cfg.choices:
+        problems.append("every_batch trains every count of choices at each step; give choices")
+    for name in ("schedule_lr", "correction_lr"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            problems.append(f"{name} must be a number >= 0, got {value!r}")
+    if cfg.schedule_lr == 0 and (
+        cfg.drop_gains or (cfg.schedules != "uniform" and cfg.train_schedules)
+    ):
+        problems.append("schedule_lr = 0 trains no gains: set it > 0, or train_schedules: false")
+    return problems
+
+
 def _run_problems(cfg: Config, world: int) -> list[str]:
     """What is wrong with the evaluation, data and output options."""
     problems = []
@@ -258,6 +385,7 @@ def validate(cfg: Config, world: int = 1) -> None:
             problems.append(f"budget_flops takes a number, got {budget!r}")
             cfg.budget_flops = budget
     problems += _model_problems(cfg) + _sampler_problems(cfg) + _run_problems(cfg, world)
+    problems += _schedule_problems(cfg)
     try:
         LossWeights(cfg.kl, cfg.lm, cfg.hidden, cfg.temperature)
     except ValueError as e:
@@ -270,6 +398,23 @@ def validate(cfg: Config, world: int = 1) -> None:
 def load_original(cfg: Config) -> tuple[nn.Module, Any]:
     """The original (stock) model named by ``cfg.model`` and its tokenizer."""
     model, tokenizer, ode = load_with_tokenizer(cfg.model, cfg.tokenizer)
+    if ode and cfg.schedules == "stored":
+        # Its teacher is itself at N = L, which frozen_teacher checks is exact (hat basis, K = L).
+        stored = ode_lib.get_block(model).ode.schedules
+        num_layers = ode_lib.get_block(model).ode.num_layers
+        missing = [n for n in cfg.choices or () if n < num_layers and str(n) not in stored]
+        if missing:
+            raise ValueError(
+                f"schedules: stored trains the calibrated schedules of {cfg.model}, which has none "
+                f"for {missing} (calibrated: {sorted(map(int, stored)) or 'none'}); calibrate "
+                "them first (odeify calibrate) or set schedules: calibrate"
+            )
+        return model, tokenizer
+    if cfg.schedules == "stored":
+        raise ValueError(
+            f"schedules: stored takes the calibrated schedules of an odeified model; {cfg.model} "
+            "is a stock model (set schedules: calibrate to calibrate them at the start)"
+        )
     if ode:
         raise ValueError(
             f"{cfg.model} holds an odeified model; depth adaptation distils from the original, "
@@ -279,26 +424,88 @@ def load_original(cfg: Config) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def build(cfg: Config, original: nn.Module) -> tuple[nn.Module, nn.Module, StepSampler]:
-    """(student, teacher, sampler). Consumes ``original``; only the student's weight functions
-    (basis tensors) are trainable, or with ``train: lora`` only the LoRA factors on them."""
+def selected_layers(states: torch.Tensor, keep: int, selection: str) -> list[int]:
+    """The ``keep`` layers a baseline keeps, from the original's states x_0 .. x_L
+    [L + 1, tokens, d] (:func:`odeify.calibrate.teacher_states`): ``uniform`` floor(i L / M),
+    ``block_influence`` the M of highest 1 - cos(x_l, x_{l+1}) (ShortGPT), ``angular`` all but
+    the contiguous L - M whose input and output are closest in angle (Gromov et al.).
+
+    Example:
+        >>> selected_layers(torch.randn(7, 5, 4), 3, "uniform")
+        [0, 2, 4]
+    """
+    num_layers = states.shape[0] - 1
+    if selection == "uniform":
+        return [i * num_layers // keep for i in range(keep)]
+    if keep == num_layers:
+        return list(range(num_layers))
+    return initial_layers(states, keep, _SELECTION_INIT[selection])
+
+
+def measure_layers(
+    teacher: nn.Module, tokens, count: int, seq_len: int, batch: int
+) -> torch.Tensor:
+    """The teacher's states x_0 .. x_L [L + 1, tokens, d] on ``count`` training tokens (windows
+    of ``seq_len`` spread over the corpus), ``batch`` windows a forward."""
+    from odeify.calibrate import spread_windows
+
+    ids = spread_windows(torch.from_numpy(np.asarray(tokens, dtype=np.int64)), count, seq_len)
+    num_layers = ode_lib.get_block(teacher).ode.num_layers
+    return torch.cat([teacher_states(teacher, part, num_layers) for part in ids.split(batch)], 1)
+
+
+def build(
+    cfg: Config, original: nn.Module, tokens=None
+) -> tuple[nn.Module, nn.Module, StepSampler, list[int] | None]:
+    """(student, teacher, sampler, kept layers of mode drop). Consumes ``original``; only the
+    student's weight functions (basis tensors) are trainable, or with ``train: lora`` only the
+    LoRA factors on them. ``tokens`` (the training tokens) are measured for a
+    ``drop_selection`` other than uniform."""
     teacher = frozen_teacher(original)
     num_layers = ode_lib.get_block(teacher).ode.num_layers
+    kept = None
     if cfg.mode == "drop":
         if cfg.keep_layers > num_layers:
             raise ValueError(f"keep_layers = {cfg.keep_layers} exceeds the depth L = {num_layers}")
-        student = ode_lib.odeify(drop_layers(original, cfg.keep_layers), progress=False)
+        layers = None
+        if cfg.drop_selection != "uniform":
+            if tokens is None:
+                raise ValueError(
+                    f"drop_selection: {cfg.drop_selection} measures the layers on tokens"
+                )
+            states = measure_layers(
+                teacher, tokens, cfg.selection_tokens, cfg.seq_len, cfg.batch_size
+            )
+            layers = selected_layers(states, cfg.keep_layers, cfg.drop_selection)
+        kept = layers or selected_layers(
+            torch.zeros(num_layers + 1, 1, 1), cfg.keep_layers, "uniform"
+        )
+        student = ode_lib.odeify(drop_layers(original, cfg.keep_layers, layers), progress=False)
         sampler = StepSampler(
             cfg.keep_layers, cfg.keep_layers, cfg.keep_layers, draws=1, full_every=0, seed=cfg.seed
         )
     else:
-        student = ode_lib.odeify(
-            original,
-            basis=cfg.basis,
-            num_basis=cfg.num_basis,
-            discrete_ends=cfg.discrete_ends,
-            progress=False,
-        )
+        if is_odeified(original):  # schedules: stored (load_original allows no other)
+            ode = ode_lib.get_block(original).ode
+            if (cfg.basis, cfg.num_basis or ode.num_basis, cfg.discrete_ends) != (
+                ode.basis,
+                ode.num_basis,
+                ode.discrete_ends,
+            ):
+                raise ValueError(
+                    f"{cfg.model} is odeified with basis {ode.basis}, K = {ode.num_basis}, "
+                    f"discrete_ends = {ode.discrete_ends} and is trained as it is: set basis, "
+                    "num_basis and discrete_ends to those (or leave them out)"
+                )
+            student = original
+        else:
+            student = ode_lib.odeify(
+                original,
+                basis=cfg.basis,
+                num_basis=cfg.num_basis,
+                discrete_ends=cfg.discrete_ends,
+                progress=False,
+            )
         choices = tuple(cfg.choices or ())
         sampler = StepSampler(
             num_layers,
@@ -309,6 +516,7 @@ def build(cfg: Config, original: nn.Module) -> tuple[nn.Module, nn.Module, StepS
             full_every=cfg.full_every,
             seed=cfg.seed,
             choices=choices,
+            every=cfg.every_batch,
         )
         if sampler.low <= 2 * cfg.discrete_ends:
             raise ValueError(
@@ -324,7 +532,26 @@ def build(cfg: Config, original: nn.Module) -> tuple[nn.Module, nn.Module, StepS
 
         config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, model=student)
         student = get_peft_model(student, config)
-    return student.train(), teacher, sampler
+    return student.train(), teacher, sampler, kept
+
+
+def calibration_flops(cost: CostModel, counts: list[int], options: dict, corpus: int) -> float:
+    """What ``odeify.calibrate(model, counts, **options)`` costs in matrix-multiply FLOPs: the
+    states pass, a linear correction's two forwards over its tokens, and per Adam step the
+    original's forward and the N-step forward and backward (to the activations only: the
+    weights are frozen, so a factor 2, as for LoRA)."""
+    per_batch = options.get("batch_size", 2) * options["seq_len"]
+    learned = options.get("learn_gains", True) or options.get("learn_times", True)
+    iters = options.get("iters", 100) if learned else 0
+    total = cost.forward(per_batch, cost.num_layers)
+    for n in counts:
+        if options.get("correction") is not None:
+            seq = options["seq_len"]
+            wanted = math.ceil(options.get("correction_tokens", 32_768) / seq)
+            fitted = min(wanted, max(1, corpus // seq)) * seq
+            total += cost.forward(fitted, cost.num_layers) + cost.forward(fitted, n)
+        total += iters * (cost.forward(per_batch, cost.num_layers) + 2 * cost.forward(per_batch, n))
+    return total
 
 
 def default_counts(cfg: Config, num_layers: int, curve: bool) -> list[int]:
@@ -418,7 +645,7 @@ class AdaptDepth:
             scores = self.evaluate(self.windows, self.counts, self.cfg.progress)
             before = {"original": scores["original"], "steps": _flat(scores)}
             self.metrics.log(event="before", **before)
-        self.train(before, extra.get("flops", 0.0), extra.get("seconds", 0.0))
+        self.train(before, extra.get("flops", self.setup_flops), extra.get("seconds", 0.0))
         return self.report(before)
 
     # ------------------------------------------------------------------------------- setup
@@ -432,14 +659,29 @@ class AdaptDepth:
         seed_everything(cfg.seed)
         train_docs, heldout_docs = data.split(data.corpus(cfg.corpus), cfg.heldout, spec=cfg.corpus)
         original, self.tokenizer = load_original(cfg)
-        self.student, self.teacher, self.sampler = build(cfg, original)
+        self.num_layers = (
+            ode_lib.get_block(original).ode.num_layers
+            if is_odeified(original)
+            else len(block_stack(original))
+        )
+        self.setup_data(train_docs, heldout_docs)
+        self.student, self.teacher, self.sampler, self.kept_layers = build(
+            cfg, original, self.tokens
+        )
         del original
-        self.num_layers = ode_lib.get_block(self.teacher).ode.num_layers
+        lowest = min(self.counts + self.curve_counts)
+        if lowest <= 2 * cfg.discrete_ends:
+            raise ValueError(
+                f"discrete_ends = {cfg.discrete_ends} needs every step count above "
+                f"{2 * cfg.discrete_ends}; eval_steps / curve_steps ask for {lowest}"
+            )
         self.weights = LossWeights(cfg.kl, cfg.lm, cfg.hidden, cfg.temperature)
         self.autocast = AUTOCAST[cfg.autocast]
-        self.setup_data(train_docs, heldout_docs)
+        self.setup_schedules()
         self.setup_budget()
         self.optimizer = adamw(self.student, cfg.lr, cfg.weight_decay)
+        for params, lr in self.schedule_groups():
+            self.optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
         self.schedule = warmup_cosine(
             self.optimizer,
             min(cfg.warmup_steps, self.total_steps),
@@ -451,8 +693,97 @@ class AdaptDepth:
             if resume
             else (0, {})
         )
+        for n, state in extra.get("plans", {}).items():
+            self.plans[int(n)].load_state_dict(state)
         self.model = wrap(self.student, self.ctx)
         return extra
+
+    def setup_schedules(self) -> None:
+        """The schedules trained with the weights (``self.plans``, {N: ParametrisedSchedule}):
+        mode ode with ``schedules`` calibrated or stored, one per target count below L; mode drop
+        with ``drop_gains``, the M-step one whose gains scale the kept layers' updates. Also
+        ``self.setup_flops``, what measuring layers and calibrating cost (in the budget). A
+        resumed run calibrates again (the same result: a pure function of config and data),
+        then loads its trained schedules from the checkpoint."""
+        cfg, block = self.cfg, ode_lib.get_block(self.student)
+        cost = CostModel.of(self.teacher)
+        self.plans: dict[int, ParametrisedSchedule] = {}
+        self.setup_flops, self.calibration = 0.0, {}
+        if cfg.mode == "drop":
+            if cfg.drop_selection != "uniform":
+                self.setup_flops = cost.forward(self.selection_tokens(), self.num_layers)
+            if cfg.drop_gains:
+                m = cfg.keep_layers
+                start = Schedule.from_layers(range(m), m)
+                self.plans[m] = ParametrisedSchedule(start, 0, learn_gains=True, learn_times=False)
+            return
+        if cfg.schedules == "uniform":
+            return
+        targets = [n for n in self.sampler.choices if n < self.num_layers]
+        if cfg.schedules == "calibrate":
+            options = self.calibrate_options()
+            tokens = torch.from_numpy(np.asarray(self.tokens, dtype=np.int64))
+            fits = ode_lib.calibrate(
+                self.student, targets, tokens, progress=cfg.progress and self.ctx.main, **options
+            )
+            self.calibration = {
+                str(n): {
+                    "layers": fit.layers,
+                    "kl_first": fit.losses[0] if fit.losses else None,
+                    "kl_last": fit.losses[-1] if fit.losses else None,
+                    "seconds": round(fit.seconds, 1),
+                    "cpu_seconds": round(fit.cpu_seconds, 1),
+                    "schedule": fit.schedule.to_dict(),
+                }
+                for n, fit in fits.items()
+            }
+            self.setup_flops = calibration_flops(cost, targets, options, len(tokens))
+        learn = {"learn_gains": True, "learn_times": True} | {
+            k: v for k, v in cfg.calibrate.items() if k in ("learn_gains", "learn_times")
+        }
+        sequential = resolve_solver("sequential")
+        for n in targets:
+            start = block.schedule_for(sequential, n, "calibrated")
+            self.plans[n] = ParametrisedSchedule(
+                start,
+                block.ode.discrete_ends,
+                learn_gains=cfg.train_schedules and learn["learn_gains"],
+                learn_times=cfg.train_schedules and learn["learn_times"],
+                learn_correction=cfg.train_schedules and cfg.correction_lr > 0,
+            )
+
+    def calibrate_options(self) -> dict[str, Any]:
+        """odeify.calibrate's options: the config's, over the run's seed and window length."""
+        return {"seq_len": self.cfg.seq_len, "seed": self.cfg.seed, **self.cfg.calibrate}
+
+    def selection_tokens(self) -> int:
+        """How many tokens the layer-selection pass reads (whole windows, at most the corpus)."""
+        cfg = self.cfg
+        windows = min(
+            math.ceil(cfg.selection_tokens / cfg.seq_len), len(self.tokens) // cfg.seq_len
+        )
+        return max(1, windows) * cfg.seq_len
+
+    def schedule_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The optimizer groups of the trained schedules: (times and gains, schedule_lr) and
+        (correction matrices, correction_lr), the empty ones left out."""
+        plans = self.plans.values()
+        grid = [p for plan in plans for p in (plan.z, plan.gains) if p.requires_grad]
+        matrices = [p for plan in plans for p in plan.matrices() if p.requires_grad]
+        groups = [(grid, self.cfg.schedule_lr), (matrices, self.cfg.correction_lr)]
+        return [(params, lr) for params, lr in groups if params]
+
+    def schedule_of(self, steps: int) -> Schedule | None:
+        """The schedule count ``steps`` trains on now (None: the model's own for it)."""
+        plan = self.plans.get(steps)
+        return None if plan is None else plan.schedule()
+
+    def store_schedules(self) -> None:
+        """Write the schedules as trained so far into the student's ODE settings (what
+        evaluation, materialize and save_pretrained use)."""
+        block = ode_lib.get_block(self.student)
+        for plan in self.plans.values():
+            block.store_schedule(plan.final())
 
     def setup_data(self, train_docs: dict[str, str], heldout_docs: dict[str, str]) -> None:
         cfg = self.cfg
@@ -461,17 +792,12 @@ class AdaptDepth:
             tokens = data.tokenize(train_docs, self.tokenizer, cache)
             windows = heldout_windows(cfg, heldout_docs, self.tokenizer, cache)
         self.batches = data.Batches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+        self.tokens = tokens
         self.windows = windows
         pick = torch.linspace(0, len(windows) - 1, cfg.curve_windows).long().unique()
         self.curve_windows = windows[pick]
         self.counts = default_counts(cfg, self.num_layers, curve=False)
         self.curve_counts = default_counts(cfg, self.num_layers, curve=True)
-        lowest = min(self.counts + self.curve_counts)
-        if lowest <= 2 * cfg.discrete_ends:
-            raise ValueError(
-                f"discrete_ends = {cfg.discrete_ends} needs every step count above "
-                f"{2 * cfg.discrete_ends}; eval_steps / curve_steps ask for {lowest}"
-            )
 
     def setup_budget(self) -> None:
         cfg = self.cfg
@@ -480,8 +806,16 @@ class AdaptDepth:
         if cfg.max_steps is not None:
             self.total_steps = cfg.max_steps
         else:
+            if cfg.budget_flops <= self.setup_flops:
+                raise ValueError(
+                    f"budget_flops = {cfg.budget_flops:.3g} does not cover measuring layers / "
+                    f"calibrating ({self.setup_flops:.3g} FLOPs, counted in the budget): raise it"
+                )
             self.total_steps, _ = steps_for_budget(
-                cfg.budget_flops, self.tokens_per_step, self.cost, self.sampler.draw
+                cfg.budget_flops - self.setup_flops,
+                self.tokens_per_step,
+                self.cost,
+                self.sampler.draw,
             )
 
     # ---------------------------------------------------------------------------- evaluate
@@ -509,6 +843,7 @@ class AdaptDepth:
 
     def log_curve(self, step: int, flops: float) -> None:
         """The perplexity at the curve step counts on the curve windows, against training."""
+        self.store_schedules()
         curve = self.evaluate(self.curve_windows, self.curve_counts, False)
         self.metrics.log(
             event="curve",
@@ -551,6 +886,7 @@ class AdaptDepth:
                 self.log_curve(done, flops)
             if (done % cfg.save_every == 0 or done == self.total_steps) and self.ctx.main:
                 state = {"before": before, "flops": flops, "seconds": seconds}
+                state["plans"] = {str(n): plan.state_dict() for n, plan in self.plans.items()}
                 self.checkpoints.save(done, self.student, self.optimizer, self.schedule, state)
         bar.close()
         self.flops, self.seconds = flops, seconds
@@ -562,13 +898,27 @@ class AdaptDepth:
         ids, labels = self.batches.get(step, ctx.rank, ctx.world)
         targets = teacher_targets(self.teacher, ids, self.weights, self.autocast)
         reports = adapt_step(
-            self.model, targets, ids, labels, counts, self.weights, cfg.full_weight, self.autocast
+            self.model,
+            targets,
+            ids,
+            labels,
+            counts,
+            self.weights,
+            cfg.full_weight,
+            self.autocast,
+            self.schedule_of if self.plans else None,
         )
         del targets
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(
             trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         )
+        # Schedule parameters live outside the DDP module, so their gradients are averaged
+        # here; they are not clipped with the weights (Adam's steps do not scale with them).
+        for params, _ in self.schedule_groups():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.copy_(ctx.mean(p.grad))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.schedule.step()
@@ -579,6 +929,7 @@ class AdaptDepth:
     def report(self, before: dict) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
         trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        self.store_schedules()
         if cfg.train == "lora":
             if self.ctx.main:
                 with replace_folder(out / "adapter", overwrite=True) as tmp:
@@ -608,7 +959,8 @@ class AdaptDepth:
         cfg, sampler, cost, layers = self.cfg, self.sampler, self.cost, self.num_layers
         block = ode_lib.get_block(self.student)
         half = max(layers // 2, 2 * cfg.discrete_ends + 1)  # the shortest grid it allows
-        check_steps = cfg.keep_layers if cfg.mode == "drop" else half
+        # With trained schedules, a count that runs on one (materialize folds in its gains).
+        check_steps = cfg.keep_layers if cfg.mode == "drop" else min(self.plans, default=half)
         return {
             "mode": cfg.mode,
             "label": label(cfg, sampler),
@@ -623,6 +975,12 @@ class AdaptDepth:
             "sampler": {**dataclasses.asdict(sampler), "choices": list(sampler.choices)},
             "loss": dataclasses.asdict(self.weights),
             "heldout": cfg.heldout,
+            "drop_selection": cfg.drop_selection if cfg.mode == "drop" else None,
+            "kept_layers": self.kept_layers,
+            "schedules": cfg.schedules if cfg.mode == "ode" else None,
+            "calibration": self.calibration,
+            "trained_schedules": {str(n): p.final().to_dict() for n, p in self.plans.items()},
+            "setup_flops": self.setup_flops,
             "eval_tokens": after["tokens"],
             "optimizer_steps": self.total_steps,
             "tokens_seen": self.total_steps * self.tokens_per_step,
@@ -648,17 +1006,34 @@ def label(cfg: Config, sampler: StepSampler) -> str:
     """A short description of a run for tables and legends."""
     how = f", LoRA r = {cfg.lora_r}" if cfg.train == "lora" else ""
     if cfg.mode == "drop":
-        return f"(a) layer dropping to M = {cfg.keep_layers}, then distillation at M{how}"
+        gains = ", learned gains" if cfg.drop_gains else ""
+        chosen = {
+            "uniform": "(a) layer dropping",
+            "block_influence": "(a') Block Influence layers",
+            "angular": "(a'') angular-distance block removed",
+        }[cfg.drop_selection]
+        return f"{chosen} to M = {cfg.keep_layers}{gains}, then distillation at M{how}"
     anchor = f", N = L every {sampler.full_every}" if sampler.full_every else ""
     drawn = (
         "{" + ", ".join(map(str, sampler.choices)) + "}"
         if sampler.choices
         else f"[{sampler.low}, {sampler.high}]"
     )
+    mix = "every batch" if sampler.every else sampler.weighting
     ends = f", {cfg.discrete_ends} discrete at each end" if cfg.discrete_ends else ""
+    if cfg.schedules == "uniform":
+        name, plan = "depth adaptation", ""
+    else:
+        where = (
+            f"calibrated ({cfg.calibrate.get('init', 'dp')})"
+            if cfg.schedules == "calibrate"
+            else "stored"
+        )
+        name = "depth adaptation v2"
+        plan = f"{where} schedules{', trained' if cfg.train_schedules else ''}; "
     return (
-        f"depth adaptation ({cfg.basis} K = {cfg.num_basis or sampler.num_layers}{ends}, N in "
-        f"{drawn} {sampler.weighting}{anchor}{how})"
+        f"{name} ({plan}{cfg.basis} K = {cfg.num_basis or sampler.num_layers}{ends}, N in "
+        f"{drawn} {mix}{anchor}{how})"
     )
 
 

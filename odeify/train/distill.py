@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import get_block, odeify
+from ..schedule import Schedule
 from ..schemes import layer_bounds, spans
 from ..surgery import block_stack, is_odeified, layer_samples, stock_model
 
@@ -199,8 +200,11 @@ def distill_loss(
     steps: int,
     weights: LossWeights = LossWeights(),
     autocast: torch.dtype | None = None,
+    schedule: Schedule | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The student's loss at ``steps`` solver steps against the teacher's targets for ``ids``.
+    """The student's loss at ``steps`` solver steps against the teacher's targets for ``ids``,
+    on ``schedule`` when given (a ``sequential`` :class:`odeify.schedule.Schedule` of ``steps``
+    steps whose times and gains may be tensors being trained: the loss backpropagates to them).
 
     Returns the weighted loss (to backpropagate) and its parts as floats: ``kl`` (nats per
     token), ``lm`` (next-token cross-entropy), ``hidden`` (mean over matched states) and ``loss``.
@@ -216,7 +220,8 @@ def distill_loss(
     """
     with _autocast(autocast, ids.device), contextlib.ExitStack() as stack:
         states = stack.enter_context(recording(student)) if weights.needs_states else None
-        logits = student(ids, use_cache=False, ode_steps=steps).logits
+        run = {} if schedule is None else {"ode_schedule": schedule, "ode_scheme": "sequential"}
+        logits = student(ids, use_cache=False, ode_steps=steps, **run).logits
     logits = logits.float()
     tokens = labels.numel()
     parts: dict[str, Tensor] = {}
@@ -227,6 +232,14 @@ def distill_loss(
     if weights.lm > 0:
         parts["lm"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     if weights.needs_states:
+        uniform = schedule is None or all(
+            abs(t - j / steps) < 1e-9 for j, t in enumerate(schedule.starts)
+        )
+        if not uniform:
+            raise ValueError(
+                "hidden-state matching pairs the uniform grid's step ends with the teacher's "
+                "layers; a calibrated schedule's steps end elsewhere. Set hidden: 0"
+            )
         if targets.states is None:
             raise ValueError(
                 "hidden-state matching needs teacher_targets(..., weights) with hidden > 0"
@@ -252,12 +265,16 @@ def adapt_step(
     weights: LossWeights = LossWeights(),
     full_weight: float = 1.0,
     autocast: torch.dtype | None = None,
+    schedules: Callable[[int], Schedule | None] | None = None,
 ) -> list[dict[str, float]]:
     """Accumulate the gradients of one training step: the loss at each step count in ``counts``
     on the same batch (one backward each, so only one grid's activations live at a time).
 
     The anchor N = L (the teacher's depth) is weighted by ``full_weight``; the other counts share
-    a weight of 1. Returns each count's loss parts (with ``steps``). The caller steps the optimizer.
+    a weight of 1. ``schedules(N)`` gives the schedule count N runs on (None: the model's own
+    for N); it is called once per count, so trained schedule parameters get their gradients
+    through a fresh graph each time. Returns each count's loss parts (with ``steps``). The
+    caller steps the optimizer.
 
     Example:
         >>> teacher, student = frozen_teacher(base), odeify(base, progress=False)
@@ -275,7 +292,8 @@ def adapt_step(
     reports = []
     for n in counts:
         share = full_weight / anchors if n == targets.num_layers else 1.0 / len(drawn)
-        loss, parts = distill_loss(student, ids, labels, targets, n, weights, autocast)
+        schedule = None if schedules is None else schedules(n)
+        loss, parts = distill_loss(student, ids, labels, targets, n, weights, autocast, schedule)
         (loss * share).backward()
         reports.append({"steps": n, **parts})
     return reports
@@ -283,11 +301,15 @@ def adapt_step(
 
 # ---------------------------------------------------------------------------------- baselines
 @torch.no_grad()
-def drop_layers(model: nn.Module, keep: int) -> nn.Module:
+def drop_layers(model: nn.Module, keep: int, layers: Sequence[int] | None = None) -> nn.Module:
     """Baseline (a): a stock model of ``keep`` of the original's L layers, layer i being original
     layer floor(i L / keep) (the layer at or before the ODE grid time i / keep) with the output
     projections scaled by L / keep, as :func:`odeify.materialize` scales them. For ``keep``
     dividing L this is exactly ``materialize(odeify(model), keep)`` (every other layer at L / 2).
+
+    ``layers`` (increasing, ``keep`` of them) keeps those layers instead, unscaled: the pruned
+    models of baselines (a') and (a'') (Block Influence, angular distance), which remove layers
+    and leave the others as they are.
 
     Example:
         >>> plain = drop_layers(base, 2)   # base: a stock 4-layer GPT-2
@@ -306,6 +328,16 @@ def drop_layers(model: nn.Module, keep: int) -> nn.Module:
         raise ValueError(
             "scale_attn_by_inverse_layer_idx ties each layer to its index; dropping layers changes it"
         )
-    samples = layer_samples(model, layers=[i * num_layers // keep for i in range(keep)])
+    scales = spans(keep, num_layers)
+    if layers is None:
+        layers = [i * num_layers // keep for i in range(keep)]
+    else:
+        layers = [int(layer) for layer in layers]
+        if len(layers) != keep or any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+            raise ValueError(f"layers must be {keep} increasing layer indices, got {layers}")
+        if layers[0] < 0 or layers[-1] >= num_layers:
+            raise ValueError(f"layers must lie in [0, {num_layers}), got {layers}")
+        scales = [1.0] * keep
+    samples = layer_samples(model, layers=layers)
     layer = lambda i: {name: s[i] for name, s in samples.items()}
-    return stock_model(model, keep, layer, spans(keep, num_layers))
+    return stock_model(model, keep, layer, scales)

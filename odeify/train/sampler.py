@@ -32,7 +32,9 @@ class StepSampler:
     each gets many updates instead of a few from a wide range). ``weighting='inverse'`` draws N
     with probability proportional to 1 / N: a step at N costs about N, so each N gets about the
     same compute, and the short grids, far from L and the hardest to reach, get the most
-    updates. ``'uniform'`` draws every N alike.
+    updates. ``'uniform'`` draws every N alike. ``every=True`` takes every one of ``choices`` at
+    every step instead of drawing (each count a deployment serves trained on every batch, each
+    under its own schedule in depth adaptation v2); ``draws`` is then unused.
 
     Example:
         >>> sampler = StepSampler(num_layers=30, low=10, high=60, seed=0)
@@ -52,6 +54,7 @@ class StepSampler:
     full_every: int = 1
     seed: int = 0
     choices: tuple[int, ...] = ()
+    every: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "low", "high"):
@@ -64,7 +67,9 @@ class StepSampler:
             raise ValueError(
                 f"draws and full_every must be >= 0, got {self.draws} and {self.full_every}"
             )
-        if self.draws == 0 and self.full_every == 0:
+        if self.every and not self.choices:
+            raise ValueError("every=True takes every one of choices at each step; give choices")
+        if self.draws == 0 and self.full_every == 0 and not self.every:
             raise ValueError("draws = 0 and full_every = 0 train at no step count at all")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
@@ -87,6 +92,8 @@ class StepSampler:
     def draw(self, step: int) -> list[int]:
         """The step counts of training step ``step``: [L] first when it is an anchor step."""
         counts = [self.num_layers] if self.full_every and step % self.full_every == 0 else []
+        if self.every:
+            return counts + list(self.choices)
         if self.draws:
             values, probs = self.support()
             rng = np.random.default_rng([self.seed, 6, step])
