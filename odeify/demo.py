@@ -173,8 +173,9 @@ Calibrated on {results["calibration_plays"]} (never evaluated here) in
 step count: the initial nodes come from a one-step jump cost over the original's layers, then
 the step times and one gain per attention and MLP update are fitted by KL to the original. No
 weight changes; the schedules are saved with the model and used by odeify.steps, generate and
-materialize. What calibration cannot fix, depth adaptation (recipes/adapt_depth.py) trains into
-the weights: it starts from these schedules and changes the weight functions themselves.
+materialize. What calibration cannot fix, depth adaptation trains into the weights:
+recipes/adapt_depth.py with `schedules: calibrate` (recipes/configs/adapt-smollm2-v2.yaml)
+starts from these schedules and trains them together with the weight functions.
 
 Greedy continuation of "{PROMPT}"
 - original / odeified at N = L: {results["greedy_original"]!r}
