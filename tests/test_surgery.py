@@ -273,3 +273,23 @@ def test_odeify_fills_in_the_defaults_and_keeps_the_training_mode(make_gpt2):
     assert (fitted.ode.scheme, fitted.ode.num_basis, fitted.training) == ("sequential", 4, True)
     fresh = get_block(odeify(make_gpt2(), basis="fourier", init="random", progress=False))
     assert (fresh.ode.scheme, fresh.ode.num_basis, fresh.training) == ("euler", 21, False)
+
+
+def test_set_steps_saves_each_setting_it_is_given(make_gpt2):
+    import odeify as ode
+
+    model = odeify(make_gpt2(), progress=False)
+    twin = copy.deepcopy(model)
+    assert set_steps(model, 3, scheme="rk4", schedule="uniform") is model
+    settings = get_block(model).ode
+    assert (settings.steps, settings.scheme, settings.schedule) == (3, "rk4", "uniform")
+    assert {k: model.config.odeify[k] for k in ("steps", "scheme", "schedule")} == {
+        "steps": 3,
+        "scheme": "rk4",
+        "schedule": "uniform",
+    }
+    with torch.no_grad(), ode.steps(twin, 3, scheme="rk4"):
+        assert torch.equal(model(IDS).logits, twin(IDS).logits)
+    # A setting not given is left as it was.
+    set_steps(model, scheme="heun")
+    assert (settings.steps, settings.scheme, settings.schedule) == (3, "heun", "uniform")
