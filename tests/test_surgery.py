@@ -293,3 +293,10 @@ def test_set_steps_saves_each_setting_it_is_given(make_gpt2):
     # A setting not given is left as it was.
     set_steps(model, scheme="heun")
     assert (settings.steps, settings.scheme, settings.schedule) == (3, "heun", "uniform")
+
+
+def test_odeify_shows_the_fit_progress_unless_told_not_to(make_gpt2, capsys):
+    odeify(make_gpt2())
+    assert "fitting W(t)" in capsys.readouterr().err
+    odeify(make_gpt2(), progress=False)
+    assert "fitting W(t)" not in capsys.readouterr().err
