@@ -300,3 +300,14 @@ def test_odeify_shows_the_fit_progress_unless_told_not_to(make_gpt2, capsys):
     assert "fitting W(t)" in capsys.readouterr().err
     odeify(make_gpt2(), progress=False)
     assert "fitting W(t)" not in capsys.readouterr().err
+
+
+def test_odeify_of_a_folder_fits_it_like_the_model_in_memory(make_gpt2, tmp_path):
+    # The default init='fit' is the one a checkpoint path takes (streamed from disk).
+    stock = make_gpt2()
+    stock.save_pretrained(tmp_path / "stock")
+    streamed = odeify(tmp_path / "stock", progress=False)
+    in_memory = odeify(stock, progress=False)
+    assert streamed.config.odeify == in_memory.config.odeify
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, in_memory(IDS).logits)
