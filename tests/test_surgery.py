@@ -302,12 +302,19 @@ def test_odeify_shows_the_fit_progress_unless_told_not_to(make_gpt2, capsys):
     assert "fitting W(t)" not in capsys.readouterr().err
 
 
-def test_odeify_of_a_folder_fits_it_like_the_model_in_memory(make_gpt2, tmp_path):
-    # The default init='fit' is the one a checkpoint path takes (streamed from disk).
+def test_odeify_of_a_folder_fits_it_like_the_model_in_memory(make_gpt2, tmp_path, capsys):
+    # The default init='fit' is the one a checkpoint path takes (streamed from disk), and every
+    # setting reaches the streaming conversion.
     stock = make_gpt2()
     stock.save_pretrained(tmp_path / "stock")
-    streamed = odeify(tmp_path / "stock", progress=False)
-    in_memory = odeify(stock, progress=False)
+    settings = dict(basis="chebyshev", num_basis=3, scheme="rk4", steps=2)
+    streamed = odeify(tmp_path / "stock", **settings)
+    assert "converting" in capsys.readouterr().err
+    in_memory = odeify(stock, progress=False, **settings)
     assert streamed.config.odeify == in_memory.config.odeify
     with torch.no_grad():
         assert torch.equal(streamed(IDS).logits, in_memory(IDS).logits)
+    with pytest.raises(ValueError) as raised:
+        odeify(tmp_path / "stock", basis_kwargs={"x": 1}, progress=False)
+    assert str(raised.value) == "basis 'hat' takes no options, got ['x']"
+    assert "converting" not in capsys.readouterr().err
