@@ -6,6 +6,7 @@ resume, and bad input failing before any training."""
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,10 @@ def test_sampler_draws_are_a_pure_function_of_seed_and_step():
         assert all(4 <= n <= 24 for n in counts)
     other = StepSampler(num_layers=12, low=4, high=24, draws=2, full_every=3, seed=2)
     assert [sampler.draw(s) for s in range(30)] != [other.draw(s) for s in range(30)]
+    # Known values: a run resumed by a later odeify must draw what the unbroken run drew, so
+    # the random stream (seed, 6, step) is part of the format of every recorded run.
+    drawn = [sampler.draw(s) for s in range(6)]
+    assert drawn == [[12, 5, 21], [10, 16], [18, 10], [12, 8, 19], [7, 16], [12, 6]]
 
 
 def test_inverse_weighting_spends_equal_compute_per_step_count():
@@ -81,6 +86,8 @@ def test_sampler_support_and_edge_ranges():
     assert StepSampler(num_layers=1, low=1, high=1).draw(0) == [1, 1]
     assert StepSampler(num_layers=6, low=3, high=3, full_every=0).draw(5) == [3]
     assert StepSampler(num_layers=6, low=2, high=12, draws=0).draw(5) == [6]
+    # N = 1 is a step count like any other (the lowest a choice may be).
+    assert StepSampler(num_layers=6, low=2, high=12, choices=(3, 1)).choices == (1, 3)
 
 
 def test_sampler_draws_only_the_chosen_counts():
@@ -93,18 +100,20 @@ def test_sampler_draws_only_the_chosen_counts():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(low=9, high=4), "empty"),
-        (dict(choices=(4, 0)), "choices must be step counts"),
-        (dict(low=0), "low must be"),
-        (dict(high=True), "high must be"),
-        (dict(weighting="log"), "weighting"),
-        (dict(draws=0, full_every=0), "no step count"),
-        (dict(draws=-1), ">= 0"),
+        (dict(low=9, high=4), "the step range is empty: low = 9 > high = 4"),
+        (dict(choices=(4, 0)), "choices must be step counts >= 1, got [4, 0]"),
+        (dict(choices=(2.5,)), "choices must be step counts >= 1, got [2.5]"),
+        (dict(choices=(True,)), "choices must be step counts >= 1, got [True]"),
+        (dict(low=0), "low must be an integer >= 1, got 0"),
+        (dict(high=True), "high must be an integer >= 1, got True"),
+        (dict(weighting="log"), "weighting must be one of ('inverse', 'uniform'), got 'log'"),
+        (dict(draws=0, full_every=0), "draws = 0 and full_every = 0 train at no step count at all"),
+        (dict(draws=-1), "draws and full_every must be >= 0, got -1 and 1"),
     ],
 )
 def test_sampler_refuses_bad_input(kwargs, match):
     settings = dict(num_layers=6, low=2, high=12) | kwargs
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"^{re.escape(match)}$"):
         StepSampler(**settings)
 
 

@@ -137,3 +137,58 @@ def test_fit_residuals_survive_save_and_load(make_gpt2, tmp_path):
     assert len(residuals) == len(get_block(model).names) and min(residuals.values()) > 1e-3
     save_pretrained(model, tmp_path / "m")
     assert get_block(from_pretrained(tmp_path / "m")).fit_residuals == residuals
+
+
+def test_a_saved_folder_holds_the_model_card_and_its_files(make_gpt2, tmp_path):
+    from odeify.card import model_card
+
+    model = odeify(make_gpt2(), progress=False)
+    card = {"base_model": "openai-community/gpt2", "perplexity": 21.25}
+    save_pretrained(model, tmp_path / "gpt2-ode", card=card)
+    names = sorted(p.name for p in (tmp_path / "gpt2-ode").iterdir())
+    assert names == [
+        "README.md",
+        "checksum.json",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    # The card names the folder and carries what the caller measured.
+    text = (tmp_path / "gpt2-ode" / "README.md").read_text()
+    assert text == model_card(model, "gpt2-ode", card) and "Perplexity: 21.25" in text
+
+
+def test_from_pretrained_puts_the_model_on_the_device_given(saved):
+    loaded = from_pretrained(saved, device="cpu")
+    assert {p.device for p in loaded.parameters()} == {torch.device("cpu")}
+    with pytest.raises(ValueError, match=r"^device 'cude' is not a torch device \(.+\)$"):
+        from_pretrained(saved, device="cude")
+
+
+def test_the_saved_architecture_picks_the_class(saved, tmp_path):
+    # A base model (no LM head) comes back as itself, not as the family's causal LM; a config
+    # naming no architecture, or one transformers lacks, falls back to the causal LM.
+    from transformers import GPT2Config, GPT2Model
+
+    config = GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=97, n_positions=64)
+    base = odeify(GPT2Model(config).eval(), progress=False)
+    save_pretrained(base, tmp_path / "base")
+    loaded = from_pretrained(tmp_path / "base")
+    assert type(loaded) is type(base) and type(loaded).__name__ == "OdeifyGPT2Model"
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).last_hidden_state, base(IDS).last_hidden_state)
+    for architectures in (None, ["OdeifyNoSuchModel"]):
+        _edit_config(saved, lambda c, a=architectures: c.update(architectures=a))
+        assert type(from_pretrained(saved)).__name__ == "OdeifyGPT2LMHeadModel"
+
+
+def test_the_tokenizer_is_saved_beside_the_model(make_gpt2, tmp_path):
+    from transformers import AutoTokenizer
+
+    from odeify.train.data import char_tokenizer
+
+    tokenizer = char_tokenizer({"play": "to be, or not to be"})
+    save_pretrained(odeify(make_gpt2(), progress=False), tmp_path / "m", tokenizer=tokenizer)
+    again = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert again("not to be")["input_ids"] == tokenizer("not to be")["input_ids"]
+    assert again.get_vocab() == tokenizer.get_vocab()

@@ -1,6 +1,7 @@
 """Saving never loses a model or deletes what odeify did not write; a saved folder that
 contradicts itself (edited config, flipped bits) is refused on load."""
 
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from odeify import atomic, from_pretrained, odeify, save_pretrained
 from odeify.atomic import atomic_file, replace_folder, write_text
+from odeify.io import tensor_checksum
 
 IDS = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(0))
 
@@ -167,12 +169,40 @@ def test_basis_edit_without_a_checksum_file_is_caught_by_shapes(saved):
         from_pretrained(saved)
 
 
+def test_without_a_checksum_file_the_tensors_name_what_was_edited(saved):
+    (saved / "checksum.json").unlink()
+    _edit_config(saved, lambda c: c["odeify"].update(num_basis=3))
+    with pytest.raises(ValueError) as error:
+        from_pretrained(saved)
+    head = f"{saved} does not match its config (basis kind, num_basis or model size edited?): "
+    message = str(error.value)
+    assert message.startswith(head)
+    # The first four tensors of the wrong shape, in the file's (name) order.
+    assert message.removeprefix(head).split("; ") == [
+        "transformer.h.0.basis.attn.c_attn.bias (4, 96) (config implies (3, 96))",
+        "transformer.h.0.basis.attn.c_attn.weight (4, 96, 32) (config implies (3, 96, 32))",
+        "transformer.h.0.basis.attn.c_proj.bias (4, 32) (config implies (3, 32))",
+        "transformer.h.0.basis.attn.c_proj.weight (4, 32, 32) (config implies (3, 32, 32))",
+    ]
+    _edit_config(saved, lambda c: c["odeify"].update(num_basis=4, family="llama"))
+    family = (
+        f"{saved}: config.json describes a gpt2 model but its odeify section says family 'llama'"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(family)}$"):
+        from_pretrained(saved)
+
+
 def test_a_stock_folder_whose_config_claims_odeify_is_refused(make_gpt2, tmp_path):
     stock = make_gpt2()
     odeify_settings = odeify(make_gpt2(), progress=False).config.odeify
     stock.config.odeify = odeify_settings  # e.g. a config object shared with an odeified model
     stock.save_pretrained(tmp_path / "stock")
-    with pytest.raises(ValueError, match="weights are a stock model's"):
+    message = (
+        f"{tmp_path / 'stock'}: config.json has an odeify section but the weights are a stock "
+        "model's (no basis tensors); load it with AutoModelForCausalLM.from_pretrained, or delete "
+        "the odeify section from config.json"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         from_pretrained(tmp_path / "stock")
 
 
@@ -204,3 +234,64 @@ def test_a_weight_file_missing_a_tensor_is_refused(saved, suffix):
     # verify=False: past the checksum, so the check of the tensors against the model refuses it.
     with pytest.raises(ValueError, match=rf"missing \['{re.escape(name)}'\]"):
         from_pretrained(saved, verify=False)
+
+
+def _fitted_with_refusal(folder, pairs):
+    return re.escape(
+        f"{folder}/config.json does not match the tensors saved with it: {pairs}; restore the "
+        "config or convert the model again"
+    )
+
+
+def _more_layers(config):
+    # Both layer counts edited alike, so only the settings saved beside the tensors can tell.
+    config["n_layer"] = config["odeify"]["num_layers"] = 8
+
+
+@pytest.mark.parametrize(
+    "edit, pairs",
+    [
+        (lambda c: c["odeify"].update(family="llama"), "family 'llama' (saved with 'gpt2')"),
+        (_more_layers, "num_layers 8 (saved with 4)"),
+        (lambda c: c["odeify"].update(num_basis=3), "num_basis 3 (saved with 4)"),
+        (
+            lambda c: c["odeify"].update(basis_kwargs={"scale": 2}),
+            "basis_kwargs {'scale': 2} (saved with {})",
+        ),
+        (
+            lambda c: c["odeify"].update(basis="chebyshev", num_basis=3),
+            "basis 'chebyshev' (saved with 'hat'), num_basis 3 (saved with 4)",
+        ),
+    ],
+)
+def test_every_setting_saved_with_the_tensors_is_checked(saved, edit, pairs):
+    # Each of these would also fail later (shapes, family) or load wrong weights silently; the
+    # settings saved beside the checksum name what was edited, before any tensor is read.
+    _edit_config(saved, edit)
+    with pytest.raises(ValueError, match=f"^{_fitted_with_refusal(saved, pairs)}$"):
+        from_pretrained(saved)
+
+
+def test_a_checksum_without_settings_still_loads(saved, model):
+    # checksum.json written before it held the fitting settings: the tensors are still verified.
+    path = saved / "checksum.json"
+    checksum = json.loads(path.read_text())
+    del checksum["fitted_with"]
+    path.write_text(json.dumps(checksum))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(saved)(IDS).logits, model.eval()(IDS).logits)
+
+
+def test_tensor_checksum_is_sha256_of_names_dtypes_shapes_and_bytes():
+    # The digest is a file format (folders saved by one odeify verify under another): computed
+    # here independently from its definition, in name order, of the tensors made contiguous.
+    b = torch.arange(3, dtype=torch.int16)
+    a = torch.arange(4, dtype=torch.bfloat16).reshape(2, 2).t()  # not contiguous
+    expected = hashlib.sha256()
+    for name, t in (("a", a), ("b", b)):
+        expected.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        expected.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    assert tensor_checksum({"b": b, "a": a}) == expected.hexdigest()
+    assert tensor_checksum({"w": torch.zeros(2)}) == (
+        "1b4484e4be5f2a83d6be61d9cbd45af77756aeb6210473c2dae0c801cbfc4b0f"
+    )

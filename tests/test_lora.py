@@ -309,8 +309,13 @@ def test_generation_with_an_unmerged_adapter_matches_the_merged_model(ode_llama)
 def test_materialize_of_an_unmerged_peft_model_says_to_merge_first(ode_llama):
     adapted = _randomize(get_peft_model(ode_llama, lora_config(r=2, model=ode_llama)))
     expected = _logits(adapted, 2)
-    with pytest.raises(TypeError, match=r"merge_and_unload\(\)"):
+    with pytest.raises(TypeError) as raised:
         materialize(adapted, steps=2)
+    assert str(raised.value) == (
+        "materialize takes the odeified transformers model, not a PeftModel: merge the adapter "
+        "into W(t) first (materialize(peft_model.merge_and_unload(), steps)), or drop it "
+        "(peft_model.get_base_model())"
+    )
     # What the message says to do keeps the adapter's update.
     plain = materialize(adapted.merge_and_unload(), steps=2)
     torch.testing.assert_close(_logits(plain), expected, rtol=1e-4, atol=1e-5)

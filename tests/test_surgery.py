@@ -273,3 +273,48 @@ def test_odeify_fills_in_the_defaults_and_keeps_the_training_mode(make_gpt2):
     assert (fitted.ode.scheme, fitted.ode.num_basis, fitted.training) == ("sequential", 4, True)
     fresh = get_block(odeify(make_gpt2(), basis="fourier", init="random", progress=False))
     assert (fresh.ode.scheme, fresh.ode.num_basis, fresh.training) == ("euler", 21, False)
+
+
+def test_set_steps_saves_each_setting_it_is_given(make_gpt2):
+    import odeify as ode
+
+    model = odeify(make_gpt2(), progress=False)
+    twin = copy.deepcopy(model)
+    assert set_steps(model, 3, scheme="rk4", schedule="uniform") is model
+    settings = get_block(model).ode
+    assert (settings.steps, settings.scheme, settings.schedule) == (3, "rk4", "uniform")
+    assert {k: model.config.odeify[k] for k in ("steps", "scheme", "schedule")} == {
+        "steps": 3,
+        "scheme": "rk4",
+        "schedule": "uniform",
+    }
+    with torch.no_grad(), ode.steps(twin, 3, scheme="rk4"):
+        assert torch.equal(model(IDS).logits, twin(IDS).logits)
+    # A setting not given is left as it was.
+    set_steps(model, scheme="heun")
+    assert (settings.steps, settings.scheme, settings.schedule) == (3, "heun", "uniform")
+
+
+def test_odeify_shows_the_fit_progress_unless_told_not_to(make_gpt2, capsys):
+    odeify(make_gpt2())
+    assert "fitting W(t)" in capsys.readouterr().err
+    odeify(make_gpt2(), progress=False)
+    assert "fitting W(t)" not in capsys.readouterr().err
+
+
+def test_odeify_of_a_folder_fits_it_like_the_model_in_memory(make_gpt2, tmp_path, capsys):
+    # The default init='fit' is the one a checkpoint path takes (streamed from disk), and every
+    # setting reaches the streaming conversion.
+    stock = make_gpt2()
+    stock.save_pretrained(tmp_path / "stock")
+    settings = dict(basis="chebyshev", num_basis=3, scheme="rk4", steps=2)
+    streamed = odeify(tmp_path / "stock", **settings)
+    assert "converting" in capsys.readouterr().err
+    in_memory = odeify(stock, progress=False, **settings)
+    assert streamed.config.odeify == in_memory.config.odeify
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, in_memory(IDS).logits)
+    with pytest.raises(ValueError) as raised:
+        odeify(tmp_path / "stock", basis_kwargs={"x": 1}, progress=False)
+    assert str(raised.value) == "basis 'hat' takes no options, got ['x']"
+    assert "converting" not in capsys.readouterr().err

@@ -254,3 +254,132 @@ def test_unknown_backend_is_rejected():
         time_linear(*inputs, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"), time_linear_backend("cuda"):
         pass
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-sample", "shared"])
+def test_reference_is_each_samples_own_linear(shared, bias):
+    # Independent of the reference's einsum/bmm: sample b's weight summed term by term, then
+    # torch's own linear; float64, so only the summation order differs.
+    x, c, p, b = make_inputs((3, 4, 6, 5, 2), shared=shared, bias=bias, dtype=torch.float64)
+    x, c, p = x.cpu(), c.cpu(), p.cpu()
+    b = None if b is None else b.cpu()
+    y = time_linear(x, c, p, b, backend="reference")
+    for i in range(3):
+        ci = c if shared else c[i]
+        weight = sum(ci[k] * p[k] for k in range(2))
+        bias_i = None if b is None else sum(ci[k] * b[k] for k in range(2))
+        assert_close(y[i], torch.nn.functional.linear(x[i], weight, bias_i), rtol=1e-14, atol=1e-14)
+
+
+def test_input_errors_in_full(monkeypatch):
+    # The checks are shared by both backends; a partial match lets a mangled message pass.
+    x, c, p, b = (v.cpu() for v in make_inputs((3, 4, 6, 5, 2), shared=False, bias=True))
+    cases = [
+        (
+            (x[0], c, p, b),
+            ValueError,
+            "x must be [B, T, d_in], got shape (4, 6); add a batch or "
+            "sequence axis with unsqueeze, or flatten extra ones into T",
+        ),
+        ((x, c, p[0], b), ValueError, "basis must be [K, d_out, d_in], got shape (5, 6)"),
+        (
+            (x, c[None], p, b),
+            ValueError,
+            "coeffs must be [B, K] (per sample) or [K] (shared), got shape (1, 3, 2)",
+        ),
+        (
+            (x, c[:, :0], p[:0], b[:0]),
+            ValueError,
+            "K = 0: basis [K, d_out, d_in] holds no matrices",
+        ),
+        (
+            (x, c[:, :1], p, b),
+            ValueError,
+            "coeffs has 1 coefficients per sample but basis has K = 2 matrices; they must match",
+        ),
+        (
+            (x, c[:1], p, b),
+            ValueError,
+            "coeffs has 1 rows but x has B = 3 samples; pass one row "
+            "per sample, or a [K] tensor to share it",
+        ),
+        (
+            (x, c, p.transpose(1, 2), b),
+            ValueError,
+            "x has d_in = 6 but basis [K, d_out, d_in] has "
+            "d_in = 5; basis matrices are in nn.Linear layout [out, in] (transpose a [K, in, out] "
+            "basis)",
+        ),
+        (
+            (x, c, p, b[:, :3]),
+            ValueError,
+            "bias_basis must be [K, d_out] = (2, 5), got shape (2, 3)",
+        ),
+        (
+            (x, c.double(), p, b),
+            TypeError,
+            "all inputs must share one dtype, got x torch.float32, "
+            "coeffs torch.float64, basis torch.float32, bias_basis torch.float32; cast them with .to()",
+        ),
+        (
+            (x, c.double(), p, None),
+            TypeError,
+            "all inputs must share one dtype, got x "
+            "torch.float32, coeffs torch.float64, basis torch.float32; cast them with .to()",
+        ),
+        (
+            (x.int(), c, p, b),
+            TypeError,
+            "x has dtype torch.int32; supported are fp32, fp16, bf16 "
+            "and (reference backend only) fp64",
+        ),
+        (
+            (x, c, p.to("meta"), b),
+            ValueError,
+            "all inputs must be on one device, got x cpu, "
+            "coeffs cpu, basis meta, bias_basis cpu; move them with .to()",
+        ),
+        ((x.tolist(), c, p, b), TypeError, "x must be a torch.Tensor, got list"),
+        ((x, c, p, 3.0), TypeError, "bias_basis must be a torch.Tensor, got float"),
+        (
+            (x, c, _noncontiguous(p), b),
+            ValueError,
+            "basis is not contiguous (shape (2, 5, 6), "
+            "strides (1, 2, 10)); call .contiguous() on it: the kernels read rows as unit-stride "
+            "tiles and a silent copy would hide its cost",
+        ),
+        (
+            (x, c, p, b),
+            ValueError,
+            "backend must be one of ('auto', 'triton', 'reference'), got 'cuda'",
+        ),
+    ]
+    for args, error, message in cases:
+        backend = "cuda" if "'cuda'" in message else "reference"
+        with pytest.raises(error) as raised:
+            time_linear(*args, backend=backend)
+        assert str(raised.value) == "time_linear: " + message
+    with pytest.raises(TypeError) as raised:
+        time_linear(x.double(), c.double(), p.double(), b.double(), backend="triton")
+    assert str(raised.value) == (
+        "time_linear: the Triton backend supports fp32, fp16 and bf16, got torch.float64; "
+        'use backend="reference" (or "auto") for it'
+    )
+    monkeypatch.setattr(ttl, "INTERPRETED", False)
+    with pytest.raises(RuntimeError) as raised:
+        time_linear(x, c, p, b, backend="triton")
+    assert str(raised.value) == (
+        "time_linear: the Triton backend needs CUDA tensors, got cpu ones; move them to a GPU, "
+        'use backend="reference", or set TRITON_INTERPRET=1 before odeify\'s kernels are '
+        "imported to run the kernels on the CPU (slow; for tests)"
+    )
+    import odeify.time_linear as tl
+
+    monkeypatch.setattr(tl, "_TRITON_INSTALLED", False)
+    with pytest.raises(RuntimeError) as raised:
+        time_linear(x, c, p, b, backend="triton")
+    assert str(raised.value) == (
+        "time_linear: the Triton backend needs the triton package, which is not installed (it "
+        'ships wheels for Linux x86_64); use backend="reference" (or "auto")'
+    )
