@@ -61,8 +61,9 @@ Features:
   the steps that fit in it, so runs of different modes get the same compute.
 - Data: a corpus spec (``shakespeare``, a text file or folder), the ``heldout`` documents
   (plays) removed from training and used for every evaluation; batches are a pure function of
-  (seed, step). ``autocast: bf16`` trains in bfloat16 autocast (fp32 master weights);
-  evaluation is always fp32.
+  (seed, step). ``autocast: bf16`` trains in bfloat16 autocast (fp32 master weights),
+  ``auto`` only where the device multiplies bfloat16 natively (an AVX2-only CPU emulates it, ten
+  times slower than fp32); evaluation is always fp32.
 - Distributed: under torchrun, DDP (gloo on CPU, NCCL on GPU): each process distils on its
   share of every batch (``batch_size`` must split over the processes) and scores its share of
   the held-out windows; the first writes checkpoints, metrics and outputs.
@@ -128,6 +129,7 @@ from odeify.train.distributed import wrap
 from odeify.train.evaluate import sweep
 from odeify.train.optim import adamw, seed_everything, warmup_cosine
 from odeify.train.plots import plot_budget, plot_runs
+from odeify.train.precision import AUTOCAST_CHOICES, autocast_dtype
 from odeify.train.run import open_run
 from odeify.train.sampler import WEIGHTINGS, StepSampler
 
@@ -143,7 +145,6 @@ CALIBRATE_OPTIONS = tuple(
     if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "progress"
 )
 TRAIN = ("full", "lora")
-AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 # Keys that change what a run prints or how fast, not what it computes: a resume may change them.
 _PRESENTATION = ("progress", "threads")
 
@@ -203,7 +204,7 @@ class Config:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0: no clipping
-    autocast: str = "none"  # 'none' or 'bf16'
+    autocast: str = "none"  # 'none', 'bf16', or 'auto' (bf16 where the device has it natively)
     seed: int = 0
     threads: int | None = None
     # evaluation, checkpoints, output
@@ -364,8 +365,8 @@ def _run_problems(cfg: Config, world: int) -> list[str]:
         problems.append("eval_every, warmup_steps, full_every and draws must be >= 0")
     if cfg.weighting not in WEIGHTINGS:
         problems.append(f"weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
-    if cfg.autocast not in AUTOCAST:
-        problems.append(f"autocast must be one of {sorted(AUTOCAST)}, got {cfg.autocast!r}")
+    if cfg.autocast not in AUTOCAST_CHOICES:
+        problems.append(f"autocast must be one of {list(AUTOCAST_CHOICES)}, got {cfg.autocast!r}")
     if not cfg.heldout:
         problems.append("heldout must name the evaluation documents (e.g. plays)")
     return problems
@@ -676,7 +677,7 @@ class AdaptDepth:
                 f"{2 * cfg.discrete_ends}; eval_steps / curve_steps ask for {lowest}"
             )
         self.weights = LossWeights(cfg.kl, cfg.lm, cfg.hidden, cfg.temperature)
-        self.autocast = AUTOCAST[cfg.autocast]
+        self.autocast = autocast_dtype(cfg.autocast, self.ctx.device)
         self.setup_schedules()
         self.setup_budget()
         self.optimizer = adamw(self.student, cfg.lr, cfg.weight_decay)
@@ -971,6 +972,7 @@ class AdaptDepth:
             "num_basis": block.ode.num_basis,
             "discrete_ends": block.ode.discrete_ends,
             "train": cfg.train,
+            "autocast": str(self.autocast or torch.float32).removeprefix("torch."),
             "trainable_parameters": trainable,
             "sampler": {**dataclasses.asdict(sampler), "choices": list(sampler.choices)},
             "loss": dataclasses.asdict(self.weights),

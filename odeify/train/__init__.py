@@ -11,6 +11,7 @@ One module per idea:
 - :mod:`~odeify.train.evaluate`: next-token loss over windows at several step counts;
 - :mod:`~odeify.train.distill`: depth-adaptation losses, teacher targets, layer dropping;
 - :mod:`~odeify.train.cost`: the FLOP model and budgets;
+- :mod:`~odeify.train.precision`: which dtype autocast trains in on a device;
 - :mod:`~odeify.train.plots`: perplexity plots;
 - :mod:`~odeify.train.distributed`: torchrun process groups, DDP / FSDP2, full state views.
 
