@@ -6,6 +6,7 @@ after OpenMP has run with several threads can hang the child, and on a shared 2-
 one thread per process is also the fast setting.
 """
 
+import contextlib
 import importlib.util
 import json
 import multiprocessing
@@ -14,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -29,6 +31,27 @@ def recipe(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def interrupted_at(step: int):
+    """Within it, a recipe run stops with KeyboardInterrupt when it asks for the batch of step
+    ``step`` (0-based), as a crash mid-run would; batches are served normally again after."""
+    from odeify.train import data
+
+    real = data.Batches.get
+
+    def get(self, i, *args):
+        if i == step:
+            raise KeyboardInterrupt
+        return real(self, i, *args)
+
+    data.Batches.get = get
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        data.Batches.get = real
 
 
 def argv(config: dict) -> list[str]:

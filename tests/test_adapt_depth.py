@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _launch import argv, fork, join, records
+from _launch import argv, fork, interrupted_at, join, records
 from _launch import recipe as load_recipe
 
 import odeify
 from odeify.assets import gpt2_tokenizer, play_text
-from odeify.train import data
 from odeify.train.cost import CostModel, steps_for_budget
 from odeify.train.distill import (
     LossWeights,
@@ -377,20 +376,11 @@ def test_the_adapted_model_materialises_at_any_depth(adapted, m):
 
 
 @pytest.mark.parametrize("train", ["full", "lora"])
-def test_resume_continues_exactly(assets, adapted, tmp_path, monkeypatch, train):
+def test_resume_continues_exactly(assets, adapted, tmp_path, train):
     overrides = dict(train="lora", lora_r=2) if train == "lora" else {}
     cfg = _config(assets, tmp_path / "run", **overrides)
-    real = data.Batches.get
-
-    def crash_at_third_step(self, step, *args):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(self, step, *args)
-
-    monkeypatch.setattr(data.Batches, "get", crash_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(2):
         _run(cfg)
-    monkeypatch.setattr(data.Batches, "get", real)
     with pytest.raises(FileExistsError, match="--resume"):
         _run(cfg)
     resumed = _run(cfg, resume=True)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from _launch import interrupted_at
 from test_adapt_depth import _compare, _config, _run, assets  # noqa: F401  (assets: a fixture)
 from test_adapt_depth import recipe as adapt
 
@@ -123,20 +124,11 @@ def test_v2_materialises_at_a_calibrated_count(v2):
     assert (ode - uniform).abs().max() > 1e-3  # the trained schedule, not the uniform grid
 
 
-def test_v2_resume_continues_the_schedules_exactly(assets, v2, tmp_path, monkeypatch):  # noqa: F811
+def test_v2_resume_continues_the_schedules_exactly(assets, v2, tmp_path):  # noqa: F811
     unbroken, _, _ = v2
     settings = _v2(assets, tmp_path / "run")
-    real = data.Batches.get
-
-    def crash_at_third_step(self, step, *args):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(self, step, *args)
-
-    monkeypatch.setattr(data.Batches, "get", crash_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(2):
         _run(settings)
-    monkeypatch.setattr(data.Batches, "get", real)
     resumed = _run(settings, resume=True)
     assert resumed["trained_schedules"] == unbroken["trained_schedules"]
     assert resumed["after"] == unbroken["after"]

@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
-from _launch import RECIPES, argv, fork, join, recipe, records
+from _launch import RECIPES, argv, fork, interrupted_at, join, recipe, records
 
 import odeify
 from odeify.assets import gpt2_tokenizer, play_text
-from odeify.train import data
 from odeify.train.sampler import StepSampler
 
 finetune = recipe("finetune")
@@ -137,20 +136,11 @@ def test_every_form_and_method_runs_and_starts_from_the_same_model(
             assert saved["num_hidden_layers"] == 2 and "odeify" not in saved
 
 
-def test_a_resumed_run_equals_an_unbroken_one(assets, tmp_path, monkeypatch):
+def test_a_resumed_run_equals_an_unbroken_one(assets, tmp_path):
     unbroken = _run(_config(assets, tmp_path, out_dir=str(tmp_path / "a")))
-    real_get = data.Batches.get
-
-    def dies_at_step_three(self, step, *args):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_get(self, step, *args)
-
     cfg = _config(assets, tmp_path, out_dir=str(tmp_path / "b"))
-    monkeypatch.setattr(data.Batches, "get", dies_at_step_three)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(2):
         _run(cfg)
-    monkeypatch.setattr(data.Batches, "get", real_get)
     resumed = _run(cfg, resume=True)
     assert resumed["perplexity_after"] == unbroken["perplexity_after"]
 
