@@ -318,3 +318,20 @@ def test_odeify_of_a_folder_fits_it_like_the_model_in_memory(make_gpt2, tmp_path
         odeify(tmp_path / "stock", basis_kwargs={"x": 1}, progress=False)
     assert str(raised.value) == "basis 'hat' takes no options, got ['x']"
     assert "converting" not in capsys.readouterr().err
+
+
+def test_materialize_refuses_a_peft_model_in_full(make_gpt2):
+    # peft is imported here, so `_refuse_peft_wrapper` sees it loaded (it looks in sys.modules).
+    from peft import get_peft_model
+
+    from odeify import lora_config
+
+    model = odeify(make_gpt2(), progress=False)
+    adapted = get_peft_model(model, lora_config(r=2, model=model))
+    assert _error(lambda: materialize(adapted, steps=2), TypeError) == (
+        "materialize takes the odeified transformers model, not a PeftModel: merge the adapter "
+        "into W(t) first (materialize(peft_model.merge_and_unload(), steps)), or drop it "
+        "(peft_model.get_base_model())"
+    )
+    # The unwrapped model, peft still loaded, is not refused.
+    assert materialize(adapted.get_base_model(), steps=2).config.n_layer == 2
