@@ -307,11 +307,13 @@ def test_odeify_of_a_folder_fits_it_like_the_model_in_memory(make_gpt2, tmp_path
     # setting reaches the streaming conversion.
     stock = make_gpt2()
     stock.save_pretrained(tmp_path / "stock")
-    settings = dict(basis="chebyshev", num_basis=3, scheme="rk4", steps=2)
+    # cache_weights (not its default) goes through `**options`.
+    settings = dict(basis="chebyshev", num_basis=3, scheme="rk4", steps=2, cache_weights=False)
     streamed = odeify(tmp_path / "stock", **settings)
     assert "converting" in capsys.readouterr().err
     in_memory = odeify(stock, progress=False, **settings)
     assert streamed.config.odeify == in_memory.config.odeify
+    assert streamed.config.odeify["cache_weights"] is False
     with torch.no_grad():
         assert torch.equal(streamed(IDS).logits, in_memory(IDS).logits)
     with pytest.raises(ValueError) as raised:
