@@ -187,3 +187,54 @@ def test_trainable_only_checkpoints_leave_the_frozen_part_out(tmp_path):
     model[0].requires_grad_(True)  # another set of trainable tensors: refused
     with pytest.raises(ValueError, match="other trainable tensors"):
         ckpt.resume(model, optimizer)
+
+
+def test_adamw_groups_in_full():
+    # Every parameter lands in exactly one group by the rule (matrices decay; vectors,
+    # `no_decay` names and frozen parameters do not), with the optimizer's settings as given.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].bias.requires_grad_(False)
+    optimizer = adamw(model, lr=0.5, weight_decay=0.25, no_decay=lambda name: name == "2.weight")
+    named = {id(p): n for n, p in model.named_parameters()}
+    groups = [
+        ([named[id(p)] for p in g["params"]], g["weight_decay"], g["lr"], g["betas"])
+        for g in optimizer.param_groups
+    ]
+    assert groups == [
+        (["0.weight"], 0.25, 0.5, (0.9, 0.95)),
+        (["0.bias", "1.weight", "1.bias", "2.weight"], 0.0, 0.5, (0.9, 0.95)),
+    ]
+    # No parameter to leave undecayed: the empty group is dropped, betas passed through.
+    only = adamw(torch.nn.Linear(2, 2, bias=False), lr=1.0, weight_decay=0.5, betas=(0.5, 0.6))
+    assert [(len(g["params"]), g["weight_decay"], g["betas"]) for g in only.param_groups] == [
+        (1, 0.5, (0.5, 0.6))
+    ]
+
+
+def test_warmup_cosine_factor_against_its_formula():
+    import math
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup=2, total=6)  # min_ratio defaults to 0.1
+    factor = schedule.lr_lambdas[0]
+    expected = [0.5, 1.0] + [0.1 + 0.45 * (1 + math.cos(math.pi * i / 4)) for i in range(5)]
+    assert [factor(step) for step in range(7)] == pytest.approx(expected, rel=1e-15)
+    assert factor(100) == pytest.approx(0.1, rel=1e-15)  # held at min_ratio past total
+    # total = warmup: one step at the base rate, then min_ratio (no division by zero).
+    flat = warmup_cosine(optimizer, warmup=3, total=3, min_ratio=0.2).lr_lambdas[0]
+    assert [flat(step) for step in (2, 3, 4, 5)] == pytest.approx([1.0, 1.0, 0.2, 0.2], rel=1e-15)
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    from odeify.train.optim import seed_everything
+
+    seed_everything(7)
+    drawn = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert drawn == (random.random(), np.random.rand(), torch.rand(1).item())
