@@ -337,3 +337,48 @@ def test_materialize_refuses_a_peft_model_in_full(make_gpt2):
     )
     # The unwrapped model, peft still loaded, is not refused.
     assert materialize(adapted.get_base_model(), steps=2).config.n_layer == 2
+
+
+def test_odeify_refuses_each_loading_option_for_a_model_in_memory(make_gpt2):
+    base = make_gpt2()
+    for key in ("dtype", "device", "device_map", "revision", "cache_dir"):
+        assert _error(lambda key=key: odeify(base, **{key: None}), TypeError) == (
+            f"odeify(model, {key}=...) applies when odeify is given a checkpoint path; for a "
+            "model in memory, move or cast it with model.to(...) first"
+        )
+
+
+def test_odeify_checks_the_config_scheme_and_steps_before_converting(make_gpt2):
+    assert _error(lambda: odeify(make_gpt2(add_cross_attention=True), progress=False)) == (
+        "GPT-2 with add_cross_attention=True is not supported: the cross-attention sublayer "
+        "has no continuous-depth form in odeify. Convert a decoder-only GPT-2."
+    )
+    base = make_gpt2()
+    assert _error(lambda: odeify(base, scheme="nope", progress=False)) == (
+        "unknown scheme 'nope'. Native fixed-grid schemes: sequential, euler, midpoint, heun, "
+        "rk4; torchdiffeq methods: dopri8, dopri5, bosh3, fehlberg2, adaptive_heun, euler, "
+        "midpoint, heun2, heun3, rk4, explicit_adams, implicit_adams, fixed_adams (prefix "
+        "'torchdiffeq:' to force one)"
+    )
+    assert _error(lambda: odeify(base, steps=0, progress=False)) == "steps must be >= 1, got 0"
+    assert _error(lambda: odeify(base, steps=2, discrete_ends=1, progress=False)) == (
+        "with discrete_ends = 1 a grid needs more than 2 steps (the 1 discrete layers at each "
+        "end and at least one step between them), got 2"
+    )
+    assert not is_odeified(base)  # every refusal above came before the stack was replaced
+    # K = 1, the smallest basis, is accepted.
+    assert (
+        get_block(odeify(base, basis="chebyshev", num_basis=1, progress=False)).ode.num_basis == 1
+    )
+
+
+def test_odeify_takes_num_layers_dtype_and_the_init_it_is_given(make_gpt2):
+    # num_layers overrides the stack's depth (how io builds a saved model's block on a one-layer
+    # skeleton), and the block is built in the stack's dtype.
+    skeleton = get_block(odeify(make_gpt2(n_layer=1).double(), init="none", num_layers=4))
+    assert skeleton.ode.num_layers == 4 and skeleton.config.n_layer == 1
+    assert {skeleton.basis_tensor(n).dtype for n in skeleton.names} == {torch.float64}
+    # init='random' sets the norm scales' constant term to 1 and the rest to 0.
+    fresh = get_block(odeify(make_gpt2(), basis="fourier", init="random", progress=False))
+    scale = fresh.basis_tensor("ln_1.weight")
+    assert torch.equal(scale[0], torch.ones(32)) and not scale[1:].any()
