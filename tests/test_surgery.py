@@ -382,3 +382,24 @@ def test_odeify_takes_num_layers_dtype_and_the_init_it_is_given(make_gpt2):
     fresh = get_block(odeify(make_gpt2(), basis="fourier", init="random", progress=False))
     scale = fresh.basis_tensor("ln_1.weight")
     assert torch.equal(scale[0], torch.ones(32)) and not scale[1:].any()
+
+
+def test_odeify_refuses_an_untested_transformers(make_gpt2, monkeypatch):
+    import transformers
+
+    monkeypatch.delenv("ODEIFY_UNTESTED_TRANSFORMERS", raising=False)
+    monkeypatch.setattr(transformers, "__version__", "4.57.0")
+    base = make_gpt2()
+    assert _error(lambda: odeify(base, progress=False), RuntimeError).startswith(
+        "odeify is tested with transformers "
+    )
+    assert not is_odeified(base)
+
+
+def test_set_steps_refuses_every_per_sample_form(make_gpt2):
+    model = odeify(make_gpt2(), progress=False)
+    for counts in ([2, 3], (2, 3), torch.tensor([2, 3]), torch.tensor(2)):
+        assert _error(lambda counts=counts: set_steps(model, counts), TypeError) == (
+            "set_steps saves one step count; use odeify.steps(...) for per-sample counts"
+        )
+    assert get_block(model).ode.steps is None
