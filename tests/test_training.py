@@ -238,3 +238,36 @@ def test_seed_everything_seeds_python_numpy_and_torch():
     np.random.seed(7)
     torch.manual_seed(7)
     assert drawn == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_open_run_checks_the_world_claims_the_folder_and_trims_metrics_on_resume(tmp_path):
+    from odeify.train.run import open_run
+
+    ckpt = Checkpoints(tmp_path / "checkpoints", {"lr": 0.1})
+    worlds = []
+    run = open_run(tmp_path, ckpt, False, worlds.append)
+    assert (worlds, run.start, run.ctx.world, run.metrics.path, run.metrics.active) == (
+        [1],
+        0,
+        1,
+        tmp_path / "metrics.jsonl",
+        True,
+    )
+    for step in (1, 2, 3):
+        run.metrics.log(step=step)
+    model = torch.nn.Linear(2, 2)
+    ckpt.save(2, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(FileExistsError) as raised:
+        open_run(tmp_path, ckpt, False, worlds.append)
+    assert str(raised.value) == (
+        f"{tmp_path} already holds a run; pass --resume to continue it or choose another out_dir"
+    )
+    resumed = open_run(tmp_path, ckpt, True, worlds.append)
+    assert resumed.start == 2 and [r["step"] for r in resumed.metrics.read()] == [1, 2]
+    # The world is checked before the claim (the refused call above checked it too) and before
+    # the log is trimmed: a refusal there leaves step 3 in place.
+    assert worlds == [1, 1, 1]
+    resumed.metrics.log(step=3)
+    with pytest.raises(ValueError, match="world"):
+        open_run(tmp_path, ckpt, True, lambda world: (_ for _ in ()).throw(ValueError("world")))
+    assert [r["step"] for r in resumed.metrics.read()] == [1, 2, 3]
