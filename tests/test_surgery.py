@@ -275,6 +275,13 @@ def test_odeify_fills_in_the_defaults_and_keeps_the_training_mode(make_gpt2):
     assert (fresh.ode.scheme, fresh.ode.num_basis, fresh.training) == ("euler", 21, False)
 
 
+def test_odeify_saves_the_family_and_the_steps_it_is_given(make_gpt2, make_llama):
+    model = odeify(make_gpt2(), steps=3, progress=False)
+    assert (model.config.odeify["family"], model.config.odeify["steps"]) == ("gpt2", 3)
+    assert get_block(model).ode.resolved_steps == 3
+    assert odeify(make_llama(), progress=False).config.odeify["family"] == "llama"
+
+
 def test_set_steps_saves_each_setting_it_is_given(make_gpt2):
     import odeify as ode
 
