@@ -385,6 +385,9 @@ def test_odeify_takes_num_layers_dtype_and_the_init_it_is_given(make_gpt2):
     skeleton = get_block(odeify(make_gpt2(n_layer=1).double(), init="none", num_layers=4))
     assert skeleton.ode.num_layers == 4 and skeleton.config.n_layer == 1
     assert {skeleton.basis_tensor(n).dtype for n in skeleton.names} == {torch.float64}
+    # ... and on the stack's device (meta: io's skeleton; a CPU default would allocate).
+    on_meta = get_block(odeify(make_gpt2(n_layer=1).to("meta"), init="none"))
+    assert {on_meta.basis_tensor(n).device.type for n in on_meta.names} == {"meta"}
     # init='random' sets the norm scales' constant term to 1 and the rest to 0.
     fresh = get_block(odeify(make_gpt2(), basis="fourier", init="random", progress=False))
     scale = fresh.basis_tensor("ln_1.weight")
