@@ -271,3 +271,109 @@ def test_open_run_checks_the_world_claims_the_folder_and_trims_metrics_on_resume
     with pytest.raises(ValueError, match="world"):
         open_run(tmp_path, ckpt, True, lambda world: (_ for _ in ()).throw(ValueError("world")))
     assert [r["step"] for r in resumed.metrics.read()] == [1, 2, 3]
+
+
+def test_load_config_refusals_in_full(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(FileNotFoundError) as raised:
+        load_config(_Config, missing)
+    assert str(raised.value) == f"config file {missing} does not exist"
+    path = tmp_path / "c.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError) as raised:
+        load_config(_Config, path)
+    assert str(raised.value) == f"{path} must hold a mapping of option: value, not list"
+    path.write_text("lr: 0.5\nbatchsize: 4\n")
+    with pytest.raises(ValueError) as raised:
+        load_config(_Config, path)
+    assert str(raised.value) == (
+        f"unknown config keys ['batchsize'] in {path}; known keys: ['lr', 'steps']"
+    )
+    with pytest.raises(ValueError) as raised:
+        load_config(_Config, None, {"b": 1, "a": 2})
+    assert str(raised.value) == (
+        "unknown config keys ['a', 'b'] in overrides; known keys: ['lr', 'steps']"
+    )
+    for bad in (True, "fast"):
+        with pytest.raises(ValueError) as raised:
+            load_config(_Config, None, {"lr": bad})
+        assert str(raised.value) == f"config key 'lr' takes a number, got {bad!r}"
+
+
+def test_load_config_reads_yaml_then_overrides_and_string_annotations(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("")  # an empty file: the defaults
+    assert load_config(_Config, path) == _Config()
+    path.write_text("lr: 0.5\nsteps: 4\n")
+    assert load_config(_Config, path, {"steps": 7}) == _Config(lr=0.5, steps=7)
+    # A module with `from __future__ import annotations` gives the field type as the string "float".
+    stringly = dataclasses.make_dataclass("S", [("lr", "float", 1.0), ("name", "str", "")])
+    loaded = load_config(stringly, None, {"lr": "3e-4", "name": "7"})
+    assert (loaded.lr, type(loaded.lr), loaded.name) == (3e-4, float, "7")
+    # A float field given a float keeps it as it is.
+    assert load_config(_Config, None, {"lr": 0.25}).lr == 0.25
+
+
+def test_parse_overrides_reads_yaml_values_and_refuses_pairs_without_a_key():
+    from odeify.train.config import parse_overrides
+
+    assert parse_overrides([" lr =0.5", "ode=false", "names=[a, b]", "x=a=b", "empty="]) == {
+        "lr": 0.5,
+        "ode": False,
+        "names": ["a", "b"],
+        "x": "a=b",
+        "empty": None,
+    }
+    for bad in ("lr", "=3"):
+        with pytest.raises(ValueError) as raised:
+            parse_overrides([bad])
+        assert str(raised.value) == f"--set takes key=value, got {bad!r}"
+
+
+def test_config_stamp_leaves_out_presentation_and_location():
+    from odeify.train.config import config_stamp
+
+    cls = dataclasses.make_dataclass(
+        "R", [("lr", float, 0.1), ("progress", bool, True), ("out_dir", str, "runs/x")]
+    )
+    assert config_stamp(cls()) == {"lr": 0.1, "progress": True}
+    assert config_stamp(cls(), ("progress",)) == {"lr": 0.1}
+
+
+def test_launch_runs_or_checks_the_recipe_and_tears_down(tmp_path, monkeypatch):
+    from odeify.train import config as config_module
+    from odeify.train import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "teardown", lambda: calls.append("teardown"))
+
+    class Recipe:
+        def __init__(self, cfg):
+            calls.append(cfg)
+
+        def run(self, resume):
+            calls.append(("run", resume))
+            if resume:
+                raise RuntimeError("failed")
+            return "done"
+
+        def check(self):
+            calls.append("check")
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.5\n")
+    argv = ["--config", str(path), "--set", "steps=3", "--set", "lr=0.25"]
+    assert config_module.launch(Recipe, _Config, argv) == "done"
+    assert calls == [_Config(lr=0.25, steps=3), ("run", False), "teardown"]
+    calls.clear()
+    assert config_module.launch(Recipe, _Config, ["--check"]) == _Config()
+    assert calls == [_Config(), "check"]  # nothing run, nothing to tear down
+    calls.clear()
+    with pytest.raises(RuntimeError, match="failed"):
+        config_module.launch(Recipe, _Config, ["--resume"])
+    assert calls == [_Config(), ("run", True), "teardown"]  # torn down on an error too
+    # A recipe's own parser (with the shared flags) is used when given.
+    parser = config_module.recipe_parser("r")
+    parser.add_argument("--extra")
+    assert config_module.launch(Recipe, _Config, ["--extra", "1"], parser=parser) == "done"
+    assert parser.description == "r"
