@@ -326,7 +326,9 @@ def test_odeify_of_a_folder_fits_it_like_the_model_in_memory(make_gpt2, tmp_path
     with pytest.raises(ValueError) as raised:
         odeify(tmp_path / "stock", basis_kwargs={"x": 1}, progress=False)
     assert str(raised.value) == "basis 'hat' takes no options, got ['x']"
+    quiet = odeify(tmp_path / "stock", progress=False, **settings)
     assert "converting" not in capsys.readouterr().err
+    assert quiet.config.odeify == in_memory.config.odeify
 
 
 def test_materialize_refuses_a_peft_model_in_full(make_gpt2):
