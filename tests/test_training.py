@@ -377,3 +377,17 @@ def test_launch_runs_or_checks_the_recipe_and_tears_down(tmp_path, monkeypatch):
     parser.add_argument("--extra")
     assert config_module.launch(Recipe, _Config, ["--extra", "1"], parser=parser) == "done"
     assert parser.description == "r"
+
+
+def test_open_run_logs_metrics_on_the_main_process_only(tmp_path, monkeypatch):
+    from odeify.train import run as run_module
+    from odeify.train.distributed import Dist
+
+    # A second torchrun process, without starting a process group.
+    monkeypatch.setattr(run_module, "setup_distributed", lambda: Dist(rank=1, world=2))
+    ckpt = Checkpoints(tmp_path / "checkpoints", {"lr": 0.1})
+    worlds = []
+    run = run_module.open_run(tmp_path, ckpt, False, worlds.append)
+    assert (worlds, run.ctx.rank, run.metrics.active) == ([2], 1, False)
+    run.metrics.log(step=1)
+    assert not run.metrics.path.exists()
