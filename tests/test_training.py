@@ -391,3 +391,18 @@ def test_open_run_logs_metrics_on_the_main_process_only(tmp_path, monkeypatch):
     assert (worlds, run.ctx.rank, run.metrics.active) == ([2], 1, False)
     run.metrics.log(step=1)
     assert not run.metrics.path.exists()
+
+
+def test_recipe_parser_help_names_every_shared_flag():
+    from odeify.train.config import recipe_parser
+
+    # Whitespace collapsed: argparse wraps the help to the terminal's width.
+    help_text = " ".join(recipe_parser("train it").format_help().split())
+    for line in (
+        "--config CONFIG YAML file of Config fields",
+        "--set KEY=VALUE override a config key",
+        "--resume continue the run in out_dir",
+        "--check validate the config and stop",
+        "train it",
+    ):
+        assert line in help_text
