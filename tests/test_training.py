@@ -362,9 +362,9 @@ def test_launch_runs_or_checks_the_recipe_and_tears_down(tmp_path, monkeypatch):
 
     path = tmp_path / "c.yaml"
     path.write_text("lr: 0.5\n")
-    argv = ["--config", str(path), "--set", "steps=3", "--set", "lr=0.25"]
+    argv = ["--config", str(path), "--set", "steps=3", "--set", "steps=4"]  # the last one wins
     assert config_module.launch(Recipe, _Config, argv) == "done"
-    assert calls == [_Config(lr=0.25, steps=3), ("run", False), "teardown"]
+    assert calls == [_Config(lr=0.5, steps=4), ("run", False), "teardown"]
     calls.clear()
     assert config_module.launch(Recipe, _Config, ["--check"]) == _Config()
     assert calls == [_Config(), "check"]  # nothing run, nothing to tear down
@@ -377,6 +377,20 @@ def test_launch_runs_or_checks_the_recipe_and_tears_down(tmp_path, monkeypatch):
     parser.add_argument("--extra")
     assert config_module.launch(Recipe, _Config, ["--extra", "1"], parser=parser) == "done"
     assert parser.description == "r"
+
+
+def test_launch_help_carries_the_description(capsys):
+    from odeify.train.config import launch, recipe_parser
+
+    def shown(**kwargs):
+        with pytest.raises(SystemExit) as exited:
+            launch(None, _Config, ["--help"], **kwargs)
+        assert exited.value.code == 0
+        return capsys.readouterr().out
+
+    assert shown(description="pretrain a model") == recipe_parser("pretrain a model").format_help()
+    assert "pretrain a model" in shown(description="pretrain a model")
+    assert shown() == recipe_parser("").format_help()  # no description by default
 
 
 def test_open_run_logs_metrics_on_the_main_process_only(tmp_path, monkeypatch):
