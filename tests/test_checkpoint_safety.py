@@ -134,3 +134,23 @@ def test_a_torn_line_mid_character_is_left_out(tmp_path):
     metrics.resume(1)
     assert path.read_text() == '{"step": 1}\n'
     assert pickle.dumps(metrics.read())
+
+
+def test_finished_returns_the_summary_of_a_finished_run_on_resume_only(tmp_path, capsys):
+    from odeify.train.checkpoints import finished
+
+    ckpt, summary = Checkpoints(tmp_path / "checkpoints", {"lr": 0.1}), tmp_path / "summary.json"
+    assert finished(ckpt, summary, resume=True) is None  # not finished
+    model, optimizer, _ = _trained()
+    ckpt.save(3, model, optimizer)
+    summary.write_text('{"loss": 2.5}')
+    assert finished(ckpt, summary, resume=False) is None  # a new run is claim's to refuse
+    assert capsys.readouterr().err == ""
+    assert finished(ckpt, str(summary), resume=True) == {"loss": 2.5}
+    assert capsys.readouterr().err == (
+        f"{tmp_path} holds a finished run: nothing to resume ({summary})\n"
+    )
+    # A finished run of another config is refused, not returned.
+    other = Checkpoints(tmp_path / "checkpoints", {"lr": 0.2})
+    with pytest.raises(ValueError, match="written under another config"):
+        finished(other, summary, resume=True)
