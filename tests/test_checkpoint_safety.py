@@ -152,5 +152,25 @@ def test_finished_returns_the_summary_of_a_finished_run_on_resume_only(tmp_path,
     )
     # A finished run of another config is refused, not returned.
     other = Checkpoints(tmp_path / "checkpoints", {"lr": 0.2})
-    with pytest.raises(ValueError, match="written under another config"):
+    with pytest.raises(ValueError) as raised:
         finished(other, summary, resume=True)
+    assert str(raised.value) == (
+        f"{tmp_path / 'checkpoints' / 'step-3.pt'} was written under another config (differs in "
+        "['lr']); resume with the same config or start a new run folder"
+    )
+
+
+@pytest.mark.parametrize("left", ["metrics", "checkpoint"])
+def test_claim_refuses_a_folder_holding_either_part_of_a_run(tmp_path, left):
+    ckpt, metrics = Checkpoints(tmp_path / "checkpoints", {"lr": 0.1}), tmp_path / "metrics.jsonl"
+    if left == "metrics":
+        Metrics(metrics).log(step=1)
+    else:
+        model, optimizer, _ = _trained()
+        ckpt.save(1, model, optimizer)
+    with pytest.raises(FileExistsError) as raised:
+        claim(ckpt, metrics, resume=False)
+    assert str(raised.value) == (
+        f"{tmp_path} already holds a run; pass --resume to continue it or choose another out_dir"
+    )
+    assert claim(ckpt, metrics, resume=True) == (0 if left == "metrics" else 1)
