@@ -152,12 +152,16 @@ def test_finished_returns_the_summary_of_a_finished_run_on_resume_only(tmp_path,
     )
     # A finished run of another config is refused, not returned.
     other = Checkpoints(tmp_path / "checkpoints", {"lr": 0.2})
-    with pytest.raises(ValueError) as raised:
-        finished(other, summary, resume=True)
-    assert str(raised.value) == (
+    refusal = (
         f"{tmp_path / 'checkpoints' / 'step-3.pt'} was written under another config (differs in "
         "['lr']); resume with the same config or start a new run folder"
     )
+    with pytest.raises(ValueError) as raised:
+        finished(other, summary, resume=True)
+    assert str(raised.value) == refusal
+    with pytest.raises(ValueError) as raised:  # resuming it is refused alike
+        other.resume(model, optimizer)
+    assert str(raised.value) == refusal
 
 
 @pytest.mark.parametrize("left", ["metrics", "checkpoint"])
