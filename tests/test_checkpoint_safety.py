@@ -178,3 +178,30 @@ def test_claim_refuses_a_folder_holding_either_part_of_a_run(tmp_path, left):
         f"{tmp_path} already holds a run; pass --resume to continue it or choose another out_dir"
     )
     assert claim(ckpt, metrics, resume=True) == (0 if left == "metrics" else 1)
+
+
+def test_resume_restores_a_scheduler_only_when_both_sides_have_one(tmp_path):
+    model, optimizer, scheduler = _trained()
+    with_scheduler = Checkpoints(tmp_path / "a", {"lr": 0.1})
+    with_scheduler.save(1, model, optimizer, scheduler)
+    without = Checkpoints(tmp_path / "b", {"lr": 0.1})
+    without.save(1, model, optimizer)
+    assert with_scheduler.resume(model, optimizer) == (1, {})  # no scheduler to restore into
+    fresh = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert without.resume(model, optimizer, fresh) == (1, {})  # none saved: left as it was
+    assert fresh.last_epoch == 0
+    assert with_scheduler.resume(model, optimizer, fresh) == (1, {})
+    assert fresh.last_epoch == scheduler.last_epoch == 1
+
+
+def test_trainable_only_resume_names_the_first_four_differing_tensors(tmp_path):
+    saved = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(3)))
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, trainable_only=True)
+    ckpt.save(1, saved, torch.optim.SGD(saved.parameters(), lr=0.1))
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError) as raised:
+        ckpt.resume(other, torch.optim.SGD(other.parameters(), lr=0.1))
+    assert str(raised.value) == (
+        f"{tmp_path / 'step-1.pt'} holds other trainable tensors than this model "
+        "(['1.bias', '1.weight', '2.bias', '2.weight'] differ)"
+    )
