@@ -205,3 +205,11 @@ def test_trainable_only_resume_names_the_first_four_differing_tensors(tmp_path):
         f"{tmp_path / 'step-1.pt'} holds other trainable tensors than this model "
         "(['1.bias', '1.weight', '2.bias', '2.weight'] differ)"
     )
+
+
+def test_a_checkpoint_names_its_format(tmp_path):
+    # The version is what tells a reader this layout (NumPy's keys as a tensor) from format 1's.
+    model, optimizer, _ = _trained()
+    path = Checkpoints(tmp_path, {"lr": 0.1}).save(1, model, optimizer)
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == 2 and state["rng"]["numpy"][1].dtype == torch.int64
