@@ -195,7 +195,7 @@ def test_resume_restores_a_scheduler_only_when_both_sides_have_one(tmp_path):
 
 
 def test_trainable_only_resume_names_the_first_four_differing_tensors(tmp_path):
-    saved = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(3)))
+    saved = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(4)))  # 6 differ
     ckpt = Checkpoints(tmp_path, {"lr": 0.1}, trainable_only=True)
     ckpt.save(1, saved, torch.optim.SGD(saved.parameters(), lr=0.1))
     other = torch.nn.Sequential(torch.nn.Linear(2, 2))
