@@ -213,3 +213,15 @@ def test_a_checkpoint_names_its_format(tmp_path):
     path = Checkpoints(tmp_path, {"lr": 0.1}).save(1, model, optimizer)
     state = torch.load(path, weights_only=True)
     assert state["format"] == 2 and state["rng"]["numpy"][1].dtype == torch.int64
+
+
+def test_checkpoints_sort_by_step_and_keep_two_whole_models_by_default(tmp_path):
+    model, optimizer, _ = _trained()
+    model.bias.requires_grad_(False)  # kept anyway: trainable_only is off by default
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1})
+    for step in (9, 10, 2):  # numerically, not as strings (10 < 2 < 9)
+        ckpt.save(step, model, optimizer)
+    (tmp_path / "step-x.pt").write_bytes(b"")  # not a step number: ignored
+    assert [p.name for p in ckpt.paths()] == ["step-9.pt", "step-10.pt"]
+    state = torch.load(ckpt.paths()[-1], weights_only=True)
+    assert set(state["model"]) == {"weight", "bias"}
