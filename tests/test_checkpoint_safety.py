@@ -225,3 +225,15 @@ def test_checkpoints_sort_by_step_and_keep_two_whole_models_by_default(tmp_path)
     assert [p.name for p in ckpt.paths()] == ["step-9.pt", "step-10.pt"]
     state = torch.load(ckpt.paths()[-1], weights_only=True)
     assert set(state["model"]) == {"weight", "bias"}
+
+
+def test_another_config_names_exactly_the_keys_that_differ(tmp_path):
+    model, optimizer, _ = _trained()
+    Checkpoints(tmp_path, {"lr": 0.1, "steps": 3}).save(1, model, optimizer)
+    # lr equal on both sides; steps only in the saved config, seed only in this one.
+    with pytest.raises(ValueError) as raised:
+        Checkpoints(tmp_path, {"lr": 0.1, "seed": 1}).check()
+    assert str(raised.value) == (
+        f"{tmp_path / 'step-1.pt'} was written under another config (differs in ['seed', "
+        "'steps']); resume with the same config or start a new run folder"
+    )
