@@ -237,3 +237,26 @@ def test_another_config_names_exactly_the_keys_that_differ(tmp_path):
         f"{tmp_path / 'step-1.pt'} was written under another config (differs in ['seed', "
         "'steps']); resume with the same config or start a new run folder"
     )
+
+
+def test_every_unreadable_checkpoint_is_named_in_full(tmp_path):
+    model, optimizer, _ = _trained()
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, keep=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, model, optimizer)
+    empty = [tmp_path / f"step-{step}.pt" for step in (3, 2, 1)]
+    for path in empty[:2]:
+        path.write_bytes(b"")
+    why = [f"{path} is empty (a save killed before it began writing?)" for path in empty]
+    with pytest.warns(UserWarning) as warned:
+        assert ckpt.check() == 1
+    assert str(warned[0].message) == (
+        f"resuming from step-1.pt, the newest readable checkpoint: {why[0]}; {why[1]}"
+    )
+    empty[2].write_bytes(b"")
+    with pytest.raises(ValueError) as raised:
+        ckpt.check()
+    assert str(raised.value) == (
+        f"no checkpoint in {tmp_path} can be read: {'; '.join(why)}. Start the run again "
+        "(without --resume, or in another out_dir)"
+    )
