@@ -134,3 +134,129 @@ def test_a_torn_line_mid_character_is_left_out(tmp_path):
     metrics.resume(1)
     assert path.read_text() == '{"step": 1}\n'
     assert pickle.dumps(metrics.read())
+
+
+def test_finished_returns_the_summary_of_a_finished_run_on_resume_only(tmp_path, capsys):
+    from odeify.train.checkpoints import finished
+
+    ckpt, summary = Checkpoints(tmp_path / "checkpoints", {"lr": 0.1}), tmp_path / "summary.json"
+    assert finished(ckpt, summary, resume=True) is None  # not finished
+    model, optimizer, _ = _trained()
+    ckpt.save(3, model, optimizer)
+    summary.write_text('{"loss": 2.5}')
+    assert finished(ckpt, summary, resume=False) is None  # a new run is claim's to refuse
+    assert capsys.readouterr().err == ""
+    assert finished(ckpt, str(summary), resume=True) == {"loss": 2.5}
+    assert capsys.readouterr().err == (
+        f"{tmp_path} holds a finished run: nothing to resume ({summary})\n"
+    )
+    # A finished run of another config is refused, not returned.
+    other = Checkpoints(tmp_path / "checkpoints", {"lr": 0.2})
+    refusal = (
+        f"{tmp_path / 'checkpoints' / 'step-3.pt'} was written under another config (differs in "
+        "['lr']); resume with the same config or start a new run folder"
+    )
+    with pytest.raises(ValueError) as raised:
+        finished(other, summary, resume=True)
+    assert str(raised.value) == refusal
+    with pytest.raises(ValueError) as raised:  # resuming it is refused alike
+        other.resume(model, optimizer)
+    assert str(raised.value) == refusal
+
+
+@pytest.mark.parametrize("left", ["metrics", "checkpoint"])
+def test_claim_refuses_a_folder_holding_either_part_of_a_run(tmp_path, left):
+    ckpt, metrics = Checkpoints(tmp_path / "checkpoints", {"lr": 0.1}), tmp_path / "metrics.jsonl"
+    if left == "metrics":
+        Metrics(metrics).log(step=1)
+    else:
+        model, optimizer, _ = _trained()
+        ckpt.save(1, model, optimizer)
+    with pytest.raises(FileExistsError) as raised:
+        claim(ckpt, metrics, resume=False)
+    assert str(raised.value) == (
+        f"{tmp_path} already holds a run; pass --resume to continue it or choose another out_dir"
+    )
+    assert claim(ckpt, metrics, resume=True) == (0 if left == "metrics" else 1)
+
+
+def test_resume_restores_a_scheduler_only_when_both_sides_have_one(tmp_path):
+    model, optimizer, scheduler = _trained()
+    with_scheduler = Checkpoints(tmp_path / "a", {"lr": 0.1})
+    with_scheduler.save(1, model, optimizer, scheduler)
+    without = Checkpoints(tmp_path / "b", {"lr": 0.1})
+    without.save(1, model, optimizer)
+    assert with_scheduler.resume(model, optimizer) == (1, {})  # no scheduler to restore into
+    fresh = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert without.resume(model, optimizer, fresh) == (1, {})  # none saved: left as it was
+    assert fresh.last_epoch == 0
+    assert with_scheduler.resume(model, optimizer, fresh) == (1, {})
+    assert fresh.last_epoch == scheduler.last_epoch == 1
+
+
+def test_trainable_only_resume_names_the_first_four_differing_tensors(tmp_path):
+    saved = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(4)))  # 6 differ
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, trainable_only=True)
+    ckpt.save(1, saved, torch.optim.SGD(saved.parameters(), lr=0.1))
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError) as raised:
+        ckpt.resume(other, torch.optim.SGD(other.parameters(), lr=0.1))
+    assert str(raised.value) == (
+        f"{tmp_path / 'step-1.pt'} holds other trainable tensors than this model "
+        "(['1.bias', '1.weight', '2.bias', '2.weight'] differ)"
+    )
+
+
+def test_a_checkpoint_names_its_format(tmp_path):
+    # The version is what tells a reader this layout (NumPy's keys as a tensor) from format 1's.
+    model, optimizer, _ = _trained()
+    path = Checkpoints(tmp_path, {"lr": 0.1}).save(1, model, optimizer)
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == 2 and state["rng"]["numpy"][1].dtype == torch.int64
+
+
+def test_checkpoints_sort_by_step_and_keep_two_whole_models_by_default(tmp_path):
+    model, optimizer, _ = _trained()
+    model.bias.requires_grad_(False)  # kept anyway: trainable_only is off by default
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1})
+    for step in (9, 10, 2):  # numerically, not as strings (10 < 2 < 9)
+        ckpt.save(step, model, optimizer)
+    (tmp_path / "step-x.pt").write_bytes(b"")  # not a step number: ignored
+    assert [p.name for p in ckpt.paths()] == ["step-9.pt", "step-10.pt"]
+    state = torch.load(ckpt.paths()[-1], weights_only=True)
+    assert set(state["model"]) == {"weight", "bias"}
+
+
+def test_another_config_names_exactly_the_keys_that_differ(tmp_path):
+    model, optimizer, _ = _trained()
+    Checkpoints(tmp_path, {"lr": 0.1, "steps": 3}).save(1, model, optimizer)
+    # lr equal on both sides; steps only in the saved config, seed only in this one.
+    with pytest.raises(ValueError) as raised:
+        Checkpoints(tmp_path, {"lr": 0.1, "seed": 1}).check()
+    assert str(raised.value) == (
+        f"{tmp_path / 'step-1.pt'} was written under another config (differs in ['seed', "
+        "'steps']); resume with the same config or start a new run folder"
+    )
+
+
+def test_every_unreadable_checkpoint_is_named_in_full(tmp_path):
+    model, optimizer, _ = _trained()
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, keep=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, model, optimizer)
+    empty = [tmp_path / f"step-{step}.pt" for step in (3, 2, 1)]
+    for path in empty[:2]:
+        path.write_bytes(b"")
+    why = [f"{path} is empty (a save killed before it began writing?)" for path in empty]
+    with pytest.warns(UserWarning) as warned:
+        assert ckpt.check() == 1
+    assert str(warned[0].message) == (
+        f"resuming from step-1.pt, the newest readable checkpoint: {why[0]}; {why[1]}"
+    )
+    empty[2].write_bytes(b"")
+    with pytest.raises(ValueError) as raised:
+        ckpt.check()
+    assert str(raised.value) == (
+        f"no checkpoint in {tmp_path} can be read: {'; '.join(why)}. Start the run again "
+        "(without --resume, or in another out_dir)"
+    )

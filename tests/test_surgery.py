@@ -275,6 +275,13 @@ def test_odeify_fills_in_the_defaults_and_keeps_the_training_mode(make_gpt2):
     assert (fresh.ode.scheme, fresh.ode.num_basis, fresh.training) == ("euler", 21, False)
 
 
+def test_odeify_saves_the_family_and_the_steps_it_is_given(make_gpt2, make_llama):
+    model = odeify(make_gpt2(), steps=3, progress=False)
+    assert (model.config.odeify["family"], model.config.odeify["steps"]) == ("gpt2", 3)
+    assert get_block(model).ode.resolved_steps == 3
+    assert odeify(make_llama(), progress=False).config.odeify["family"] == "llama"
+
+
 def test_set_steps_saves_each_setting_it_is_given(make_gpt2):
     import odeify as ode
 
@@ -307,14 +314,104 @@ def test_odeify_of_a_folder_fits_it_like_the_model_in_memory(make_gpt2, tmp_path
     # setting reaches the streaming conversion.
     stock = make_gpt2()
     stock.save_pretrained(tmp_path / "stock")
-    settings = dict(basis="chebyshev", num_basis=3, scheme="rk4", steps=2)
+    # cache_weights (not its default) goes through `**options`.
+    settings = dict(basis="chebyshev", num_basis=3, scheme="rk4", steps=2, cache_weights=False)
     streamed = odeify(tmp_path / "stock", **settings)
     assert "converting" in capsys.readouterr().err
     in_memory = odeify(stock, progress=False, **settings)
     assert streamed.config.odeify == in_memory.config.odeify
+    assert streamed.config.odeify["cache_weights"] is False
     with torch.no_grad():
         assert torch.equal(streamed(IDS).logits, in_memory(IDS).logits)
     with pytest.raises(ValueError) as raised:
         odeify(tmp_path / "stock", basis_kwargs={"x": 1}, progress=False)
     assert str(raised.value) == "basis 'hat' takes no options, got ['x']"
+    quiet = odeify(tmp_path / "stock", progress=False, **settings)
     assert "converting" not in capsys.readouterr().err
+    assert quiet.config.odeify == in_memory.config.odeify
+
+
+def test_materialize_refuses_a_peft_model_in_full(make_gpt2):
+    # peft is imported here, so `_refuse_peft_wrapper` sees it loaded (it looks in sys.modules).
+    from peft import get_peft_model
+
+    from odeify import lora_config
+
+    model = odeify(make_gpt2(), progress=False)
+    adapted = get_peft_model(model, lora_config(r=2, model=model))
+    assert _error(lambda: materialize(adapted, steps=2), TypeError) == (
+        "materialize takes the odeified transformers model, not a PeftModel: merge the adapter "
+        "into W(t) first (materialize(peft_model.merge_and_unload(), steps)), or drop it "
+        "(peft_model.get_base_model())"
+    )
+    # The unwrapped model, peft still loaded, is not refused.
+    assert materialize(adapted.get_base_model(), steps=2).config.n_layer == 2
+
+
+def test_odeify_refuses_each_loading_option_for_a_model_in_memory(make_gpt2):
+    base = make_gpt2()
+    for key in ("dtype", "device", "device_map", "revision", "cache_dir"):
+        assert _error(lambda key=key: odeify(base, **{key: None}), TypeError) == (
+            f"odeify(model, {key}=...) applies when odeify is given a checkpoint path; for a "
+            "model in memory, move or cast it with model.to(...) first"
+        )
+
+
+def test_odeify_checks_the_config_scheme_and_steps_before_converting(make_gpt2):
+    assert _error(lambda: odeify(make_gpt2(add_cross_attention=True), progress=False)) == (
+        "GPT-2 with add_cross_attention=True is not supported: the cross-attention sublayer "
+        "has no continuous-depth form in odeify. Convert a decoder-only GPT-2."
+    )
+    base = make_gpt2()
+    assert _error(lambda: odeify(base, scheme="nope", progress=False)) == (
+        "unknown scheme 'nope'. Native fixed-grid schemes: sequential, euler, midpoint, heun, "
+        "rk4; torchdiffeq methods: dopri8, dopri5, bosh3, fehlberg2, adaptive_heun, euler, "
+        "midpoint, heun2, heun3, rk4, explicit_adams, implicit_adams, fixed_adams (prefix "
+        "'torchdiffeq:' to force one)"
+    )
+    assert _error(lambda: odeify(base, steps=0, progress=False)) == "steps must be >= 1, got 0"
+    assert _error(lambda: odeify(base, steps=2, discrete_ends=1, progress=False)) == (
+        "with discrete_ends = 1 a grid needs more than 2 steps (the 1 discrete layers at each "
+        "end and at least one step between them), got 2"
+    )
+    assert not is_odeified(base)  # every refusal above came before the stack was replaced
+    # K = 1, the smallest basis, is accepted.
+    assert (
+        get_block(odeify(base, basis="chebyshev", num_basis=1, progress=False)).ode.num_basis == 1
+    )
+
+
+def test_odeify_takes_num_layers_dtype_and_the_init_it_is_given(make_gpt2):
+    # num_layers overrides the stack's depth (how io builds a saved model's block on a one-layer
+    # skeleton), and the block is built in the stack's dtype.
+    skeleton = get_block(odeify(make_gpt2(n_layer=1).double(), init="none", num_layers=4))
+    assert skeleton.ode.num_layers == 4 and skeleton.config.n_layer == 1
+    assert {skeleton.basis_tensor(n).dtype for n in skeleton.names} == {torch.float64}
+    # ... and on the stack's device (meta: io's skeleton; a CPU default would allocate).
+    on_meta = get_block(odeify(make_gpt2(n_layer=1).to("meta"), init="none"))
+    assert {on_meta.basis_tensor(n).device.type for n in on_meta.names} == {"meta"}
+    # init='random' sets the norm scales' constant term to 1 and the rest to 0.
+    fresh = get_block(odeify(make_gpt2(), basis="fourier", init="random", progress=False))
+    scale = fresh.basis_tensor("ln_1.weight")
+    assert torch.equal(scale[0], torch.ones(32)) and not scale[1:].any()
+
+
+def test_odeify_refuses_an_untested_transformers(make_gpt2, monkeypatch):
+    import transformers
+
+    monkeypatch.delenv("ODEIFY_UNTESTED_TRANSFORMERS", raising=False)
+    monkeypatch.setattr(transformers, "__version__", "4.57.0")
+    base = make_gpt2()
+    assert _error(lambda: odeify(base, progress=False), RuntimeError).startswith(
+        "odeify is tested with transformers "
+    )
+    assert not is_odeified(base)
+
+
+def test_set_steps_refuses_every_per_sample_form(make_gpt2):
+    model = odeify(make_gpt2(), progress=False)
+    for counts in ([2, 3], (2, 3), torch.tensor([2, 3]), torch.tensor(2)):
+        assert _error(lambda counts=counts: set_steps(model, counts), TypeError) == (
+            "set_steps saves one step count; use odeify.steps(...) for per-sample counts"
+        )
+    assert get_block(model).ode.steps is None

@@ -298,6 +298,11 @@ def test_input_errors_in_full(monkeypatch):
             ValueError,
             "coeffs has 1 coefficients per sample but basis has K = 2 matrices; they must match",
         ),
+        (  # shared coefficients: their count is the last (only) axis
+            (x, c[0, :1], p, b),
+            ValueError,
+            "coeffs has 1 coefficients per sample but basis has K = 2 matrices; they must match",
+        ),
         (
             (x, c[:1], p, b),
             ValueError,
