@@ -4,6 +4,7 @@ distillation from its frozen original (issue 6), and the layer-dropping baseline
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2.yaml
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-drop15.yaml   # baseline (a)
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-v2.yaml       # v2
+    python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-hyper.yaml    # hypersolver
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-bi15.yaml     # (a')
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-angular15.yaml  # (a'')
     python recipes/adapt_depth.py --config ... --set max_steps=20 --set out_dir=runs/try
@@ -44,6 +45,15 @@ Features:
   calibrated count) and ``model/`` use them. Calibrating's FLOPs (:func:`calibration_flops`)
   count in ``budget_flops``. Hidden-state matching (``hidden``) needs the uniform grid: 0 here.
   A resumed run calibrates again (deterministic), then loads its trained schedules.
+  ``calibrate: {correction: linear, correction_rank: r}`` makes each correction low rank,
+  T = I + U V^T (the truncated SVD of the closed-form fit), U and V trained at
+  ``correction_lr``; the model holds the dense T.
+- The hypersolver, ``train_weights: false`` (with v2's schedules): the weights stay frozen and
+  only the per-step-count parameters train (gains, times, a correction at ``correction_lr``),
+  so N = L is the original bit for bit without an anchor: ``full_every`` must be 0 (refused
+  otherwise: its teacher and student passes would spend budget on a zero loss), and every
+  count of ``choices`` must be below L. The budget counts the backward as one forward (the
+  activations' gradients, no weight gradients: ``train_factor`` 2, as for LoRA).
 - ``mode: drop`` are the baselines: the original with ``keep_layers`` = M layers kept, trained
   at its M layers with the same loss, data and budget. ``drop_selection``: ``uniform`` is (a)
   (layer floor(i L / M), output projections scaled by L / M, as ``materialize`` does);
@@ -83,7 +93,9 @@ Features:
   not in the corpus, a run folder from another config (or a run there and no ``--resume``),
   options of one mode given to the other (``drop_selection`` / ``drop_gains`` with mode ode,
   ``schedules`` with mode drop), ``schedules`` without ``choices``, unknown ``calibrate``
-  options, ``schedules: stored`` on a stock model or one without a target's schedule.
+  options, ``schedules: stored`` on a stock model or one without a target's schedule,
+  ``correction_rank`` without a correction or not an integer, ``train_weights: false`` without
+  schedules, with LoRA, with an anchor (``full_every`` > 0) or with nothing to train.
 """
 
 from __future__ import annotations
