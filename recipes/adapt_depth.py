@@ -819,6 +819,8 @@ class AdaptDepth:
                     "kl_last": fit.losses[-1] if fit.losses else None,
                     "seconds": round(fit.seconds, 1),
                     "cpu_seconds": round(fit.cpu_seconds, 1),
+                    # Per step: relative residual at T = I, of the full fit (and the rank-r one).
+                    "residuals": [[round(v, 6) for v in step] for step in fit.residuals],
                     "schedule": fit.schedule.to_dict(),
                 }
                 for n, fit in fits.items()

@@ -183,6 +183,8 @@ def test_the_hypersolver_trains_the_schedules_alone_and_keeps_n_equal_l_exact(as
         progress=False,
     )[2]
     assert results["calibration"]["2"]["schedule"] == fitted.schedule.to_dict()
+    residuals = [[round(v, 6) for v in step] for step in fitted.residuals]
+    assert results["calibration"]["2"]["residuals"] == residuals and len(residuals[0]) == 3
     assert not torch.allclose(saved, fitted.schedule.correction, atol=1e-5)
     for n in ("2", "3"):
         assert results["after"][n]["kl"] < results["before"][n]["kl"]
