@@ -26,6 +26,12 @@ squares on calibration activations (:func:`fit_linear_correction`): X the step's
 Y what the step should have added after its attention update (the original's state where the
 next step starts, minus the step's state after attention), T_i = argmin ||X T - Y||^2 +
 lambda ||T - I||^2. Adam then refines T_i with the gains (``learn_correction``) when it runs.
+
+``correction_rank=r`` makes each correction low rank, T_i = I + U_i V_i^T with U_i, V_i [d, r]
+(2 d r numbers a step instead of d^2): the closed-form T_i is fitted as above, then T_i - I is
+cut to its best rank-r approximation by truncated SVD (:func:`low_rank_factors`; with student
+forcing the next step is fitted on the state the rank-r correction gives), and Adam refines
+U_i and V_i. The schedule still holds the dense T_i, so what is saved and folded is unchanged.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ def calibrate(
     forcing: str = "student",
     learn_correction: bool = True,
     correction_lr: float = 1e-4,
+    correction_rank: int | None = None,
 ) -> dict[int, Calibration]:
     """Calibrate the ``sequential`` schedules of some step counts and store them in the model.
 
@@ -113,6 +120,10 @@ def calibrate(
             state where step i starts; 770.5 there, benchmarks/RESULTS.md).
         learn_correction, correction_lr: whether Adam (when it runs) refines the matrices too,
             and its learning rate for them (entries of T move by about this much per step).
+        correction_rank: None (or 0): each T_i a full d x d matrix; r in 1..d: T_i = I + U_i
+            V_i^T of rank r, initialised by the truncated SVD of the closed-form T_i - I (the
+            residuals then hold a third entry, that of the rank-r T_i), U_i and V_i refined by
+            Adam.
 
     Returns {N: :class:`Calibration`}; the schedules are in ``config.odeify["schedules"]``.
 
@@ -120,6 +131,7 @@ def calibrate(
         >>> ids = tokenizer(text, return_tensors="pt").input_ids[0]            # doctest: +SKIP
         >>> odeify.calibrate(model, steps=[15, 20], data=ids, iters=100)        # doctest: +SKIP
         >>> odeify.calibrate(model, [15], ids, correction="linear", iters=0)  # doctest: +SKIP
+        >>> odeify.calibrate(model, [15], ids, correction="linear", correction_rank=32)  # doctest: +SKIP
         >>> with odeify.steps(model, 15):                                      # doctest: +SKIP
         ...     logits = model(ids[None]).logits        # the calibrated schedule of 15
     """
@@ -127,6 +139,7 @@ def calibrate(
     num_layers, ends = block.ode.num_layers, block.ode.discrete_ends
     counts = _check(steps, num_layers, ends, init)
     _check_correction(correction, init, forcing, ridge, correction_tokens)
+    rank = check_rank(correction_rank, correction, _hidden_size(model))
     tokens = _tokens(data, batch_size, seq_len)
     batches = _Batches(tokens, batch_size, seq_len, seed)
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -144,11 +157,17 @@ def calibrate(
             if correction is not None:
                 windows = spread_windows(tokens, correction_tokens, seq_len)
                 initial, residuals = fit_linear_correction(
-                    model, initial, windows, ridge=ridge, forcing=forcing, progress=progress
+                    model,
+                    initial,
+                    windows,
+                    ridge=ridge,
+                    forcing=forcing,
+                    progress=progress,
+                    rank=rank,
                 )
             learn = (learn_gains, learn_times, learn_correction)
             result = _fit(
-                model, batches, n, initial, layers, learn, iters, lr, correction_lr, progress
+                model, batches, n, initial, layers, learn, iters, lr, correction_lr, progress, rank
             )
             result.residuals = residuals
             result.seconds = time.perf_counter() - start
@@ -201,6 +220,65 @@ def _check_correction(
         raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"correction_tokens must be an integer >= 1, got {tokens!r}")
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[-1])
+
+
+def check_rank(rank: int | None, correction: str | None, hidden_size: int) -> int | None:
+    """The correction's rank as calibrate uses it: None for a full d x d matrix (``rank`` None
+    or 0), else r, an integer in 1..d; anything else is refused with what to give instead.
+
+    Example:
+        >>> check_rank(None, "linear", 576), check_rank(0, "linear", 576), check_rank(32, "linear", 576)
+        (None, None, 32)
+    """
+    if rank is None or (rank == 0 and not isinstance(rank, bool)):
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= hidden_size:
+        raise ValueError(
+            f"correction_rank must be an integer from 1 to the hidden size d = {hidden_size} "
+            f"(or None / 0 for a full d x d correction), got {rank!r}"
+        )
+    if correction is None:
+        raise ValueError(
+            f"correction_rank = {rank} is the rank of a linear correction; set "
+            "correction='linear' too (or leave correction_rank out)"
+        )
+    return rank
+
+
+def low_rank_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """U, V [..., d, r] with U V^T the best rank-r approximation of ``delta`` [..., d, d] (the
+    truncated SVD, Eckart-Young): U = U_r S_r, V = V_r, the right singular vectors. V is never
+    zero, so a step whose fit is T = I (delta = 0: a step that stands for one layer) does not
+    start at the saddle U = V = 0, where neither factor gets a gradient. Computed in float64,
+    returned in ``delta``'s dtype.
+
+    Example:
+        >>> a, b = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+        >>> u, v = low_rank_factors(a @ b.T, 2)
+        >>> u.shape, torch.allclose(u @ v.T, a @ b.T), torch.allclose(v.T @ v, torch.eye(2, dtype=torch.float64))
+        (torch.Size([6, 2]), True, True)
+    """
+    left, values, right = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    u = left[..., :rank] * values[..., :rank].unsqueeze(-2)
+    v = right[..., :rank, :].transpose(-1, -2)
+    return u.to(delta.dtype), v.to(delta.dtype)
+
+
+def truncate_correction(t: Tensor, rank: int) -> Tensor:
+    """I + the best rank-r approximation of T - I, for T [..., d, d] (float64 inside).
+
+    Example:
+        >>> t = torch.eye(4) + torch.outer(torch.ones(4), torch.arange(4.0))
+        >>> torch.allclose(truncate_correction(t, 1), t)
+        True
+    """
+    eye = torch.eye(t.shape[-1], dtype=torch.float64)
+    u, v = low_rank_factors(t.to(torch.float64) - eye, rank)
+    return (eye + u @ v.transpose(-1, -2)).to(t.dtype)
 
 
 def spread_windows(tokens: Tensor, count: int, seq_len: int) -> Tensor:
@@ -333,7 +411,9 @@ def _jump_dp(states: Tensor, steps: int, ends: int) -> list[int]:
 class ParametrisedSchedule(nn.Module):
     """The schedule being fitted (here, and with the weights in ``recipes/adapt_depth.py``): gains as they are; the free times (all but t_0 = 0 and the
     discrete ends) t = a + (b - a) cumsum(softmax(z)) between the fixed times a and b around
-    them, so they stay strictly increasing in [0, 1) whatever Adam does."""
+    them, so they stay strictly increasing in [0, 1) whatever Adam does. A linear correction
+    is trained as it is (``correction`` [N, d, d]) or, with ``rank`` r, as T = I + U V^T
+    (``u``, ``v`` [N, d, r], the truncated SVD of the start's T - I); :meth:`dense` gives T."""
 
     def __init__(
         self,
@@ -342,6 +422,7 @@ class ParametrisedSchedule(nn.Module):
         learn_gains: bool,
         learn_times: bool,
         learn_correction: bool = False,
+        rank: int | None = None,
     ):
         super().__init__()
         self.start, n = start, start.steps
@@ -353,14 +434,29 @@ class ParametrisedSchedule(nn.Module):
         self.gains = nn.Parameter(
             torch.tensor(list(start.gains), dtype=torch.float32), requires_grad=learn_gains
         )
-        self.correction = None
-        if start.correction is not None:
+        self.correction = self.u = self.v = None
+        if start.correction is not None and rank:
+            size = start.correction.shape[-1]
+            eye = torch.eye(size, dtype=start.correction.dtype)
+            u, v = low_rank_factors(start.correction.detach() - eye, rank)
+            self.u = nn.Parameter(u, requires_grad=learn_correction)
+            self.v = nn.Parameter(v, requires_grad=learn_correction)
+        elif start.correction is not None:
             self.correction = nn.Parameter(
                 start.correction.detach().clone(), requires_grad=learn_correction
             )
 
     def matrices(self) -> list[nn.Parameter]:
+        if self.u is not None:
+            return [self.u, self.v]
         return [] if self.correction is None else [self.correction]
+
+    def dense(self) -> Tensor | None:
+        """The correction T [N, d, d] as the steps apply it (None without one)."""
+        if self.u is None:
+            return self.correction
+        eye = torch.eye(self.u.shape[-2], dtype=self.u.dtype, device=self.u.device)
+        return eye + self.u @ self.v.transpose(-1, -2)
 
     def schedule(self) -> Schedule:
         times = self.start.starts
@@ -370,14 +466,13 @@ class ParametrisedSchedule(nn.Module):
             fixed = lambda values: torch.tensor(values, dtype=torch.float64)
             times = torch.cat([fixed(self.head), free, fixed(self.tail)])
         gains = self.gains if self.gains.requires_grad else list(self.start.gains)
-        return Schedule(
-            times, gains, self.start.num_layers, "sequential", correction=self.correction
-        )
+        return Schedule(times, gains, self.start.num_layers, "sequential", correction=self.dense())
 
     def final(self) -> Schedule:
         schedule = self.schedule()
         times, gains = schedule.to_dict()["times"], schedule.to_dict()["gains"]
-        correction = None if self.correction is None else self.correction.detach().clone()
+        dense = self.dense()
+        correction = None if dense is None else dense.detach().clone()
         return Schedule(times, gains, self.start.num_layers, "sequential", correction=correction)
 
 
@@ -399,10 +494,11 @@ def _fit(
     lr: float,
     correction_lr: float,
     progress: bool,
+    rank: int | None = None,
 ) -> Calibration:
     block = get_block(model)
     num_layers, ends = block.ode.num_layers, block.ode.discrete_ends
-    params = ParametrisedSchedule(start, ends, *learn)
+    params = ParametrisedSchedule(start, ends, *learn, rank=rank)
     groups = [
         {"params": [p for p in (params.z, params.gains) if p.requires_grad], "lr": lr},
         {"params": [p for p in params.matrices() if p.requires_grad], "lr": correction_lr},
@@ -491,7 +587,8 @@ def fit_linear_correction(
     forcing: str = "student",
     batch_windows: int = 8,
     progress: bool = False,
-) -> tuple[Schedule, list[tuple[float, float]]]:
+    rank: int | None = None,
+) -> tuple[Schedule, list[tuple[float, ...]]]:
     """Fit the linear correction of a ``sequential`` schedule whose steps start at layers of the
     original (times l_i / L), in closed form on token windows [W, S].
 
@@ -500,8 +597,13 @@ def fit_linear_correction(
     after the attention update and u its MLP update (times the gain), T_i solves
     ``u T ~ x_{l_{i+1}} - h`` by :class:`LinearFit` (x_{l_N} the original's last state).
 
+    With ``rank`` r, T_i is then cut to I + the rank-r truncated SVD of T_i - I
+    (:func:`truncate_correction`), and under student forcing the next step starts from the
+    state that rank-r T_i gives.
+
     Returns the schedule with the correction, and each step's relative residual before (T = I)
-    and after. The model is not changed (store the schedule with ``block.store_schedule``).
+    and after (the full T_i), and with ``rank`` a third, that of the rank-r T_i. The model is
+    not changed (store the schedule with ``block.store_schedule``).
 
     Example:
         >>> start = Schedule.from_layers([0, 2], num_layers=4)                # doctest: +SKIP
@@ -556,7 +658,11 @@ def fit_linear_correction(
             fit.add(u, targets[bounds[i + 1]] - h)
             updates.append((h, u))
         t = fit.solve(ridge)
-        residuals.append((fit.residual(torch.eye(size)), fit.residual(t)))
+        residual = (fit.residual(torch.eye(size)), fit.residual(t))
+        if rank:
+            t = truncate_correction(t, rank)
+            residual = (*residual, fit.residual(t))
+        residuals.append(residual)
         matrices.append(t)
         if forcing == "student":
             t = t.to(device, batches[0][0][0].dtype)

@@ -309,6 +309,7 @@ def cmd_calibrate(args) -> int:
         correction_tokens=args.correction_tokens,
         ridge=args.ridge,
         forcing=args.forcing,
+        correction_rank=args.correction_rank,
     )
     for n, result in results.items():
         kl = f"KL {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else ""
@@ -549,6 +550,13 @@ def _add_calibrate(sub) -> None:
     )
     p.add_argument(
         "--correction-tokens", type=int, default=32_768, help="tokens the correction is fitted on"
+    )
+    p.add_argument(
+        "--correction-rank",
+        type=int,
+        default=None,
+        help="make each correction I + U V^T of this rank (truncated SVD of the closed form; "
+        "default: a full d x d matrix)",
     )
     p.add_argument("--ridge", type=float, default=1e-3, help="the correction's pull towards I")
     p.add_argument(

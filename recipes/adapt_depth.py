@@ -4,6 +4,7 @@ distillation from its frozen original (issue 6), and the layer-dropping baseline
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2.yaml
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-drop15.yaml   # baseline (a)
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-v2.yaml       # v2
+    python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-hyper.yaml    # hypersolver
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-bi15.yaml     # (a')
     python recipes/adapt_depth.py --config recipes/configs/adapt-smollm2-angular15.yaml  # (a'')
     python recipes/adapt_depth.py --config ... --set max_steps=20 --set out_dir=runs/try
@@ -44,6 +45,15 @@ Features:
   calibrated count) and ``model/`` use them. Calibrating's FLOPs (:func:`calibration_flops`)
   count in ``budget_flops``. Hidden-state matching (``hidden``) needs the uniform grid: 0 here.
   A resumed run calibrates again (deterministic), then loads its trained schedules.
+  ``calibrate: {correction: linear, correction_rank: r}`` makes each correction low rank,
+  T = I + U V^T (the truncated SVD of the closed-form fit), U and V trained at
+  ``correction_lr``; the model holds the dense T.
+- The hypersolver, ``train_weights: false`` (with v2's schedules): the weights stay frozen and
+  only the per-step-count parameters train (gains, times, a correction at ``correction_lr``),
+  so N = L is the original bit for bit without an anchor: ``full_every`` must be 0 (refused
+  otherwise: its teacher and student passes would spend budget on a zero loss), and every
+  count of ``choices`` must be below L. The budget counts the backward as one forward (the
+  activations' gradients, no weight gradients: ``train_factor`` 2, as for LoRA).
 - ``mode: drop`` are the baselines: the original with ``keep_layers`` = M layers kept, trained
   at its M layers with the same loss, data and budget. ``drop_selection``: ``uniform`` is (a)
   (layer floor(i L / M), output projections scaled by L / M, as ``materialize`` does);
@@ -84,7 +94,9 @@ Features:
   not in the corpus, a run folder from another config (or a run there and no ``--resume``),
   options of one mode given to the other (``drop_selection`` / ``drop_gains`` with mode ode,
   ``schedules`` with mode drop), ``schedules`` without ``choices``, unknown ``calibrate``
-  options, ``schedules: stored`` on a stock model or one without a target's schedule.
+  options, ``schedules: stored`` on a stock model or one without a target's schedule,
+  ``correction_rank`` without a correction or not an integer, ``train_weights: false`` without
+  schedules, with LoRA, with an anchor (``full_every`` > 0) or with nothing to train.
 """
 
 from __future__ import annotations
@@ -185,6 +197,9 @@ class Config:
     train_schedules: bool = True  # gains (and times, unless learn_times: false) trained too
     schedule_lr: float = 1e-3  # Adam's learning rate of schedule times and gains
     correction_lr: float = 0.0  # > 0: a linear correction's matrices trained too, at this lr
+    # false: the hypersolver, weights frozen, only the schedules (gains, times, correction)
+    # trained; N = L stays the original exactly, so it needs full_every: 0 (no anchor)
+    train_weights: bool = True
     # loss
     kl: float = 1.0
     lm: float = 0.0
@@ -341,6 +356,61 @@ def _schedule_problems(cfg: Config) -> list[str]:
         cfg.drop_gains or (cfg.schedules != "uniform" and cfg.train_schedules)
     ):
         problems.append("schedule_lr = 0 trains no gains: set it > 0, or train_schedules: false")
+    if isinstance(cfg.calibrate, dict):
+        problems += _rank_problems(cfg.calibrate)
+    return problems + _hypersolver_problems(cfg)
+
+
+def _rank_problems(options: dict[str, Any]) -> list[str]:
+    """What is wrong with ``calibrate: {correction_rank}`` (its bound d is checked by
+    odeify.calibrate, which knows the model)."""
+    rank = options.get("correction_rank")
+    if rank is None:
+        return []
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        return [
+            f"calibrate: correction_rank must be an integer from 1 to the hidden size (or 0 / "
+            f"null: a full d x d correction), got {rank!r}"
+        ]
+    if rank and options.get("correction") is None:
+        return [
+            f"calibrate: correction_rank = {rank} is the rank of a linear correction; add "
+            "correction: linear"
+        ]
+    return []
+
+
+def _hypersolver_problems(cfg: Config) -> list[str]:
+    """What is wrong with ``train_weights: false`` (the hypersolver: schedules trained alone)."""
+    if not isinstance(cfg.train_weights, bool):
+        return [f"train_weights must be true or false, got {cfg.train_weights!r}"]
+    if cfg.train_weights:
+        return []
+    problems = []
+    if cfg.mode != "ode" or cfg.schedules == "uniform":
+        problems.append(
+            "train_weights: false trains only per-step-count schedules (gains, times, a "
+            "correction): it needs mode: ode with schedules: calibrate or stored"
+        )
+    if cfg.train != "full":
+        problems.append(
+            f"train_weights: false freezes the weights; train: {cfg.train} would train adapters "
+            "on them: leave train at full"
+        )
+    if cfg.full_every:
+        # Refused, not ignored: with the weights frozen N = L (the uniform grid, no schedule) is
+        # the original exactly, so its teacher and student passes would cost FLOPs for a zero loss.
+        problems.append(
+            f"train_weights: false keeps N = L the original exactly, so the anchor trains nothing "
+            f"and would spend budget on a zero loss: set full_every: 0 (got {cfg.full_every})"
+        )
+    options = cfg.calibrate if isinstance(cfg.calibrate, dict) else {}
+    learned = options.get("learn_gains", True) or options.get("learn_times", True)
+    if not cfg.train_schedules or not (learned or cfg.correction_lr > 0):
+        problems.append(
+            "train_weights: false with no schedule parameter trained trains nothing: set "
+            "train_schedules: true with learn_gains / learn_times, or correction_lr > 0"
+        )
     return problems
 
 
@@ -527,7 +597,7 @@ def build(
     block = ode_lib.get_block(student)
     trainable = {id(block.basis_tensor(name)) for name in block.names}
     for p in student.parameters():
-        p.requires_grad_(cfg.train == "full" and id(p) in trainable)
+        p.requires_grad_(cfg.train_weights and cfg.train == "full" and id(p) in trainable)
     if cfg.train == "lora":
         from peft import get_peft_model
 
@@ -680,9 +750,16 @@ class AdaptDepth:
         self.autocast = autocast_dtype(cfg.autocast, self.ctx.device)
         self.setup_schedules()
         self.setup_budget()
-        self.optimizer = adamw(self.student, cfg.lr, cfg.weight_decay)
-        for params, lr in self.schedule_groups():
-            self.optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        groups = [
+            {"params": params, "lr": lr, "weight_decay": 0.0}
+            for params, lr in self.schedule_groups()
+        ]
+        if cfg.train_weights:
+            self.optimizer = adamw(self.student, cfg.lr, cfg.weight_decay)
+            for group in groups:
+                self.optimizer.add_param_group(group)
+        else:  # the hypersolver: only the schedules' groups (AdamW without decay is Adam)
+            self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.schedule = warmup_cosine(
             self.optimizer,
             min(cfg.warmup_steps, self.total_steps),
@@ -696,7 +773,9 @@ class AdaptDepth:
         )
         for n, state in extra.get("plans", {}).items():
             self.plans[int(n)].load_state_dict(state)
-        self.model = wrap(self.student, self.ctx)
+        # Frozen weights leave DDP nothing to reduce (it refuses such a module); the schedules'
+        # gradients are averaged by hand in train_step either way.
+        self.model = wrap(self.student, self.ctx) if cfg.train_weights else self.student
         return extra
 
     def setup_schedules(self) -> None:
@@ -721,6 +800,13 @@ class AdaptDepth:
         if cfg.schedules == "uniform":
             return
         targets = [n for n in self.sampler.choices if n < self.num_layers]
+        above = [n for n in self.sampler.choices if n >= self.num_layers]
+        if not cfg.train_weights and above:
+            raise ValueError(
+                f"train_weights: false trains the schedules of counts below L = {self.num_layers}; "
+                f"{above} run on the uniform grid with frozen weights and train nothing: drop "
+                "them from choices"
+            )
         if cfg.schedules == "calibrate":
             options = self.calibrate_options()
             tokens = torch.from_numpy(np.asarray(self.tokens, dtype=np.int64))
@@ -734,6 +820,8 @@ class AdaptDepth:
                     "kl_last": fit.losses[-1] if fit.losses else None,
                     "seconds": round(fit.seconds, 1),
                     "cpu_seconds": round(fit.cpu_seconds, 1),
+                    # Per step: relative residual at T = I, of the full fit (and the rank-r one).
+                    "residuals": [[round(v, 6) for v in step] for step in fit.residuals],
                     "schedule": fit.schedule.to_dict(),
                 }
                 for n, fit in fits.items()
@@ -743,6 +831,7 @@ class AdaptDepth:
             k: v for k, v in cfg.calibrate.items() if k in ("learn_gains", "learn_times")
         }
         sequential = resolve_solver("sequential")
+        rank = cfg.calibrate.get("correction_rank") or None
         for n in targets:
             start = block.schedule_for(sequential, n, "calibrated")
             self.plans[n] = ParametrisedSchedule(
@@ -751,6 +840,7 @@ class AdaptDepth:
                 learn_gains=cfg.train_schedules and learn["learn_gains"],
                 learn_times=cfg.train_schedules and learn["learn_times"],
                 learn_correction=cfg.train_schedules and cfg.correction_lr > 0,
+                rank=rank,
             )
 
     def calibrate_options(self) -> dict[str, Any]:
@@ -802,7 +892,10 @@ class AdaptDepth:
 
     def setup_budget(self) -> None:
         cfg = self.cfg
-        self.cost = CostModel.of(self.teacher, train_factor=3.0 if cfg.train == "full" else 2.0)
+        # Frozen weights (LoRA, the hypersolver) need the activations' gradients through every
+        # step but no weight gradients: 2 forwards' worth, not 3.
+        weights = cfg.train == "full" and cfg.train_weights
+        self.cost = CostModel.of(self.teacher, train_factor=3.0 if weights else 2.0)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         if cfg.max_steps is not None:
             self.total_steps = cfg.max_steps
@@ -973,7 +1066,14 @@ class AdaptDepth:
             "discrete_ends": block.ode.discrete_ends,
             "train": cfg.train,
             "autocast": str(self.autocast or torch.float32).removeprefix("torch."),
+            "train_weights": cfg.train_weights,
             "trainable_parameters": trainable,
+            "schedule_parameters": sum(
+                p.numel()
+                for plan in self.plans.values()
+                for p in plan.parameters()
+                if p.requires_grad
+            ),
             "sampler": {**dataclasses.asdict(sampler), "choices": list(sampler.choices)},
             "loss": dataclasses.asdict(self.weights),
             "heldout": cfg.heldout,
@@ -1031,8 +1131,10 @@ def label(cfg: Config, sampler: StepSampler) -> str:
             if cfg.schedules == "calibrate"
             else "stored"
         )
-        name = "depth adaptation v2"
+        name = "depth adaptation v2" if cfg.train_weights else "hypersolver"
         plan = f"{where} schedules{', trained' if cfg.train_schedules else ''}; "
+        if not cfg.train_weights:
+            plan += "weights frozen; "
     return (
         f"{name} ({plan}{cfg.basis} K = {cfg.num_basis or sampler.num_layers}{ends}, N in "
         f"{drawn} {mix}{anchor}{how})"

@@ -209,3 +209,10 @@ def test_calibrate_with_a_linear_correction_saves_its_matrices(converted, tmp_pa
     size = block.ode.schedules["2"]["correction"]["hidden_size"]
     assert block.corrections.n2.shape == (2, size, size)
     assert not torch.equal(block.corrections.n2, torch.eye(size).repeat(2, 1, 1))  # fitted
+    # --correction-rank 1: each T - I of rank 1 (the truncated SVD of the fit); d + 1 refused.
+    ranked = [*args, "--iters", "0", "--seq-len", "32", "--correction", "linear", "--overwrite"]
+    assert main([*ranked, "--correction-rank", "1"]) == 0
+    delta = get_block(from_pretrained(out)).corrections.n2.double() - torch.eye(size).double()
+    assert max(int(torch.linalg.matrix_rank(m, atol=1e-5)) for m in delta) == 1
+    err = _user_error([*ranked, "--correction-rank", str(size + 1)], capsys)
+    assert "correction_rank must be an integer from 1" in err

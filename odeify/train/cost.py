@@ -16,7 +16,10 @@ class CostModel:
     forward token costs 2 (N P_layer + P_head), a training token ``train_factor`` times that,
     and the teacher's forward 2 (L P_layer + P_head). The factor is 3 when the weights get
     gradients (forward, backward to the activations, backward to the weights) and 2 when they
-    are frozen and only low-rank adapters train (LoRA's own matmuls are a rounding error).
+    are frozen and only low-rank adapters train (LoRA's own matmuls are a rounding error) or
+    only a schedule's gains, times and correction (the hypersolver): the activations'
+    gradients still run back through every step, the weights' are never formed. A linear
+    correction's own d x d product per step is not counted, as in inference.
 
     Example:
         >>> cost = CostModel(layer_params=10, head_params=5, num_layers=4)
