@@ -1009,10 +1009,13 @@ class AdaptDepth:
         )
         # Schedule parameters live outside the DDP module, so their gradients are averaged
         # here; they are not clipped with the weights (Adam's steps do not scale with them).
-        for params, _ in self.schedule_groups():
-            for p in params:
-                if p.grad is not None:
-                    p.grad.copy_(ctx.mean(p.grad))
+        grads = [
+            p.grad for params, _ in self.schedule_groups() for p in params if p.grad is not None
+        ]
+        for grad in grads:
+            grad.copy_(ctx.mean(grad))
+        if not trainable and grads:  # the hypersolver: report what trains, unclipped
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.schedule.step()

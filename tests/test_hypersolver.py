@@ -156,6 +156,8 @@ def test_the_hypersolver_trains_the_schedules_alone_and_keeps_n_equal_l_exact(as
     results, out = hyper
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [[p["steps"] for p in r["parts"]] for r in records if "parts" in r] == [[2, 3]] * 4
+    # With no weight trained, the logged gradient norm is the schedules' (not 0).
+    assert all(r["grad_norm"] > 0 for r in records if "parts" in r)
     assert results["trainable_parameters"] == 0 and not results["train_weights"]
     # Rank 2 of d = 32: U and V of every step (5 steps over N = 2 and 3), plus gains and times.
     assert 5 * 2 * D * 2 < results["schedule_parameters"] < 5 * 2 * D * 2 + 20
