@@ -49,10 +49,10 @@ test-next: $(NEXT_VENV)/.installed
 transformers-tests: $(STAMP)
 	$(PY) tests/common/fetch_transformers_tests.py
 
-# After the tests, every benchmark once on its smallest shapes (untimed) and the GPU script's CPU
+# The 15 slowest tests are listed (CI time is watched). After the tests, every benchmark once on its smallest shapes (untimed) and the GPU script's CPU
 # dry run, so neither can rot unseen: about 40 s.
 test: $(STAMP) transformers-tests
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	ODEIFY_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks -p no:cacheprovider --benchmark-disable
 	PYTHON=$(PY) bash benchmarks/gpu.sh --dry-run out/gpu-dry-run
 	$(MAKE) test-next
