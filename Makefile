@@ -49,8 +49,9 @@ test-next: $(NEXT_VENV)/.installed
 transformers-tests: $(STAMP)
 	$(PY) tests/common/fetch_transformers_tests.py
 
-# The 15 slowest tests are listed (CI time is watched). After the tests, every benchmark once on its smallest shapes (untimed) and the GPU script's CPU
-# dry run, so neither can rot unseen: about 40 s.
+# The suite lists its 15 slowest tests (CI time is watched). After the tests, every benchmark once
+# on its smallest shapes (untimed) and the GPU script's CPU dry run, so neither can rot unseen:
+# about 40 s.
 test: $(STAMP) transformers-tests
 	$(PY) -m pytest -q --durations=15 tests
 	ODEIFY_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks -p no:cacheprovider --benchmark-disable
