@@ -2,6 +2,7 @@
 (dtype, device_map, hub ids offline), and the CLI's --device / --dtype."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -244,3 +245,92 @@ def test_cli_bad_device_or_dtype_is_a_usage_error(command, flag, value, match, c
 def test_cli_cuda_without_a_gpu_is_refused_before_loading(capsys):
     err = _user_error(["eval", "no/such/model", "--device", "cuda"], capsys)
     assert "torch sees no CUDA device" in err
+
+
+# ------------------------------------------------------------------------- odeify.hub directly
+@pytest.mark.parametrize(
+    "source, hub",
+    [
+        ("HuggingFaceTB/SmolLM2-135M", True),
+        ("gpt2", True),
+        ("owner/name.v1_b-2", True),
+        ("./model", False),
+        (".hidden", False),
+        ("owner/../name", False),
+        ("owner..name", False),
+        ("model.gguf", False),
+        ("/tmp/model", False),
+        ("a/b/c", False),
+        ("owner/na me", False),
+    ],
+)
+def test_what_reads_as_a_hub_id(source, hub):
+    from odeify.hub import is_hub_id
+
+    assert is_hub_id(source) is hub
+
+
+def test_resolve_asks_the_hub_only_for_a_hub_id_and_only_for_checkpoint_files(
+    tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    import odeify.hub as hub
+
+    calls = []
+
+    def download(repo, **kwargs):
+        calls.append((repo, kwargs))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert hub.resolve(tmp_path) == tmp_path  # on disk: itself, even though never a hub id
+    assert hub.resolve(tmp_path / "nowhere") == tmp_path / "nowhere"  # a path, not an id
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    assert hub.resolve("~/models") == tmp_path / "models"
+    assert hub.resolve("owner/model", revision="v2", cache_dir=tmp_path) == tmp_path / "snapshot"
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "README.md"]
+    options = {"revision": "v2", "cache_dir": tmp_path, "allow_patterns": patterns}
+    assert calls == [("owner/model", options)]
+
+
+def test_resolve_says_why_the_hub_gave_nothing(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from odeify.hub import resolve
+
+    class Refused(HfHubHTTPError):
+        def __init__(self, message):  # no HTTP response to build one from here
+            Exception.__init__(self, message)
+
+    def raising(error):
+        def download(*args, **kwargs):
+            raise error
+
+        return download
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(Refused("401: gated repo")))
+    message = "'owner/model' is not a local folder, and the hub refused it: 401: gated repo"
+    with pytest.raises(FileNotFoundError, match=re.escape(message)) as refused:
+        resolve("owner/model")
+    assert refused.value.__suppress_context__
+    unreachable = LocalEntryNotFoundError("connection timed out")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(unreachable))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    message = (
+        "'owner/model' is neither a local folder nor a cached hub model, and the hub could not "
+        "be reached (connection timed out)"
+    )
+    with pytest.raises(FileNotFoundError, match=re.escape(message) + "$"):
+        resolve("owner/model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    message = (
+        "'owner/model' is neither a local folder nor a cached hub model, and HF_HUB_OFFLINE is "
+        "set, so the hub is not asked: download it once online, or pass the folder it is in"
+    )
+    with pytest.raises(FileNotFoundError, match=re.escape(message) + "$") as offline:
+        resolve("owner/model")
+    assert offline.value.__suppress_context__
