@@ -3,11 +3,13 @@
 import argparse
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import odeify
 from odeify import cli, from_pretrained, get_block
 from odeify.assets import gpt2_tokenizer
 from odeify.cli import build_parser, main
@@ -784,3 +786,231 @@ def test_demo_passes_its_options_to_the_demo(monkeypatch, tmp_path):
     assert main([*argv, "--steps", "4,8", "--calibrate", "6", "--calibrate-iters", "2"]) == 0
     options = {"play": "othello", "tokens": 512, "step_counts": [4, 8], "calibrated": [6]}
     assert calls == [((tmp_path,), {**options, "calibrate_iters": 2})]
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """The arguments of every odeify.loading.load_model call (the real one runs)."""
+    import odeify.loading
+
+    calls, real = [], odeify.loading.load_model
+    monkeypatch.setattr(
+        odeify.loading, "load_model", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw)
+    )
+    return calls
+
+
+def _clock(monkeypatch, *readings):
+    """cli's own clock (what it times a generation by), reading ``readings`` in turn."""
+    monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=iter(readings).__next__))
+
+
+# A special token first: the printed text leaves it out.
+PROMPT = "<|endoftext|>To be, or not"
+
+
+@pytest.mark.parametrize(
+    "options, steps, scheme, new, sampling",
+    [
+        ([], None, None, 32, {"do_sample": False}),
+        (
+            ["--steps", "2", "--scheme", "rk4", "--temperature", "0.7", "--max-new-tokens", "3"],
+            2,
+            "rk4",
+            3,
+            {"do_sample": True, "temperature": 0.7},
+        ),
+    ],
+)
+def test_generate_prints_what_the_model_generates(
+    converted, loads, monkeypatch, capsys, options, steps, scheme, new, sampling
+):
+    from transformers import AutoTokenizer
+
+    _clock(monkeypatch, 10.0, 14.0)
+    torch.manual_seed(0)
+    assert main(["generate", str(converted), "--prompt", PROMPT, *options]) == 0
+    out, err = capsys.readouterr()
+    assert loads == [((str(converted), "float32", None, None), {})]
+    model, tokenizer = from_pretrained(converted), AutoTokenizer.from_pretrained(converted)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    block = get_block(model)
+    n = steps or block.ode.resolved_steps
+    torch.manual_seed(0)
+    with torch.no_grad(), odeify.steps(model, n, scheme):
+        pad = tokenizer.eos_token_id
+        expected = model.generate(ids, max_new_tokens=new, pad_token_id=pad, **sampling)
+    assert out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+    assert "<|endoftext|>" not in out
+    made = expected.shape[1] - ids.shape[1]
+    shown = f"[{made} tokens at {n} steps of {scheme or block.ode.scheme}: {made / 4:.1f} tokens/s]"
+    assert err.endswith(f"\n{shown}\n")
+
+
+def test_generate_odeifies_a_plain_model_and_passes_the_loading_options(
+    source, loads, capsys, monkeypatch
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    argv = ["generate", str(source), "--prompt", PROMPT, "--max-new-tokens", "4"]
+    assert main([*argv, "--tokenizer", str(source), "--dtype", "float32", "--device", "cpu"]) == 0
+    assert loads == [((str(source), "float32", str(source), torch.device("cpu")), {})]
+    model = odeify.odeify(AutoModelForCausalLM.from_pretrained(source), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=50256)
+    assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+
+
+def test_a_model_without_a_tokenizer_is_refused_by_each_command(converted, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    odeify.save_pretrained(from_pretrained(converted), bare)
+    message = f"{bare} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')"
+    for argv in (["generate", str(bare), "--prompt", "x"], ["eval", str(bare)]):
+        assert _user_error(argv, capsys) == f"odeify: error: {message}"
+    argv = ["analyze", str(bare), "--text", "x", "--out", str(tmp_path / "r")]
+    assert _user_error(argv, capsys) == f"odeify: error: {message}"
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", str(bare), str(tmp_path / "cal"), "--steps", "2"])
+    assert exit_.value.code == message
+
+
+def test_calibrate_passes_every_option_and_reports_each_step_count(
+    source, loads, tmp_path, capsys, monkeypatch
+):
+    from odeify.calibrate import Calibration
+    from odeify.schedule import Schedule
+    from odeify.train.data import corpus, tokenize
+
+    text = tmp_path / "text.txt"
+    text.write_text("Friends, Romans, countrymen, lend me your ears. " * 4)
+    calls, schedules = [], {2: Schedule.from_layers([0, 2], 3), 1: Schedule.from_layers([1], 3)}
+
+    def calibrate(model, steps, data, **options):
+        calls.append((steps, data, options))
+        for schedule in schedules.values():  # what calibrating stores: each schedule, in the block
+            get_block(model).store_schedule(schedule)
+        return {
+            2: Calibration(2, schedules[2], [0, 2], [0.5, 0.3, 0.2, 0.125], seconds=3.2),
+            1: Calibration(1, schedules[1], [1], [], seconds=0.4),
+        }
+
+    monkeypatch.setattr(odeify, "calibrate", calibrate)
+    out = tmp_path / "cal"
+    argv = ["calibrate", str(source), str(out), "--steps", "2,1", "--corpus", str(text)]
+    options = {
+        "init": "bi",
+        "learn_times": False,
+        "iters": 7,
+        "lr": 0.5,
+        "batch_size": 3,
+        "seq_len": 16,
+        "seed": 4,
+        "correction": "linear",
+        "correction_tokens": 64,
+        "ridge": 0.25,
+        "forcing": "teacher",
+        "correction_rank": 1,
+    }
+    flags = ["--init", "bi", "--fixed-times", "--iters", "7", "--lr", "0.5", "--batch-size", "3"]
+    flags += ["--seq-len", "16", "--seed", "4", "--correction", "linear", "--correction-tokens"]
+    flags += ["64", "--ridge", "0.25", "--forcing", "teacher", "--correction-rank", "1"]
+    assert main([*argv, *flags, "--tokenizer", str(source), "--dtype", "float16"]) == 0
+    assert loads == [((str(source), "float16", str(source)), {})]
+    ((steps, data, passed),) = calls
+    tokens = tokenize(corpus(str(text)), odeify.loading._tokenizer_in(source))
+    assert steps == [2, 1] and data.dtype == torch.int64 and data.tolist() == tokens.tolist()
+    assert passed == options
+    assert capsys.readouterr().out == (
+        f"N = 2: {schedules[2]} KL 0.500 -> 0.125 (3 s)\n"
+        f"N = 1: {schedules[1]}  (0 s)\n"
+        f"saved to {out} with calibrated schedules for N = 1, 2\n"
+    )
+    saved = from_pretrained(out)
+    assert saved.dtype == torch.float16 and sorted(get_block(saved).ode.schedules) == ["1", "2"]
+    assert (out / "tokenizer.json").exists() or (out / "vocab.json").exists()
+    # The defaults, as `odeify calibrate --help` states them.
+    calls.clear()
+    assert main([*argv, "--overwrite"]) == 0
+    defaults = {**options, "init": "dp", "learn_times": True, "iters": 100, "lr": 0.02}
+    defaults.update(batch_size=2, seq_len=256, seed=0, correction=None, correction_tokens=32_768)
+    defaults.update(ridge=1e-3, forcing="student", correction_rank=None)
+    assert calls[0][2] == defaults
+
+
+@pytest.mark.parametrize(
+    "flags, split, options",
+    [
+        (["--workers", "3", "--shard-tokens", "100"], None, {"workers": 3, "progress": True}),
+        (["--quiet"], None, {"workers": 1, "progress": False}),
+        (
+            ["--heldout", "a,,b", "--workers", "2"],
+            (["a", "b"], 0.0),
+            {"workers": 2, "progress": True},
+        ),
+        (["--heldout-fraction", "0.25", "--quiet"], ([], 0.25), {"workers": 1, "progress": False}),
+    ],
+)
+def test_prepare_passes_its_options_to_the_shards(flags, split, options, monkeypatch, capsys):
+    from odeify.train import data, shards
+
+    calls = []
+
+    class Documents:
+        def __init__(self, spec):
+            calls.append(("documents", spec))
+
+        def names(self):
+            return ["a.txt", "b.txt", "c.txt"]
+
+    class Split:
+        def __init__(self, *args):
+            calls.append(("split", *args))
+            self.train, self.held = SimpleNamespace(held=False), SimpleNamespace(held=True)
+
+    def cached(docs, tokenizer, part, out, **kw):
+        calls.append(("cached", tokenizer, part.held, out, kw))
+        return SimpleNamespace(folder=f"{out}/{'held' if part.held else 'train'}")
+
+    monkeypatch.setattr(data, "Documents", Documents)
+    monkeypatch.setattr(data, "Split", Split)
+    monkeypatch.setattr(data, "load_tokenizer", lambda spec, docs: f"tokenizer {spec}")
+    monkeypatch.setattr(shards, "prepare", lambda *a, **kw: calls.append(("prepare", a[1:], kw)))
+    monkeypatch.setattr(shards, "cached", cached)
+    assert main(["prepare", "corpus", "out", "--tokenizer", "char", *flags]) == 0
+    printed = capsys.readouterr().out
+    if split is None:
+        size = 100 if "--shard-tokens" in flags else shards.SHARD_TOKENS
+        prepared = ("prepare", ("tokenizer char", "out"), {"shard_tokens": size, **options})
+        assert calls == [("documents", "corpus"), prepared] and printed == ""
+        return
+    names = ["a.txt", "b.txt", "c.txt"]
+    assert calls == [
+        ("documents", "corpus"),
+        ("split", names, *split, "corpus"),
+        ("cached", "tokenizer char", False, "out", options),
+        ("cached", "tokenizer char", True, "out", options),
+    ]
+    assert printed == (
+        "training: out/train\nheld out: out/held\npretrain on them with: --set token_cache=out\n"
+    )
+
+
+def test_upgrade_rewrites_a_model_or_an_adapter_in_place(converted, tmp_path, capsys, monkeypatch):
+    import odeify.lora
+
+    assert main(["upgrade", str(converted)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == f"{converted}: model type odeify-gpt2, class OdeifyGPT2LMHeadModel\n"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / odeify.lora.ADAPTER_CONFIG).write_text("{}")
+    calls = []
+    monkeypatch.setattr(
+        odeify.lora, "upgrade_adapter", lambda folder: calls.append(folder) or ["h.0.basis.w"]
+    )
+    assert main(["upgrade", str(adapter)]) == 0
+    assert calls == [adapter]
+    printed = capsys.readouterr().out
+    assert printed == f"{adapter}: continuous adapter, target_parameters ['h.0.basis.w']\n"
