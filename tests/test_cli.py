@@ -1014,3 +1014,47 @@ def test_upgrade_rewrites_a_model_or_an_adapter_in_place(converted, tmp_path, ca
     assert calls == [adapter]
     printed = capsys.readouterr().out
     assert printed == f"{adapter}: continuous adapter, target_parameters ['h.0.basis.w']\n"
+
+
+@pytest.mark.parametrize("layers, counts", [(3, [1, 3, 6]), (5, [2, 5, 10])])  # L/2, L, 2L
+def test_eval_prints_the_sweep_of_the_default_counts(
+    layers, counts, loads, tmp_path, capsys, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    import odeify.train.plots
+    from odeify.evaluate import perplexity
+    from odeify.train.data import corpus, tokenize, windows
+    from odeify.train.evaluate import sweep
+
+    source = tmp_path / "plain"
+    config = GPT2Config(n_layer=layers, n_embd=16, n_head=2, n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(source)
+    tokenizer = gpt2_tokenizer()
+    tokenizer.save_pretrained(source)
+    text = tmp_path / "text.txt"
+    text.write_text("Friends, Romans, countrymen, lend me your ears. " * 4)
+    plots = []
+    monkeypatch.setattr(odeify.train.plots, "plot_sweep", lambda *a: plots.append(a))
+    plot, report = tmp_path / "ppl.png", tmp_path / "ppl.json"
+    argv = ["eval", str(source), "--corpus", str(text), "--seq-len", "16", "--max-windows", "2"]
+    argv += ["--batch-size", "1", "--tokenizer", "gpt2", "--plot", str(plot), "--json", str(report)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert loads == [((str(source), "float32", "gpt2", None), {})]
+    model = AutoModelForCausalLM.from_pretrained(source)
+    ids = windows(tokenize(corpus(str(text)), tokenizer), 16, 2)
+    original = perplexity(model, ids, batch_size=1, progress=False)
+    odeify.odeify(model, progress=False)
+    expected = sweep(model, ids, counts, 1, scheme="sequential").perplexity()
+    table = "".join(f"{n:>6} {p:>12.4f}\n" for n, p in expected.items())
+    assert out == (
+        f"\n{source}: 32 tokens of {text}, scheme sequential, L = {layers}\n"
+        f"{'steps':>6} {'perplexity':>12}\n{table}{'original':>6} {original:>12.4f}\nplot: {plot}\n"
+    )
+    # Both progress bars, a window a batch.
+    assert "original:   0%|          | 0/2" in err and "evaluate:   0%|          | 0/2" in err
+    curves = {"sequential, hat basis": expected}
+    assert plots == [(curves, str(plot), f"plain on {text}", {"original": original})]
+    steps = {str(n): p for n, p in expected.items()}
+    assert json.loads(report.read_text()) == {"steps": steps, "reference": {"original": original}}
