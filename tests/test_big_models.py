@@ -334,3 +334,133 @@ def test_resolve_says_why_the_hub_gave_nothing(monkeypatch):
     with pytest.raises(FileNotFoundError, match=re.escape(message) + "$") as offline:
         resolve("owner/model")
     assert offline.value.__suppress_context__
+
+
+# ------------------------------------------------------- streaming: what a checkpoint may hold
+def _rewrite(folder, edit):
+    """Edit the tensors of a single-file checkpoint: ``edit(tensors)`` in place."""
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+IN_MEMORY = "odeify(AutoModelForCausalLM.from_pretrained(folder))"
+
+
+def test_streaming_names_the_tensors_a_checkpoint_lacks_or_has_wrong(make_llama, tmp_path):
+    folder = tmp_path / "stock"
+    make_llama().save_pretrained(folder)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    names += ["model.layers.0.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"]
+    names += ["model.embed_tokens.weight"]
+    _rewrite(folder, lambda t: [t.pop(n) for n in names])
+    # In the block's parameter order, layer by layer, then the rest; the first six.
+    missing = [*names[:4], "model.embed_tokens.weight", "model.norm.weight"]
+    message = (
+        f"{folder} lacks tensors the config implies: {missing}. If its keys follow another "
+        f"naming, convert it in memory: {IN_MEMORY}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        odeify(folder, progress=False)
+    make_llama().save_pretrained(folder)
+
+    def shrink(tensors):
+        for n in [*names[:3], "model.layers.1.mlp.down_proj.weight", "model.norm.weight"]:
+            tensors[n] = tensors[n][:-1].contiguous()
+
+    _rewrite(folder, shrink)
+    wrong = ["model.layers.1.mlp.down_proj.weight is (31, 48), the config implies (32, 48)"]
+    wrong = [f"{n} is (47, 32), the config implies (48, 32)" for n in names[:3]] + wrong
+    message = f"{folder} does not match its config: " + "; ".join(wrong)
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        odeify(folder, progress=False)
+
+
+def test_streaming_skips_tensors_that_belong_to_nothing_and_says_so(make_llama, tmp_path):
+    folder = tmp_path / "stock"
+    stock = make_llama()
+    stock.save_pretrained(folder)
+    extra = [f"model.extra.{i}" for i in range(5)]
+    ignored = [
+        "model.layers.0.self_attn.rotary_emb.inv_freq",
+        "h.0.attn.bias",
+        "h.0.attn.masked_bias",
+    ]
+    _rewrite(folder, lambda t: t.update({n: torch.zeros(2) for n in extra + ignored}))
+    message = (
+        f"{folder}: 5 checkpoint tensors belong to nothing in the model and are skipped: "
+        f"{extra[:4]}"
+    )
+    with pytest.warns(UserWarning, match=re.escape(message) + "$") as caught:
+        streamed = odeify(folder, progress=False)
+    assert len([w for w in caught if "belong to nothing" in str(w.message)]) == 1
+    _assert_same_model(streamed, odeify(stock, progress=False))
+
+
+def test_streaming_a_base_model_checkpoint_or_into_a_base_model(make_llama, tmp_path):
+    from transformers import AutoModel
+
+    tied = make_llama(tie_word_embeddings=True)
+    base, whole = tmp_path / "base", tmp_path / "whole"
+    tied.model.save_pretrained(base)  # keys without the head's "model." prefix
+    tied.save_pretrained(whole)
+    _config(base, architectures=["LlamaForCausalLM"], tie_word_embeddings=True)
+    streamed = odeify(base, progress=False)
+    assert type(streamed).__name__ == "OdeifyLlamaForCausalLM"
+    _assert_same_model(streamed, odeify(tied, progress=False))
+    _config(whole, architectures=["LlamaModel"])  # the head's keys carry the prefix
+    streamed = odeify(whole, progress=False)
+    memory = odeify(AutoModel.from_pretrained(whole), progress=False)
+    assert type(streamed).__name__ == "OdeifyLlamaModel" and type(memory) is type(streamed)
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).last_hidden_state, memory(IDS).last_hidden_state)
+    for architectures in (None, ["NoSuchForCausalLM"]):  # the causal LM, as transformers loads it
+        _config(whole, architectures=architectures)
+        assert type(odeify(whole, progress=False)).__name__ == "OdeifyLlamaForCausalLM"
+
+
+def test_streaming_refuses_a_folder_without_a_config(make_llama, tmp_path):
+    folder = tmp_path / "stock"
+    make_llama().save_pretrained(folder)
+    (folder / "config.json").unlink()
+    message = f"{folder} has no config.json; is it a model folder?"
+    with pytest.raises(FileNotFoundError, match=re.escape(message) + "$"):
+        odeify(folder, progress=False)
+    message = f"{tmp_path / 'none'} does not exist (nor is it a hub id)"
+    with pytest.raises(FileNotFoundError, match=re.escape(message) + "$"):
+        odeify(tmp_path / "none", progress=False)
+
+
+def test_streaming_a_learned_basis_makes_its_time_units_as_odeify_does(make_gpt2, tmp_path):
+    folder = tmp_path / "stock"
+    make_gpt2().save_pretrained(folder)
+    torch.manual_seed(3)
+    streamed = odeify(folder, basis="fourier", num_basis=3, progress=False)
+    block = get_block(streamed)
+    # The in-memory fit with the same time units: the same basis.
+    stock = AutoModelForCausalLM.from_pretrained(folder)
+    layers = list(stock.transformer.h)
+    memory = _in_memory(folder, basis="fourier", num_basis=3)
+    get_block(memory).time_basis.load_state_dict(block.time_basis.state_dict())
+    samples = {
+        name: torch.stack(
+            [
+                p.t() if block.family.is_transposed(name) else p
+                for p in (layer.get_parameter(name) for layer in layers)
+            ]
+        )
+        for name in block.names
+    }
+    get_block(memory).fit(samples, progress=False)
+    sa, sb = streamed.state_dict(), memory.state_dict()
+    for key in sa:
+        # The same float64 least squares, rounded once to float32 (as the smooth fit above).
+        bound = torch.maximum(sa[key].abs(), sb[key].abs()) * FLOAT32_ULP
+        assert ((sa[key] - sb[key]).abs() <= bound).all(), key
