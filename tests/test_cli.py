@@ -1058,3 +1058,119 @@ def test_eval_prints_the_sweep_of_the_default_counts(
     assert plots == [(curves, str(plot), f"plain on {text}", {"original": original})]
     steps = {str(n): p for n, p in expected.items()}
     assert json.loads(report.read_text()) == {"steps": steps, "reference": {"original": original}}
+
+
+def test_device_arg_checks_the_devices_this_machine_has(monkeypatch):
+    def refused(text, message):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(message)}$"):
+            cli._device_arg(text)
+
+    refused("cude", "'cude' is not a torch device (cpu, cuda, cuda:1, mps)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # not asked without CUDA
+    refused("cuda", "cuda: torch sees no CUDA device on this machine")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli._device_arg("cuda") == torch.device("cuda")
+    assert cli._device_arg("cuda:1") == torch.device("cuda:1")
+    refused("cuda:2", "cuda:2: this machine has 2 CUDA device(s)")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    refused("cuda:0", "cuda:0: torch sees no CUDA device on this machine")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    refused("mps", "mps: MPS is not available on this machine")
+    assert cli._device_arg("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert cli._device_arg("mps") == torch.device("mps")
+
+
+@pytest.mark.parametrize(
+    "text, times", [("8", 8), ("8.0", 8), ("0.5", [0.5]), ("0,0.5", [0.0, 0.5]), ("2,", [2.0])]
+)
+def test_times_arg_is_a_count_or_a_list(text, times):
+    assert cli._times_arg(text) == times and type(cli._times_arg(text)) is type(times)
+
+
+def test_times_arg_refuses_what_is_not_a_number():
+    message = "--times takes an integer or comma-separated times, got '0,a'"
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(message)}$"):
+        cli._times_arg("0,a")
+
+
+def test_analyze_passes_its_options_and_prints_the_summary(
+    source, loads, tmp_path, capsys, monkeypatch
+):
+    from transformers import AutoTokenizer
+
+    import odeify.analysis
+    import odeify.analysis.report
+    from odeify.surgery import is_odeified
+
+    calls = []
+    radius = torch.tensor([1.5, 3.25, 2.0])
+    spectrum = SimpleNamespace(summary=lambda kind: {"radius": radius}, times=[0.0, 0.5, 0.75])
+
+    def spectra(model, times=None):
+        calls.append(("spectra", is_odeified(model), times))
+        return spectrum
+
+    largest = torch.tensor([0.5, -1.0, 2.0, 0.25, 1.0, 3.0, 0.0])
+
+    def lyapunov(model, ids, steps=None, scheme=None, k=None, refine=None):
+        calls.append(("lyapunov", ids.tolist(), steps, scheme, k, refine))
+        return SimpleNamespace(steps=2, scheme="heun", refine=1, largest=largest)
+
+    def write_report(out, **parts):
+        calls.append(("report", out, parts))
+        return {"html": tmp_path / "r" / "index.html", "json": tmp_path / "r" / "analysis.json"}
+
+    monkeypatch.setattr(odeify.analysis, "spectra", spectra)
+    monkeypatch.setattr(odeify.analysis, "lyapunov", lyapunov)
+    monkeypatch.setattr(odeify.analysis.report, "write_report", write_report)
+    _clock(monkeypatch, 5.0, 7.5)
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be", encoding="utf-8")
+    threads = torch.get_num_threads()
+    argv = ["analyze", str(source), "--text-file", str(text), "--out", str(tmp_path / "r")]
+    argv += ["--times", "0,0.5,0.75", "--steps", "2", "--scheme", "heun", "--top-k", "3"]
+    try:
+        assert main([*argv, "--refine", "1", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert loads == [((str(source), "float32", None), {})]
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = tokenizer("To be, or not to be").input_ids
+    tokens = [tokenizer.decode([i]) for i in ids]
+    assert len(ids) == len(largest) == 7
+    (first, second, third) = calls[:3]
+    assert first == ("spectra", False, None) and second == ("spectra", True, [0.0, 0.5, 0.75])
+    assert third == ("lyapunov", ids, 2, "heun", 3, 1)
+    meta = {"model": str(source), "tokens": 7, "basis": "hat", "num_layers": 3, "device": "cpu"}
+    _, out, report = calls[3]
+    assert out == str(tmp_path / "r")
+    assert report["spectra"] is spectrum and report["layers"] is spectrum
+    assert report["tokens"] == tokens and report["title"] == "gpt2-small: 7 tokens"
+    assert report["meta"] == {**meta, "seconds": 2.5} and report["lyapunov"].refine == 1
+    top = ", ".join(f"{tokens[i]!r} {largest[i]:.3f}" for i in (5, 2, 4, 0, 3))
+    assert capsys.readouterr().out == (
+        f"{source} is not odeified: odeified it in memory (hat basis, exact at its 3 steps) for "
+        "the spectra over t and the Lyapunov exponents; the original layers' spectra are drawn "
+        "as markers\n"
+        "QK spectral radius (max over heads): 1.5 at t = 0, 3.25 max, 2 at t = 0.75\n"
+        f"largest exponents (2 heun steps, k = 3, refine 1): {top}\n"
+        f"analysis took 2.5 s; wrote {tmp_path / 'r' / 'index.html'}, {tmp_path / 'r' / 'analysis.json'}\n"
+    )
+
+
+def test_analyze_refuses_a_text_longer_than_the_model_reads(converted, capsys, tmp_path):
+    text = "be" + " be" * 199
+    argv = ["analyze", str(converted), "--text", text, "--out", str(tmp_path / "r")]
+    assert _user_error(argv, capsys) == (
+        f"odeify: error: the text has 200 tokens but {converted} reads at most 128: pass a "
+        "shorter --text (Lyapunov exponents need the whole text in one forward pass)"
+    )
+    argv = ["analyze", str(converted), "--text", " \n", "--out", str(tmp_path / "r")]
+    assert _user_error(argv, capsys) == (
+        "odeify: error: the text is empty: pass the text to analyse with --text or --text-file"
+    )
+    argv = ["analyze", str(converted), "--text", "x", "--threads", "0"]
+    assert _user_error(argv, capsys) == "odeify: error: --threads must be >= 1, got 0"
