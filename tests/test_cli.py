@@ -1174,3 +1174,68 @@ def test_analyze_refuses_a_text_longer_than_the_model_reads(converted, capsys, t
     )
     argv = ["analyze", str(converted), "--text", "x", "--threads", "0"]
     assert _user_error(argv, capsys) == "odeify: error: --threads must be >= 1, got 0"
+
+
+def _binary(source, folder):
+    """``source`` with its weights in pytorch_model.bin, not safetensors (and its tokenizer)."""
+    model = GPT2LMHeadModel.from_pretrained(source)
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_streamable_sources_are_safetensors_folders(source, converted, tmp_path, monkeypatch):
+    from odeify.cli import _streamable
+
+    assert _streamable(str(source)) == source  # one model.safetensors
+    sharded = tmp_path / "sharded"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=50)).save_pretrained(
+        sharded, max_shard_size="10KB"
+    )
+    assert not (sharded / "model.safetensors").exists()
+    assert _streamable(str(sharded)) == sharded
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _streamable("~/sharded") == sharded
+    binary = _binary(source, tmp_path / "binary")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "bare").mkdir()
+    for loaded_whole in (
+        "smollm2",
+        str(binary),
+        str(tmp_path / "model.gguf"),
+        str(tmp_path / "bare"),
+    ):
+        assert _streamable(loaded_whole) is None, loaded_whole
+    assert _streamable(str(tmp_path / "nowhere")) is None  # a path, not a hub id: load_model says
+    with pytest.raises(ValueError, match=f"^{re.escape(str(converted))} is already odeified$"):
+        _streamable(str(converted))
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_convert_reports_the_fit_and_passes_its_options(
+    streamed, source, tmp_path, capsys, monkeypatch
+):
+    if not streamed:  # .bin weights: loaded whole, then converted
+        source = _binary(source, tmp_path / "binary")
+    out = tmp_path / "out"
+    # Loading first (whole) restarts the clock for the conversion alone.
+    _clock(monkeypatch, *([1.0, 3.5] if streamed else [1.0, 2.0, 4.5]))
+    argv = ["convert", str(source), str(out), "--basis", "chebyshev", "--num-basis", "2"]
+    assert main([*argv, "--scheme", "rk4", "--dtype", "float32"]) == 0
+    loaded = from_pretrained(out)
+    block = get_block(loaded)
+    assert (block.ode.basis, block.ode.num_basis, block.ode.scheme) == ("chebyshev", 2, "rk4")
+    residuals = block.fit_residuals
+    assert len(residuals) == 12 and max(residuals.values()) > 0.1
+    worst = sorted(residuals, key=residuals.get, reverse=True)[:5]
+    assert capsys.readouterr().out == (
+        f"converted in 2.5 s\nfit: 12 parameters, K = 2, L = 3\n"
+        f"     max relative residual {residuals[worst[0]]:.3e}; worst: "
+        + ", ".join(f"{n} {residuals[n]:.2e}" for n in worst)
+        + f"\nsaved to {out}\n"
+    )
+    card = (out / "README.md").read_text()
+    assert f"max relative fit residual: {residuals[worst[0]]:.2e}" in card
+    assert f"{source} with its 3 gpt2 blocks" in card
+    assert (out / "tokenizer.json").exists() or (out / "vocab.json").exists()
