@@ -1239,3 +1239,68 @@ def test_convert_reports_the_fit_and_passes_its_options(
     assert f"max relative fit residual: {residuals[worst[0]]:.2e}" in card
     assert f"{source} with its 3 gpt2 blocks" in card
     assert (out / "tokenizer.json").exists() or (out / "vocab.json").exists()
+
+
+def _refused(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(message)}$"):
+        parse(text)
+
+
+def test_the_argument_types_parse_or_say_what_they_take():
+    assert cli._positive_int("1") == 1 and cli._positive_int("12") == 12
+    _refused(cli._positive_int, "x", "takes an integer >= 1, got 'x'")
+    _refused(cli._positive_int, "0", "takes an integer >= 1, got 0")
+    assert cli._steps_list("3,,5") == [3, 5] and cli._steps_list("1") == [1]
+    _refused(cli._steps_list, "3,a", "--steps takes integers separated by commas, got '3,a'")
+    _refused(cli._steps_list, "2,0", "--steps needs integers >= 1, got '2,0'")
+    _refused(cli._steps_list, ",", "--steps needs integers >= 1, got ','")
+    assert [cli._dtype_arg(d) for d in ("auto", "float32", "bfloat16", "float16")] == [
+        "auto",
+        "float32",
+        "bfloat16",
+        "float16",
+    ]
+    _refused(cli._dtype_arg, "half", "takes one of auto, float32, bfloat16, float16, got 'half'")
+
+
+@pytest.mark.parametrize(
+    "asked, positions, length, note",
+    [
+        (None, None, 512, ""),
+        (None, 600, 512, ""),
+        (None, 512, 512, ""),
+        (None, 128, 128, "--seq-len 128: the model reads at most 128 tokens\n"),
+        (64, 128, 64, ""),
+        (128, 128, 128, ""),
+        (1000, None, 1000, ""),
+    ],
+)
+def test_the_window_length(asked, positions, length, note, capsys):
+    assert cli._seq_len(asked, positions) == length
+    assert capsys.readouterr().err == note
+
+
+def test_a_window_longer_than_the_model_reads_is_refused():
+    message = "--seq-len 129 is more than the 128 positions the model reads"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cli._seq_len(129, 128)
+
+
+@pytest.mark.parametrize("error", [ValueError, FileNotFoundError, FileExistsError])
+def test_a_user_error_is_one_line_and_status_2(error, monkeypatch, capsys):
+    def fails(args):
+        raise error("the model\n   is  missing")
+
+    monkeypatch.setattr(cli, "cmd_demo", fails)
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "odeify: error: the model is missing\n"
+
+
+def test_main_runs_the_command_without_gradients_and_returns_its_status(monkeypatch):
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: 7 if not torch.is_grad_enabled() else 8)
+    assert main(["demo"]) == 7 and torch.is_grad_enabled()
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: (_ for _ in ()).throw(KeyError("bug")))
+    with pytest.raises(KeyError, match="bug"):  # not a user error: the traceback shows
+        main(["demo"])
