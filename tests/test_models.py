@@ -402,6 +402,7 @@ def test_activation_checkpointing_reaches_the_ode_block_with_its_options(make_ll
     assert stepper.gradient_checkpointing and stepper.every == 3
     assert stepper._gradient_checkpointing_func.keywords == {"use_reentrant": True}
     model.activation_checkpointing_disable()
+    assert not stepper.gradient_checkpointing
     model.activation_checkpointing_enable()
     assert stepper.gradient_checkpointing and stepper.every == 1
 
@@ -412,3 +413,17 @@ def test_odeify_classes_count_as_the_stock_ones_not_as_custom_code(make_gpt2):
     assert model._no_split_modules == {"ODEBlock"} and model.transformer._no_split_modules == {
         "ODEBlock"
     }
+
+
+def test_registering_again_maps_every_family_to_its_classes():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    from odeify.models import odeify_class, odeify_config_class, register_auto_classes
+
+    register_auto_classes()  # import registered them; again changes nothing
+    for model_type in ("gpt2", "llama", "mistral", "qwen2", "qwen3"):
+        stock = AutoConfig.for_model(model_type).__class__
+        config = AutoConfig.for_model(f"odeify-{model_type}")
+        assert type(config) is odeify_config_class(stock)
+        for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING):
+            assert mapping[type(config)] is odeify_class(mapping[stock])
