@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -427,3 +428,59 @@ def test_registering_again_maps_every_family_to_its_classes():
         assert type(config) is odeify_config_class(stock)
         for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING):
             assert mapping[type(config)] is odeify_class(mapping[stock])
+
+
+def test_a_stock_plan_of_a_family_odeify_does_not_convert_gives_none():
+    from transformers import MixtralConfig
+
+    from odeify.models import tp_plan
+
+    assert MixtralConfig.base_model_tp_plan and tp_plan(MixtralConfig) is None
+
+
+def test_classes_made_for_names_not_made_before():
+    import odeify.models as models
+
+    made = models.OdeifyBertConfig  # nothing odeify converts made it before
+    assert made.model_type == "odeify-bert" and made.__mro__[1] is transformers.BertConfig
+    model = models.OdeifyGPT2ForTokenClassification
+    assert model.__mro__[2] is transformers.GPT2ForTokenClassification
+    with pytest.raises(
+        AttributeError, match="^module 'odeify.models' has no attribute 'AbcdefGPT2Config'$"
+    ):
+        models.AbcdefGPT2Config  # noqa: B018 - six letters, then a transformers class: no prefix
+
+
+def test_a_model_built_from_saved_settings_fits_silently(capsys):
+    settings = {"family": "llama", "version": 1, "num_layers": 3, "basis": "legendre"}
+    model = OdeifyLlamaForCausalLM(_llama_config(odeify=settings))
+    assert get_block(model).ode.basis == "legendre"
+    assert capsys.readouterr().err == ""
+
+
+def test_attentions_are_recorded_per_step_after_conversion(make_llama):
+    model = _ode(make_llama(attn_implementation="eager"))
+    with torch.no_grad(), steps(model, 5):
+        out = model(IDS, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 6 and len(out.attentions) == 5
+    assert all(a.shape == (2, 4, 10, 10) for a in out.attentions)
+
+
+def test_a_basis_tensor_the_checkpoint_lacks_is_fitted_to_freshly_initialised_layers(
+    make_llama, tmp_path
+):
+    from safetensors.torch import load_file, save_file
+
+    model = _ode(make_llama())
+    odeify.save_pretrained(model, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.0.basis.input_layernorm.weight"
+    saved = tensors.pop(name)
+    assert not torch.equal(saved, torch.ones_like(saved))  # perturbed, so not the init
+    save_file(tensors, weights, metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    state = loaded.state_dict()
+    # A fresh norm weight is ones in every layer: the hat basis at K = L holds each layer's.
+    assert torch.equal(state[name], torch.ones_like(saved))
+    assert all(torch.equal(state[k], v) for k, v in tensors.items() if k in state)
