@@ -442,12 +442,13 @@ def test_streaming_a_learned_basis_makes_its_time_units_as_odeify_does(make_gpt2
     folder = tmp_path / "stock"
     make_gpt2().save_pretrained(folder)
     torch.manual_seed(3)
-    streamed = odeify(folder, basis="fourier", num_basis=3, progress=False)
+    options = dict(basis="fourier", num_basis=3, basis_kwargs={"hidden": 5})
+    streamed = odeify(folder, progress=False, **options)
     block = get_block(streamed)
     # The in-memory fit with the same time units: the same basis.
     stock = AutoModelForCausalLM.from_pretrained(folder)
     layers = list(stock.transformer.h)
-    memory = _in_memory(folder, basis="fourier", num_basis=3)
+    memory = _in_memory(folder, **options)
     get_block(memory).time_basis.load_state_dict(block.time_basis.state_dict())
     samples = {
         name: torch.stack(
@@ -464,3 +465,26 @@ def test_streaming_a_learned_basis_makes_its_time_units_as_odeify_does(make_gpt2
         # The same float64 least squares, rounded once to float32 (as the smooth fit above).
         bound = torch.maximum(sa[key].abs(), sb[key].abs()) * FLOAT32_ULP
         assert ((sa[key] - sb[key]).abs() <= bound).all(), key
+
+
+def test_a_smooth_fit_measures_its_residual_in_the_checkpoints_dtype(make_llama, tmp_path):
+    folder = tmp_path / "bf16"
+    make_llama().to(torch.bfloat16).save_pretrained(folder)
+    # K = L: exact in float64, so the residual is W(t_l) rounded to bfloat16, as in memory.
+    streamed = get_block(odeify(folder, basis="chebyshev", progress=False)).fit_residuals
+    memory = get_block(_in_memory(folder, basis="chebyshev")).fit_residuals
+    assert streamed.keys() == memory.keys()
+    assert all(abs(streamed[k] - memory[k]) < 1e-6 for k in streamed)
+    assert max(streamed.values()) > 1e-3  # bfloat16's rounding, not float64's
+
+
+def test_a_parameter_of_zeros_fits_with_no_residual(make_gpt2, tmp_path):
+    folder = tmp_path / "stock"
+    stock = make_gpt2()
+    for layer in stock.transformer.h:
+        torch.nn.init.zeros_(layer.attn.c_attn.bias)
+    stock.save_pretrained(folder)
+    residuals = get_block(
+        odeify(folder, basis="chebyshev", num_basis=2, progress=False)
+    ).fit_residuals
+    assert residuals["attn.c_attn.bias"] == 0.0 and residuals["attn.c_proj.bias"] > 0.1
