@@ -488,3 +488,15 @@ def test_a_parameter_of_zeros_fits_with_no_residual(make_gpt2, tmp_path):
         odeify(folder, basis="chebyshev", num_basis=2, progress=False)
     ).fit_residuals
     assert residuals["attn.c_attn.bias"] == 0.0 and residuals["attn.c_proj.bias"] > 0.1
+
+
+def test_streaming_shows_its_progress_only_when_asked(make_gpt2, tmp_path, capsys):
+    folder = tmp_path / "stock"
+    make_gpt2().save_pretrained(folder)
+    capsys.readouterr()
+    odeify(folder, progress=False)
+    assert capsys.readouterr().err == ""
+    odeify(folder, progress=True)
+    err = capsys.readouterr().err
+    # A bar over the 12 parameters, not left behind: no line of it stays.
+    assert "converting:   0%|          | 0/12" in err and "\n" not in err
