@@ -381,6 +381,13 @@ def test_streaming_names_the_tensors_a_checkpoint_lacks_or_has_wrong(make_llama,
     message = f"{folder} does not match its config: " + "; ".join(wrong)
     with pytest.raises(ValueError, match=re.escape(message) + "$"):
         odeify(folder, progress=False)
+    make_llama().save_pretrained(folder)  # a tensor outside the stack only
+    _rewrite(folder, lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:-1]}))
+    message = (
+        f"{folder} does not match its config: model.norm.weight is (31,), the config implies (32,)"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        odeify(folder, progress=False)
 
 
 def test_streaming_skips_tensors_that_belong_to_nothing_and_says_so(make_llama, tmp_path):
@@ -423,7 +430,9 @@ def test_streaming_a_base_model_checkpoint_or_into_a_base_model(make_llama, tmp_
         assert torch.equal(streamed(IDS).last_hidden_state, memory(IDS).last_hidden_state)
     for architectures in (None, ["NoSuchForCausalLM"]):  # the causal LM, as transformers loads it
         _config(whole, architectures=architectures)
-        assert type(odeify(whole, progress=False)).__name__ == "OdeifyLlamaForCausalLM"
+        streamed = odeify(whole, dtype="bfloat16", progress=False)
+        assert type(streamed).__name__ == "OdeifyLlamaForCausalLM"
+        assert {p.dtype for p in streamed.parameters()} == {torch.bfloat16}
 
 
 def test_streaming_refuses_a_folder_without_a_config(make_llama, tmp_path):
