@@ -2,6 +2,7 @@
 (dtype, device_map, hub ids offline), and the CLI's --device / --dtype."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -244,3 +245,267 @@ def test_cli_bad_device_or_dtype_is_a_usage_error(command, flag, value, match, c
 def test_cli_cuda_without_a_gpu_is_refused_before_loading(capsys):
     err = _user_error(["eval", "no/such/model", "--device", "cuda"], capsys)
     assert "torch sees no CUDA device" in err
+
+
+# ------------------------------------------------------------------------- odeify.hub directly
+@pytest.mark.parametrize(
+    "source, hub",
+    [
+        ("HuggingFaceTB/SmolLM2-135M", True),
+        ("gpt2", True),
+        ("owner/name.v1_b-2", True),
+        ("./model", False),
+        (".hidden", False),
+        ("owner/../name", False),
+        ("owner..name", False),
+        ("model.gguf", False),
+        ("/tmp/model", False),
+        ("a/b/c", False),
+        ("owner/na me", False),
+    ],
+)
+def test_what_reads_as_a_hub_id(source, hub):
+    from odeify.hub import is_hub_id
+
+    assert is_hub_id(source) is hub
+
+
+def test_resolve_asks_the_hub_only_for_a_hub_id_and_only_for_checkpoint_files(
+    tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    import odeify.hub as hub
+
+    calls = []
+
+    def download(repo, **kwargs):
+        calls.append((repo, kwargs))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert hub.resolve(tmp_path) == tmp_path  # on disk: itself, even though never a hub id
+    assert hub.resolve(tmp_path / "nowhere") == tmp_path / "nowhere"  # a path, not an id
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    assert hub.resolve("~/models") == tmp_path / "models"
+    assert hub.resolve("owner/model", revision="v2", cache_dir=tmp_path) == tmp_path / "snapshot"
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "README.md"]
+    options = {"revision": "v2", "cache_dir": tmp_path, "allow_patterns": patterns}
+    assert calls == [("owner/model", options)]
+
+
+def test_resolve_says_why_the_hub_gave_nothing(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from odeify.hub import resolve
+
+    class Refused(HfHubHTTPError):
+        def __init__(self, message):  # no HTTP response to build one from here
+            Exception.__init__(self, message)
+
+    def raising(error):
+        def download(*args, **kwargs):
+            raise error
+
+        return download
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(Refused("401: gated repo")))
+    message = "'owner/model' is not a local folder, and the hub refused it: 401: gated repo"
+    with pytest.raises(FileNotFoundError, match=re.escape(message)) as refused:
+        resolve("owner/model")
+    assert refused.value.__suppress_context__
+    unreachable = LocalEntryNotFoundError("connection timed out")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(unreachable))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    message = (
+        "'owner/model' is neither a local folder nor a cached hub model, and the hub could not "
+        "be reached (connection timed out)"
+    )
+    with pytest.raises(FileNotFoundError, match=re.escape(message) + "$"):
+        resolve("owner/model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    message = (
+        "'owner/model' is neither a local folder nor a cached hub model, and HF_HUB_OFFLINE is "
+        "set, so the hub is not asked: download it once online, or pass the folder it is in"
+    )
+    with pytest.raises(FileNotFoundError, match=re.escape(message) + "$") as offline:
+        resolve("owner/model")
+    assert offline.value.__suppress_context__
+
+
+# ------------------------------------------------------- streaming: what a checkpoint may hold
+def _rewrite(folder, edit):
+    """Edit the tensors of a single-file checkpoint: ``edit(tensors)`` in place."""
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+IN_MEMORY = "odeify(AutoModelForCausalLM.from_pretrained(folder))"
+
+
+def test_streaming_names_the_tensors_a_checkpoint_lacks_or_has_wrong(make_llama, tmp_path):
+    folder = tmp_path / "stock"
+    make_llama().save_pretrained(folder)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    names += ["model.layers.0.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"]
+    names += ["model.embed_tokens.weight"]
+    _rewrite(folder, lambda t: [t.pop(n) for n in names])
+    # In the block's parameter order, layer by layer, then the rest; the first six.
+    missing = [*names[:4], "model.embed_tokens.weight", "model.norm.weight"]
+    message = (
+        f"{folder} lacks tensors the config implies: {missing}. If its keys follow another "
+        f"naming, convert it in memory: {IN_MEMORY}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        odeify(folder, progress=False)
+    make_llama().save_pretrained(folder)
+
+    def shrink(tensors):
+        for n in [*names[:3], "model.layers.1.mlp.down_proj.weight", "model.norm.weight"]:
+            tensors[n] = tensors[n][:-1].contiguous()
+
+    _rewrite(folder, shrink)
+    wrong = ["model.layers.1.mlp.down_proj.weight is (31, 48), the config implies (32, 48)"]
+    wrong = [f"{n} is (47, 32), the config implies (48, 32)" for n in names[:3]] + wrong
+    message = f"{folder} does not match its config: " + "; ".join(wrong)
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        odeify(folder, progress=False)
+    make_llama().save_pretrained(folder)  # a tensor outside the stack only
+    _rewrite(folder, lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:-1]}))
+    message = (
+        f"{folder} does not match its config: model.norm.weight is (31,), the config implies (32,)"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        odeify(folder, progress=False)
+
+
+def test_streaming_skips_tensors_that_belong_to_nothing_and_says_so(make_llama, tmp_path):
+    folder = tmp_path / "stock"
+    stock = make_llama()
+    stock.save_pretrained(folder)
+    extra = [f"model.extra.{i}" for i in range(5)]
+    ignored = [
+        "model.layers.0.self_attn.rotary_emb.inv_freq",
+        "h.0.attn.bias",
+        "h.0.attn.masked_bias",
+    ]
+    _rewrite(folder, lambda t: t.update({n: torch.zeros(2) for n in extra + ignored}))
+    message = (
+        f"{folder}: 5 checkpoint tensors belong to nothing in the model and are skipped: "
+        f"{extra[:4]}"
+    )
+    with pytest.warns(UserWarning, match=re.escape(message) + "$") as caught:
+        streamed = odeify(folder, progress=False)
+    assert len([w for w in caught if "belong to nothing" in str(w.message)]) == 1
+    _assert_same_model(streamed, odeify(stock, progress=False))
+
+
+def test_streaming_a_base_model_checkpoint_or_into_a_base_model(make_llama, tmp_path):
+    from transformers import AutoModel
+
+    tied = make_llama(tie_word_embeddings=True)
+    base, whole = tmp_path / "base", tmp_path / "whole"
+    tied.model.save_pretrained(base)  # keys without the head's "model." prefix
+    tied.save_pretrained(whole)
+    _config(base, architectures=["LlamaForCausalLM"], tie_word_embeddings=True)
+    streamed = odeify(base, progress=False)
+    assert type(streamed).__name__ == "OdeifyLlamaForCausalLM"
+    _assert_same_model(streamed, odeify(tied, progress=False))
+    _config(whole, architectures=["LlamaModel"])  # the head's keys carry the prefix
+    streamed = odeify(whole, progress=False)
+    memory = odeify(AutoModel.from_pretrained(whole), progress=False)
+    assert type(streamed).__name__ == "OdeifyLlamaModel" and type(memory) is type(streamed)
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).last_hidden_state, memory(IDS).last_hidden_state)
+    for architectures in (None, ["NoSuchForCausalLM"]):  # the causal LM, as transformers loads it
+        _config(whole, architectures=architectures)
+        streamed = odeify(whole, dtype="bfloat16", progress=False)
+        assert type(streamed).__name__ == "OdeifyLlamaForCausalLM"
+        assert {p.dtype for p in streamed.parameters()} == {torch.bfloat16}
+
+
+def test_streaming_refuses_a_folder_without_a_config(make_llama, tmp_path):
+    folder = tmp_path / "stock"
+    make_llama().save_pretrained(folder)
+    (folder / "config.json").unlink()
+    message = f"{folder} has no config.json; is it a model folder?"
+    with pytest.raises(FileNotFoundError, match=re.escape(message) + "$"):
+        odeify(folder, progress=False)
+    message = f"{tmp_path / 'none'} does not exist (nor is it a hub id)"
+    with pytest.raises(FileNotFoundError, match=re.escape(message) + "$"):
+        odeify(tmp_path / "none", progress=False)
+
+
+def test_streaming_a_learned_basis_makes_its_time_units_as_odeify_does(make_gpt2, tmp_path):
+    folder = tmp_path / "stock"
+    make_gpt2().save_pretrained(folder)
+    torch.manual_seed(3)
+    options = dict(basis="fourier", num_basis=3, basis_kwargs={"hidden": 5})
+    streamed = odeify(folder, progress=False, **options)
+    block = get_block(streamed)
+    # The in-memory fit with the same time units: the same basis.
+    stock = AutoModelForCausalLM.from_pretrained(folder)
+    layers = list(stock.transformer.h)
+    memory = _in_memory(folder, **options)
+    get_block(memory).time_basis.load_state_dict(block.time_basis.state_dict())
+    samples = {
+        name: torch.stack(
+            [
+                p.t() if block.family.is_transposed(name) else p
+                for p in (layer.get_parameter(name) for layer in layers)
+            ]
+        )
+        for name in block.names
+    }
+    get_block(memory).fit(samples, progress=False)
+    sa, sb = streamed.state_dict(), memory.state_dict()
+    for key in sa:
+        # The same float64 least squares, rounded once to float32 (as the smooth fit above).
+        bound = torch.maximum(sa[key].abs(), sb[key].abs()) * FLOAT32_ULP
+        assert ((sa[key] - sb[key]).abs() <= bound).all(), key
+
+
+def test_a_smooth_fit_measures_its_residual_in_the_checkpoints_dtype(make_llama, tmp_path):
+    folder = tmp_path / "bf16"
+    make_llama().to(torch.bfloat16).save_pretrained(folder)
+    # K = L: exact in float64, so the residual is W(t_l) rounded to bfloat16, as in memory.
+    streamed = get_block(odeify(folder, basis="chebyshev", progress=False)).fit_residuals
+    memory = get_block(_in_memory(folder, basis="chebyshev")).fit_residuals
+    assert streamed.keys() == memory.keys()
+    assert all(abs(streamed[k] - memory[k]) < 1e-6 for k in streamed)
+    assert max(streamed.values()) > 1e-3  # bfloat16's rounding, not float64's
+
+
+def test_a_parameter_of_zeros_fits_with_no_residual(make_gpt2, tmp_path):
+    folder = tmp_path / "stock"
+    stock = make_gpt2()
+    for layer in stock.transformer.h:
+        torch.nn.init.zeros_(layer.attn.c_attn.bias)
+    stock.save_pretrained(folder)
+    residuals = get_block(
+        odeify(folder, basis="chebyshev", num_basis=2, progress=False)
+    ).fit_residuals
+    assert residuals["attn.c_attn.bias"] == 0.0 and residuals["attn.c_proj.bias"] > 0.1
+
+
+def test_streaming_shows_its_progress_only_when_asked(make_gpt2, tmp_path, capsys):
+    folder = tmp_path / "stock"
+    make_gpt2().save_pretrained(folder)
+    capsys.readouterr()
+    odeify(folder, progress=False)
+    assert capsys.readouterr().err == ""
+    odeify(folder, progress=True)
+    err = capsys.readouterr().err
+    # A bar over the 12 parameters, not left behind: no line of it stays.
+    assert "converting:   0%|          | 0/12" in err and "\n" not in err

@@ -1,6 +1,7 @@
 """Save and load: safetensors plus the ODE settings in config.json; bit-exact round trips."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -192,3 +193,126 @@ def test_the_tokenizer_is_saved_beside_the_model(make_gpt2, tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert again("not to be")["input_ids"] == tokenizer("not to be")["input_ids"]
     assert again.get_vocab() == tokenizer.get_vocab()
+
+
+# ------------------------------------------------------------------ odeify.checkpoint's reading
+_TENSORS = {
+    "f64": torch.arange(6, dtype=torch.float64).reshape(3, 2),
+    "f32": torch.arange(12, dtype=torch.float32).reshape(4, 3),
+    "f16": torch.ones(2, dtype=torch.float16),
+    "bf16": torch.full((5, 1), 0.5, dtype=torch.bfloat16),
+    "i64": torch.arange(4),
+    "i32": torch.arange(3, dtype=torch.int32),
+    "i16": torch.arange(2, dtype=torch.int16),
+    "i8": torch.arange(2, dtype=torch.int8),
+    "u8": torch.arange(2, dtype=torch.uint8),
+    "bool": torch.tensor([True, False]),
+}
+# Listed out of order: the shards are read in sorted order.
+_SHARDS = {
+    "c.safetensors": ["f64", "f32", "bf16"],
+    "b.safetensors": ["f16"],
+    "a.safetensors": ["i64", "i32", "i16", "i8", "u8", "bool"],
+}
+
+
+def _sharded(folder, shards=_SHARDS):
+    """safetensors shards written directly (not by odeify), with their index."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    weight_map = {}
+    for file, names in shards.items():
+        save_file({n: _TENSORS[n] for n in names}, folder / file)
+        weight_map.update(dict.fromkeys(names, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_a_checkpoint_reads_every_tensor_from_its_shard_by_name(tmp_path):
+    from odeify.checkpoint import Checkpoint, floating_dtype, weight_files
+
+    folder = _sharded(tmp_path / "c")
+    assert weight_files(folder) == [
+        folder / f for f in ("a.safetensors", "b.safetensors", "c.safetensors")
+    ]
+    with Checkpoint(folder) as tensors:
+        assert len(tensors) == len(_TENSORS) and sorted(tensors) == sorted(_TENSORS)
+        assert "f32" in tensors and "f8" not in tensors and 3 not in tensors
+        for name, tensor in _TENSORS.items():
+            assert tensors.shape(name) == tuple(tensor.shape)
+            assert tensors.dtype(name) == tensor.dtype
+            assert torch.equal(tensors[name], tensor) and tensors[name].dtype == tensor.dtype
+        assert torch.equal(tensors.rows("f32", 1, 3), _TENSORS["f32"][1:3])
+        assert floating_dtype(tensors) == torch.float16  # the integer shard comes first
+        missing = re.escape(f"{folder} has no tensor 'f8'")
+        for read in (
+            tensors.shape,
+            tensors.dtype,
+            tensors.__getitem__,
+            lambda n: tensors.rows(n, 0, 1),
+        ):
+            with pytest.raises(KeyError, match=missing):
+                read("f8")
+    assert len(tensors) == 0 and list(tensors) == []  # closed: the headers are forgotten
+    with Checkpoint(_sharded(tmp_path / "ints", {"a.safetensors": ["i64", "bool"]})) as tensors:
+        assert floating_dtype(tensors) is None
+
+
+def test_the_weight_files_of_a_folder_or_what_is_missing(tmp_path):
+    from safetensors.torch import save_file
+
+    from odeify.checkpoint import Checkpoint, weight_files
+
+    folder = _sharded(tmp_path / "c")
+    save_file({"f16": _TENSORS["f16"]}, folder / "model.safetensors")
+    assert weight_files(folder) == [folder / "model.safetensors"]  # the single file first
+    (folder / "model.safetensors").unlink()
+    (folder / "c.safetensors").unlink()
+    message = f"{folder} is missing weight shards ['c.safetensors']"
+    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+        weight_files(folder)
+    (folder / "model.safetensors.index.json").unlink()
+    message = (
+        f"{folder} has no model.safetensors (files present: ['a.safetensors', 'b.safetensors'])"
+    )
+    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+        weight_files(folder)
+    save_file({"f8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, folder / "model.safetensors")
+    message = f"{folder}: f8 is stored as F8_E4M3, which odeify cannot read"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Checkpoint(folder).dtype("f8")
+
+
+@pytest.mark.parametrize(
+    "dtype, saved, loads",
+    [
+        (None, torch.bfloat16, torch.bfloat16),
+        ("auto", torch.float16, torch.float16),
+        ("auto", torch.int64, torch.float32),  # integer weights: float32, as transformers
+        (None, None, torch.float32),
+        ("float16", torch.bfloat16, torch.float16),
+        ("torch.bfloat16", torch.float32, torch.bfloat16),
+        (torch.float64, None, torch.float64),
+    ],
+)
+def test_the_dtype_a_load_gives(dtype, saved, loads):
+    from odeify.checkpoint import load_dtype
+
+    assert load_dtype(dtype, saved) == loads
+
+
+def test_parse_dtype_takes_names_and_torch_dtypes_only():
+    from odeify.checkpoint import parse_dtype
+
+    assert [parse_dtype(d) for d in (None, "auto", torch.float16, "float32", "torch.bfloat16")] == [
+        None,
+        "auto",
+        torch.float16,
+        torch.float32,
+        torch.bfloat16,
+    ]
+    names = "'auto', 'float32', 'bfloat16', 'float16' (or a torch dtype)"
+    for bad, shown in (("float8", "'float8'"), (16, "16"), ("torch.auto", "'torch.auto'")):
+        with pytest.raises(ValueError, match=re.escape(f"dtype {shown} is not one of {names}")):
+            parse_dtype(bad)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -312,3 +313,174 @@ def test_construction_on_the_meta_device_builds_the_block_without_fitting():
     block = get_block(model)
     assert all(p.device.type == "meta" for p in block.parameters())
     assert not block.fit_residuals  # nothing fitted: from_pretrained fills the tensors
+
+
+# -------------------------------------------------------------------- odeify.models directly
+def test_classes_are_made_by_name_on_first_use():
+    from transformers import GPT2ForSequenceClassification
+
+    import odeify.models as models
+
+    assert models.OdeifyGPT2Config is models.odeify_config_class(GPT2Config)
+    assert models.OdeifyGPT2Config.model_type == "odeify-gpt2"
+    made = models.OdeifyGPT2ForSequenceClassification
+    assert made is models.odeify_class(GPT2ForSequenceClassification)
+    assert made.__name__ == "OdeifyGPT2ForSequenceClassification"
+    for name in ("OdeifyNoSuchModel", "GPT2Config", "OdeifyAutoConfig", "Odeify"):
+        message = f"module 'odeify.models' has no attribute '{name}'"
+        with pytest.raises(AttributeError, match=f"^{message}$"):
+            getattr(models, name)
+
+
+def test_set_config_class_keeps_the_model_type_where_the_config_holds_it():
+    from odeify.models import odeify_config_class, set_config_class
+
+    built = LlamaConfig(hidden_size=64)  # model type from the class
+    set_config_class(built, odeify_config_class(LlamaConfig))
+    assert type(built) is OdeifyLlamaConfig and built.model_type == "odeify-llama"
+    assert "model_type" not in vars(built) and built.hidden_size == 64
+    read = LlamaConfig.from_dict({"model_type": "llama", "hidden_size": 64})
+    read.model_type = "llama"  # as read from a file: an instance attribute
+    set_config_class(read, OdeifyLlamaConfig)
+    assert vars(read)["model_type"] == "odeify-llama" and type(read) is OdeifyLlamaConfig
+
+
+def test_the_depth_keywords_join_the_forward_signature_and_reach_the_stock_forward():
+    from odeify.models import _forward_with_depth
+
+    def stock(self, ids, mask=None, **kwargs):
+        """The stock forward."""
+        return ids, mask, kwargs
+
+    forward = _forward_with_depth(stock)
+    assert forward.__name__ == "stock" and forward.__doc__ == "The stock forward."
+    params = inspect.signature(forward).parameters
+    assert list(params) == [
+        "self",
+        "ids",
+        "mask",
+        "ode_steps",
+        "ode_scheme",
+        "ode_schedule",
+        "kwargs",
+    ]
+    for name in ("ode_steps", "ode_scheme", "ode_schedule"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is None
+    got = forward(None, 1, ode_steps=2, ode_scheme=None, ode_schedule="s", labels=3)
+    assert got == (1, None, {"labels": 3, "ode_steps": 2, "ode_schedule": "s"})
+    assert forward(None, 1, mask=0) == (1, 0, {})
+
+    def plain(self, ids):  # no **kwargs: the keywords go last
+        return ids
+
+    params = inspect.signature(_forward_with_depth(plain)).parameters
+    assert list(params) == ["self", "ids", "ode_steps", "ode_scheme", "ode_schedule"]
+
+    # A stock forward that names one already: it is not repeated.
+    def named(self, ids, ode_steps=None, **kwargs):
+        return ids
+
+    params = inspect.signature(_forward_with_depth(named)).parameters
+    assert list(params) == ["self", "ids", "ode_steps", "ode_scheme", "ode_schedule", "kwargs"]
+
+
+def test_modules_are_visited_children_first():
+    from torch import nn
+
+    from odeify.models import _post_order
+
+    inner = nn.Sequential(nn.Linear(1, 1), nn.ReLU())
+    outer = nn.Sequential(inner, nn.Tanh())
+    assert list(_post_order(outer)) == [inner[0], inner[1], inner, outer[1], outer]
+
+
+def test_activation_checkpointing_reaches_the_ode_block_with_its_options(make_llama):
+    model = _ode(make_llama()).train()
+    stepper = get_block(model).stepper
+    model.activation_checkpointing_enable(
+        every_n_layers=3, activation_checkpointing_kwargs={"use_reentrant": True}
+    )
+    assert stepper.gradient_checkpointing and stepper.every == 3
+    assert stepper._gradient_checkpointing_func.keywords == {"use_reentrant": True}
+    model.activation_checkpointing_disable()
+    assert not stepper.gradient_checkpointing
+    model.activation_checkpointing_enable()
+    assert stepper.gradient_checkpointing and stepper.every == 1
+
+
+def test_odeify_classes_count_as_the_stock_ones_not_as_custom_code(make_gpt2):
+    model = _ode(make_gpt2())
+    assert type(model).is_custom_code() is GPT2LMHeadModel.is_custom_code() is False
+    assert model._no_split_modules == {"ODEBlock"} and model.transformer._no_split_modules == {
+        "ODEBlock"
+    }
+
+
+def test_registering_again_maps_every_family_to_its_classes():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    from odeify.models import odeify_class, odeify_config_class, register_auto_classes
+
+    register_auto_classes()  # import registered them; again changes nothing
+    for model_type in ("gpt2", "llama", "mistral", "qwen2", "qwen3"):
+        stock = AutoConfig.for_model(model_type).__class__
+        config = AutoConfig.for_model(f"odeify-{model_type}")
+        assert type(config) is odeify_config_class(stock)
+        for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING):
+            assert mapping[type(config)] is odeify_class(mapping[stock])
+
+
+def test_a_stock_plan_of_a_family_odeify_does_not_convert_gives_none():
+    from transformers import MixtralConfig
+
+    from odeify.models import tp_plan
+
+    assert MixtralConfig.base_model_tp_plan and tp_plan(MixtralConfig) is None
+
+
+def test_classes_made_for_names_not_made_before():
+    import odeify.models as models
+
+    made = models.OdeifyBertConfig  # nothing odeify converts made it before
+    assert made.model_type == "odeify-bert" and made.__mro__[1] is transformers.BertConfig
+    model = models.OdeifyGPT2ForTokenClassification
+    assert model.__mro__[2] is transformers.GPT2ForTokenClassification
+    with pytest.raises(
+        AttributeError, match="^module 'odeify.models' has no attribute 'AbcdefGPT2Config'$"
+    ):
+        models.AbcdefGPT2Config  # noqa: B018 - six letters, then a transformers class: no prefix
+
+
+def test_a_model_built_from_saved_settings_fits_silently(capsys):
+    settings = {"family": "llama", "version": 1, "num_layers": 3, "basis": "legendre"}
+    model = OdeifyLlamaForCausalLM(_llama_config(odeify=settings))
+    assert get_block(model).ode.basis == "legendre"
+    assert capsys.readouterr().err == ""
+
+
+def test_attentions_are_recorded_per_step_after_conversion(make_llama):
+    model = _ode(make_llama(attn_implementation="eager"))
+    with torch.no_grad(), steps(model, 5):
+        out = model(IDS, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 6 and len(out.attentions) == 5
+    assert all(a.shape == (2, 4, 10, 10) for a in out.attentions)
+
+
+def test_a_basis_tensor_the_checkpoint_lacks_is_fitted_to_freshly_initialised_layers(
+    make_llama, tmp_path
+):
+    from safetensors.torch import load_file, save_file
+
+    model = _ode(make_llama())
+    odeify.save_pretrained(model, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.0.basis.input_layernorm.weight"
+    saved = tensors.pop(name)
+    assert not torch.equal(saved, torch.ones_like(saved))  # perturbed, so not the init
+    save_file(tensors, weights, metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    state = loaded.state_dict()
+    # A fresh norm weight is ones in every layer: the hat basis at K = L holds each layer's.
+    assert torch.equal(state[name], torch.ones_like(saved))
+    assert all(torch.equal(state[k], v) for k, v in tensors.items() if k in state)

@@ -120,3 +120,32 @@ def test_the_cache_keeps_grids_of_several_depths(make_gpt2, monkeypatch):
         for n in (4, 4, 2, 4):
             model(IDS, use_cache=False, ode_steps=n)
     assert builds[0] == 6 and len(block._grid_cache) == 1  # a size of one holds the last grid
+
+
+def test_thread_local_values_belong_to_their_owner_kind_and_thread():
+    from odeify import local
+
+    a, b = object(), object()
+    assert local.get(a, "steps") is None and local.get(a, "steps", "unset") == "unset"
+    local.put(a, "steps", 3)
+    local.put(a, "scheme", "rk4")
+    try:
+        assert (local.get(a, "steps"), local.get(a, "scheme"), local.get(b, "steps", 0)) == (
+            3,
+            "rk4",
+            0,
+        )
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(local.get(a, "steps", "unset")))
+        other.start()
+        other.join()
+        assert seen == ["unset"]
+        with local.holding(a, "steps", 5):
+            assert local.get(a, "steps") == 5
+        assert local.get(a, "steps") == 3
+    finally:
+        local.put(a, "steps", None)
+        local.put(a, "scheme", None)
+    assert local.get(a, "steps", "unset") == "unset" and local.get(a, "scheme") is None
+    local.put(b, "steps", None)  # removing what was never set is no error
+    assert local.get(b, "steps", "unset") == "unset"
