@@ -1,11 +1,27 @@
 """Corpora, the token cache and deterministic batches used by the recipes and the CLI."""
 
+import hashlib
+import re
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
 
 from odeify.assets import gpt2_tokenizer, plays
-from odeify.train.data import Batches, corpus, tokenize, windows
+from odeify.train import data
+from odeify.train.data import (
+    Batches,
+    Documents,
+    Split,
+    char_tokenizer,
+    corpus,
+    load_tokenizer,
+    split,
+    tokenize,
+    windows,
+)
 
 
 def test_bundled_shakespeare_has_38_plays():
@@ -69,3 +85,186 @@ def test_too_little_text_for_a_window():
     with pytest.raises(ValueError, match="make no window"):
         windows(np.arange(10, dtype=np.uint16), 32)
     assert windows(np.arange(100, dtype=np.uint16), 32, max_windows=2).shape == (2, 32)
+
+
+class _Tokenizer:
+    """A stand-in tokenizer: one id per character, of a vocabulary of ``size``; a BOS (id 1) in
+    front only when asked for special tokens."""
+
+    def __init__(self, size=300, eos=0):
+        self.size, self.eos_token_id = size, eos
+
+    def __len__(self):
+        return self.size
+
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(self.size)}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1] * add_special_tokens + [ord(c) for c in text]}
+
+
+def _cache_name(tokenizer, docs, dtype):
+    # The cache key from its definition: tokenizer class, size, EOS, the first 64 vocabulary
+    # entries by token, then each document's name and text, NUL-terminated, by name.
+    digest = hashlib.sha256()
+    digest.update(f"_Tokenizer:{len(tokenizer)}:{tokenizer.eos_token_id}".encode())
+    digest.update(repr(sorted(tokenizer.get_vocab().items())[:64]).encode())
+    for name in sorted(docs):
+        digest.update(name.encode() + b"\0" + docs[name].encode() + b"\0")
+    return f"{digest.hexdigest()[:24]}.{dtype}"
+
+
+@pytest.mark.parametrize("size,dtype", [(300, "uint16"), (65535, "uint16"), (65536, "uint32")])
+def test_token_cache_file_and_contents(tmp_path, size, dtype):
+    tokenizer, docs = _Tokenizer(size), {"b": "yz", "a": "x"}
+    tokens = tokenize(docs, tokenizer, cache=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [_cache_name(tokenizer, docs, dtype)]
+    assert tokens.dtype == np.dtype(dtype) and not tokens.flags.writeable
+    assert tokens.tolist() == [ord("x"), 0, ord("y"), ord("z"), 0]  # by name, no BOS
+    again = tokenize(docs, tokenizer, cache=tmp_path)
+    assert again.dtype == np.dtype(dtype) and again.tolist() == tokens.tolist()
+    assert not again.flags.writeable
+    plain = tokenize(docs, _Tokenizer(size, eos=None), cache=None)
+    assert type(plain) is np.ndarray and plain.tolist() == [ord("x"), ord("y"), ord("z")]
+
+
+def test_no_documents_to_tokenize():
+    with pytest.raises(ValueError, match="^no documents to tokenize$"):
+        tokenize({}, _Tokenizer(), cache=None)
+
+
+def test_windows_are_int64_and_cut_to_max_windows():
+    tokens = np.arange(100, dtype=np.uint16)
+    got = windows(tokens, 30)
+    assert got.dtype == torch.int64 and got.tolist() == np.arange(90).reshape(3, 30).tolist()
+    assert windows(tokens, 30, max_windows=5).shape == (3, 30)
+    with pytest.raises(ValueError, match="^10 tokens make no window of 32$"):
+        windows(np.arange(10, dtype=np.uint16), 32)
+
+
+def test_char_tokenizer_vocabulary_and_round_trip(tmp_path):
+    tok = char_tokenizer({"title": "to be"})  # the texts, not the names
+    assert tok.get_vocab() == {
+        "<|endoftext|>": 0,
+        "<unk>": 1,
+        " ": 2,
+        "b": 3,
+        "e": 4,
+        "o": 5,
+        "t": 6,
+    }
+    assert (tok.eos_token, tok.eos_token_id, tok.unk_token, tok.unk_token_id) == (
+        "<|endoftext|>",
+        0,
+        "<unk>",
+        1,
+    )
+    assert tok("bez")["input_ids"] == [3, 4, 1]  # an unseen character is <unk>
+    assert tok.decode(tok("to be")["input_ids"]) == "to be"  # fused, no spaces between
+    assert char_tokenizer(iter(["to", " be"])).get_vocab() == tok.get_vocab()
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(str(tmp_path / "tok"), {})
+    assert loaded.get_vocab() == tok.get_vocab() and loaded("to be")["input_ids"] == [6, 5, 2, 3, 4]
+
+
+def test_load_tokenizer_by_spec(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "gpt2_tokenizer", lambda: "the offline GPT-2")
+    assert load_tokenizer("gpt2", {}) == "the offline GPT-2"
+    (tmp_path / "a.txt").write_text("ab")
+    from_docs = load_tokenizer("char", Documents(str(tmp_path)))
+    assert from_docs.get_vocab() == {"<|endoftext|>": 0, "<unk>": 1, "a": 2, "b": 3}
+    assert load_tokenizer("char", {"a.txt": "c"}).get_vocab()["c"] == 2
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>").save_pretrained(
+        tmp_path / "no_eos"
+    )
+    spec = str(tmp_path / "no_eos")
+    message = f"tokenizer {spec} has no EOS token to separate documents"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_tokenizer(spec, {})
+
+
+def test_jsonl_skips_blank_lines_and_refuses_records_without_text(tmp_path):
+    path = tmp_path / "web.jsonl"
+    path.write_text('{"text": "caf\\u00e9"}\n\n  \n{"text": "second"}\n', encoding="utf-8")
+    assert corpus(str(path)) == {"web:1": "café", "web:4": "second"}
+    for bad in ('["text"]', '{"text": 3}', '{"body": "x"}'):
+        path.write_text('{"text": "first"}\n' + bad + "\n")
+        message = f"{path}:2 has no string 'text' field"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            corpus(str(path))
+
+
+def test_hf_specs_name_dataset_config_and_split(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "a"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    for spec in ("hf:owt", "hf:owt:en", "hf:owt:en:test", "hf:owt::test"):
+        assert corpus(spec) == {"owt/0": "a"}
+    assert calls == [
+        ("owt", None, "train", True),
+        ("owt", "en", "train", True),
+        ("owt", "en", "test", True),
+        ("owt", None, "test", True),
+    ]
+    monkeypatch.setitem(
+        sys.modules,
+        "datasets",
+        types.SimpleNamespace(load_dataset=lambda *a, **k: iter([{"body": "x", "id": 1}])),
+    )
+    message = "dataset owt has no 'text' column (columns: ['body', 'id'])"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        corpus("hf:owt:en")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    message = "hf: corpora need the `datasets` package: pip install datasets"
+    with pytest.raises(ImportError, match=f"^{re.escape(message)}$"):
+        corpus("hf:owt")
+
+
+def test_folders_hold_only_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "notes.bin").write_text("not listed")
+    (tmp_path / "dir.md").mkdir()  # a folder named like a text file
+    (tmp_path / "dir.md" / "c.md").write_text("gamma")
+    docs = Documents(str(tmp_path))
+    assert docs.names() == ["a.txt", "dir.md/c.md"]
+    assert dict(docs) == {"a.txt": "alpha", "dir.md/c.md": "gamma"}
+
+
+def test_split_of_documents_in_memory():
+    docs = {f"d{i}.txt": f"text {i}" for i in range(5)}
+    train, held = split(docs, [])  # default fraction 0: still one document held out
+    first = min(docs, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+    assert list(held) == [first] and sorted(train) == sorted(set(docs) - {first})
+    train, held = split(docs, [], 0.4)
+    assert len(held) == 2 and set(held) | set(train) == set(docs)
+    assert split(docs, ["d3"], spec="notes") == (
+        {k: v for k, v in docs.items() if k != "d3.txt"},
+        {"d3.txt": "text 3"},
+    )
+    message = (
+        "held-out documents ['zz'] are not in corpus 'the corpus' (it has 5 documents: d0.txt, "
+        "d1.txt, d2.txt, d3.txt, d4.txt)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        split(docs, ["zz"])
+    with pytest.raises(ValueError, match=re.escape("not in corpus 'notes'")):
+        split(docs, ["zz"], spec="notes")
+
+
+def test_split_describes_what_it_holds_out():
+    assert Split(["a.txt"], [], 0.1).describe() == "the last 10% of a.txt"
+    names = [f"d{i}" for i in range(7)]
+    assert Split(names, names[:6]).describe() == "d0, d1, d2, d3, d4, d5"
+    assert Split(names + ["e"], names).describe() == "d0, d1, d2, d3, d4, d5, ..."
+    assert Split(None, [], 0.05).describe() == "about 5.00% of the documents, by name hash"
+    assert Split(None, ["x", "y"]).describe() == "x, y"
