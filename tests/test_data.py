@@ -1,6 +1,7 @@
 """Corpora, the token cache and deterministic batches used by the recipes and the CLI."""
 
 import hashlib
+import json
 import re
 import sys
 import types
@@ -268,3 +269,123 @@ def test_split_describes_what_it_holds_out():
     assert Split(names + ["e"], names).describe() == "d0, d1, d2, d3, d4, d5, ..."
     assert Split(None, [], 0.05).describe() == "about 5.00% of the documents, by name hash"
     assert Split(None, ["x", "y"]).describe() == "x, y"
+
+
+def test_split_keys_and_refusals_in_full():
+    assert Split(["a", "b", "c"], ["c", "a"]).key == '{"heldout": ["a", "c"]}'
+    fraction = Split(["a", "b", "c"], [], 0.25)
+    assert fraction.key == '{"fraction": 0.25}'
+    assert fraction.held.key == json.dumps({"split": fraction.key, "held": True})
+    assert fraction.train.key == json.dumps({"split": fraction.key, "held": False})
+    for count, tail in ((12, ""), (13, ", ...")):
+        names = [f"n{i:02d}" for i in range(count)]
+        listed = ", ".join(names[:12]) + tail
+        message = (
+            f"held-out documents ['x', 'y'] are not in corpus 'c' (it has {count} documents: "
+            f"{listed})"
+        )
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            Split(names, ["y", "n01", "x"], spec="c")
+    with pytest.raises(ValueError, match="^every document is held out; leave some for training$"):
+        Split(["a.txt", "b.txt"], ["a", "b.txt"])
+    streamed = Split(None, ["a", "b"])  # names unknown up front: held out as named
+    assert (streamed.held("a", "x"), streamed.train("a", "x"), streamed.train("c", "y")) == (
+        "x",
+        None,
+        "y",
+    )
+
+
+def test_split_by_stem_or_name_and_by_hash():
+    split_ = Split(["sub/a.txt", "b.md", "c.txt"], ["sub/a", "b.md"])
+    assert split_.held_names == {"sub/a.txt", "b.md"} and split_.train("c.txt", "z") == "z"
+    names = [f"doc{i}" for i in range(4)]
+    by_hash = sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+    for fraction, count in ((0.0, 1), (0.5, 2), (0.99, 3)):  # at least one, never all
+        assert Split(names, [], fraction).held_names == set(by_hash[:count])
+    streamed = Split(None, [], 0.3)
+    for i in range(50):
+        name = f"web/{i}"
+        inside = int(hashlib.sha256(name.encode()).hexdigest()[:16], 16) < 0.3 * 2**64
+        assert (streamed.held(name, "t"), streamed.train(name, "t")) == (
+            ("t", None) if inside else (None, "t")
+        )
+
+
+def test_one_document_splits_at_a_line_break_before_its_tail():
+    text = "first line\nsecond line\nthird\n"  # 30 characters; 70 % is 21
+    one = Split(["only"], [], 0.3)
+    cut = text.rfind("\n", 0, 21)
+    assert (one.train("only", text), one.held("only", text)) == (text[:cut], text[cut:])
+    assert one.train("only", text) == "first line"
+    flat = "x" * 10  # no line break: cut at 70 % exactly
+    assert (one.train("only", flat), one.held("only", flat)) == ("x" * 7, "x" * 3)
+    starts = "\n" + "y" * 9  # the only break at 0 is no cut
+    assert one.train("only", starts) == starts[:7]
+
+
+def test_documents_of_each_kind(tmp_path, monkeypatch):
+    assert Documents("shakespeare:macbeth, hamlet,,macbeth").names() == ["hamlet", "macbeth"]
+    assert Documents("shakespeare:macbeth").fingerprint() == "plays:macbeth"
+    assert Documents("shakespeare").names() == sorted(plays())
+    message = f"unknown plays ['nonesuch', 'zz']; choose among {', '.join(plays())}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Documents("shakespeare:zz,hamlet,nonesuch")
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
+    monkeypatch.setenv("HOME", str(tmp_path))
+    one = Documents("~/a.txt")
+    assert (one.kind, one.names(), list(one)) == ("file", ["a"], [("a", "alpha")])
+    stat = (tmp_path / "a.txt").stat()
+    stats = json.dumps([((tmp_path / "a.txt").as_posix(), stat.st_size, stat.st_mtime_ns)])
+    assert one.fingerprint() == hashlib.sha256(stats.encode()).hexdigest()
+    assert Documents(str(tmp_path / "b.jsonl")).names() is None
+    assert Documents("hf:owt:en").names() is None
+    assert Documents("hf:owt:en").fingerprint() == "hf:owt:en"
+    message = (
+        "corpus '/no/such' is neither 'shakespeare[:play,...]', 'hf:NAME', nor an existing file "
+        "or folder"
+    )
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        Documents("/no/such")
+
+
+def test_a_folder_streams_text_and_lists_what_it_skipped(tmp_path):
+    (tmp_path / "b.txt").write_text("beta")
+    (tmp_path / "a.md").write_bytes(b"caf\xe9")  # latin-1, not UTF-8
+    (tmp_path / "c.txt").write_bytes(b"nul\0inside")
+    (tmp_path / "d.txt").write_text("delta")
+    docs = Documents(str(tmp_path))
+    files = [tmp_path / n for n in ("a.md", "b.txt", "c.txt", "d.txt")]
+    stats = json.dumps([(p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    assert docs.fingerprint() == hashlib.sha256(stats.encode()).hexdigest()
+    assert list(docs) == [("b.txt", "beta"), ("d.txt", "delta")]
+    assert docs.skipped == ["a.md", "c.txt"]
+    assert list(docs) == [("b.txt", "beta"), ("d.txt", "delta")] and docs.skipped == [
+        "a.md",
+        "c.txt",
+    ]
+    message = f"{tmp_path / 'sub'} holds no .txt or .md files"
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        Documents(str(tmp_path / "sub"))
+
+
+def test_batches_against_their_definition():
+    tokens = np.arange(40, dtype=np.uint16)
+    message = (
+        "the corpus has 40 tokens, fewer than one window of seq_len + 1 = 40; use a shorter "
+        "seq_len or more text"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Batches(tokens, 2, 39)
+    Batches(tokens, 2, 38)  # 40 tokens hold windows of 39 at two starts
+    batches = Batches(tokens, batch_size=6, seq_len=5, seed=7)
+    starts = np.random.default_rng([7, 3]).integers(0, 40 - 5 - 1, size=6)
+    x, y = batches.get(3, rank=1, world=3)
+    assert x.dtype == y.dtype == torch.int64
+    assert x.tolist() == [list(range(s, s + 5)) for s in starts[1::3]]
+    assert y.tolist() == [list(range(s + 1, s + 6)) for s in starts[1::3]]
+    assert batches.get(3)[0].tolist() == [list(range(s, s + 5)) for s in starts]
+    with pytest.raises(ValueError, match="^batch_size 6 does not split over 4 processes$"):
+        batches.get(0, world=4)
