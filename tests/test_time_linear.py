@@ -388,3 +388,43 @@ def test_input_errors_in_full(monkeypatch):
         "time_linear: the Triton backend needs the triton package, which is not installed (it "
         'ships wheels for Linux x86_64); use backend="reference" (or "auto")'
     )
+
+
+@pytest.mark.parametrize(
+    "m,n,dtype,expected",
+    [
+        (1, 40, torch.bfloat16, ttl._Blocks(16, 64, 64, 4, 3)),  # decode: narrow column tiles
+        (17, 40, torch.float32, ttl._Blocks(32, 64, 32, 4, 3)),
+        (33, 40, torch.float16, ttl._Blocks(64, 128, 64, 4, 3)),
+        (64, 40, torch.float32, ttl._Blocks(64, 128, 32, 4, 3)),
+        (100, 40, torch.float32, ttl._Blocks(128, 128, 32, 8, 3)),  # 128 x 128: eight warps
+        (5000, 40, torch.bfloat16, ttl._Blocks(128, 128, 64, 8, 3)),
+    ],
+)
+def test_tile_sizes_by_rows_and_dtype(m, n, dtype, expected):
+    # The heuristic tiles of the module docstring (the kernels are correct at any tile size,
+    # blocks16 above; these are what ships).
+    assert ttl._matmul_blocks(m, n, dtype) == expected
+
+
+def test_weight_grad_tiles_by_dtype():
+    assert ttl._weight_grad_blocks(torch.float32) == ttl._Blocks(64, 64, 32, 4, 3)
+    assert ttl._weight_grad_blocks(torch.bfloat16) == ttl._Blocks(64, 64, 64, 4, 3)
+
+
+def test_dot_options_interpreted_and_compiled(monkeypatch):
+    monkeypatch.setattr(ttl, "INTERPRETED", True)
+    assert ttl._dot_options(torch.float32) == {"UPCAST_DOT": False, "INPUT_PRECISION": "ieee"}
+    assert ttl._dot_options(torch.bfloat16) == {"UPCAST_DOT": True, "INPUT_PRECISION": "ieee"}
+    monkeypatch.setattr(ttl, "INTERPRETED", False)
+    assert ttl._dot_options(torch.float16) == {"UPCAST_DOT": False, "INPUT_PRECISION": None}
+    precision = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert ttl._dot_options(torch.float32) == {
+                "UPCAST_DOT": False,
+                "INPUT_PRECISION": expected,
+            }
+    finally:
+        torch.set_float32_matmul_precision(precision)
