@@ -313,15 +313,15 @@ def test_split_by_stem_or_name_and_by_hash():
 
 
 def test_one_document_splits_at_a_line_break_before_its_tail():
-    text = "first line\nsecond line\nthird\n"  # 30 characters; 70 % is 21
+    text = "one\ntwo\nthree\nfour\n"  # 19 characters; 70 % is 13, a line break at 3, 7, 13, 18
     one = Split(["only"], [], 0.3)
-    cut = text.rfind("\n", 0, 21)
-    assert (one.train("only", text), one.held("only", text)) == (text[:cut], text[cut:])
-    assert one.train("only", text) == "first line"
+    assert (one.train("only", text), one.held("only", text)) == ("one\ntwo", "\nthree\nfour\n")
     flat = "x" * 10  # no line break: cut at 70 % exactly
     assert (one.train("only", flat), one.held("only", flat)) == ("x" * 7, "x" * 3)
     starts = "\n" + "y" * 9  # the only break at 0 is no cut
     assert one.train("only", starts) == starts[:7]
+    second = "y\n" + "y" * 8  # a break at 1 is
+    assert (one.train("only", second), one.held("only", second)) == ("y", "\n" + "y" * 8)
 
 
 def test_documents_of_each_kind(tmp_path, monkeypatch):
@@ -380,6 +380,8 @@ def test_batches_against_their_definition():
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         Batches(tokens, 2, 39)
     Batches(tokens, 2, 38)  # 40 tokens hold windows of 39 at two starts
+    default = np.random.default_rng([0, 2]).integers(0, 40 - 8 - 1, size=2)  # seed 0
+    assert Batches(tokens, 2, 8).get(2)[0].tolist() == [list(range(s, s + 8)) for s in default]
     batches = Batches(tokens, batch_size=6, seq_len=5, seed=7)
     starts = np.random.default_rng([7, 3]).integers(0, 40 - 5 - 1, size=6)
     x, y = batches.get(3, rank=1, world=3)
