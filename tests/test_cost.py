@@ -30,6 +30,7 @@ def test_cost_of_a_compressed_block_and_a_headless_model(make_llama, make_gpt2):
     # K = 2 of L = 4: the block holds 2 coefficient sets, one layer's worth each
     cost = CostModel.of(odeify.odeify(stock, basis="legendre", num_basis=2, progress=False), 2.0)
     assert (cost.layer_params, cost.num_layers, cost.train_factor) == (layer, 4, 2.0)
+    assert type(cost.layer_params) is int  # a count, as the field says (reports print it)
     headless = odeify.odeify(make_gpt2().transformer, progress=False)
     assert CostModel.of(headless).head_params == 0
 
