@@ -2,6 +2,7 @@
 
 import platform
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -87,3 +88,21 @@ def test_unknown_choice_refused_in_full(choice):
     message = f"autocast must be one of ['auto', 'bf16', 'none'], got {choice!r}"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         autocast_dtype(choice, "cpu")
+
+
+def test_the_emulation_warning_names_the_caller_of_autocast_dtype(monkeypatch):
+    # The frame a warning names is found here by walking up from the function that warns, so
+    # the check holds however autocast_dtype is reached (mutmut calls it through a wrapper).
+    monkeypatch.setattr(precision, "native_bf16", lambda d: False)
+    real, callers = warnings.warn, []
+
+    def warn(*args, stacklevel=1, **kwargs):
+        caller = sys._getframe(2)  # 1: the function that warns, 2: whoever called it
+        callers.append((caller.f_code.co_filename, caller.f_lineno))
+        real(*args, stacklevel=stacklevel + 1, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        autocast_dtype("bf16", "cpu")
+    assert [(w.filename, w.lineno) for w in caught] == callers and len(callers) == 1
