@@ -130,14 +130,15 @@ def sweeps(monkeypatch):
     return calls
 
 
-def _run(label, mode, before, after):
+def _run(label, mode, before, after, first=False):
+    # The plots take the model, depth, held-out documents and original from the first run.
     return {
-        "model": "/models/SmolLM2",
-        "layers": 4,
-        "heldout": ["hamlet", "macbeth"],
+        "model": "/models/SmolLM2" if first else "/models/other",
+        "layers": 4 if first else 6,
+        "heldout": ["hamlet", "macbeth"] if first else ["lear"],
         "label": label,
         "mode": mode,
-        "original_perplexity": 20.0,
+        "original_perplexity": 20.0 if first else 99.0,
         "cost_model": {"layer_params": 1e9, "head_params": 5e8},
         "before": {str(n): {"perplexity": p} for n, p in before.items()},
         "after": {str(n): {"perplexity": p} for n, p in after.items()},
@@ -145,9 +146,9 @@ def _run(label, mode, before, after):
 
 
 def test_plot_runs_curves_styles_and_references(tmp_path, sweeps):
-    runs = [_run("C", "adapt", {2: 90.0, 4: 20.0}, {2: 30.0, 4: 21.0})]
+    runs = [_run("C", "adapt", {2: 90.0, 4: 20.0}, {2: 30.0, 4: 21.0}, first=True)]
     runs.append(_run("(a)", "drop", {2: 99.0}, {2: 40.0}))
-    runs += [_run(f"r{i}", "adapt", {2: 50.0}, {2: 25.0}) for i in range(2, 11)]
+    runs += [_run(f"r{i}", "adapt", {2: 50.0}, {2: 25.0}) for i in range(2, 21)]
     paths = plots.plot_runs(runs, tmp_path)
     assert paths == [
         tmp_path / n for n in ("perplexity.png", "perplexity_flops.png", "perplexity_after.png")
@@ -170,6 +171,7 @@ def test_plot_runs_curves_styles_and_references(tmp_path, sweeps):
     assert styles["r9: after"] == {"color": "C9", "linestyle": "-", "marker": "o"}
     assert styles["r10: after"] == {"color": "C0", "linestyle": "--", "marker": "o"}  # 11th run
     assert styles["r10: before"]["linestyle"] == ":"
+    assert styles["r20: after"] == {"color": "C0", "linestyle": "-", "marker": "o"}  # 21st
     # inference GFLOPs per token: 2 (N P_layer + P_head) / 1e9
     assert flops["curves"]["C: after"] == {5.0: 30.0, 9.0: 21.0}
     assert (flops["xlabel"], flops["styles"], flops["title"]) == (
@@ -178,9 +180,9 @@ def test_plot_runs_curves_styles_and_references(tmp_path, sweeps):
         title,
     )
     assert flops["reference"] == reference
-    assert list(after["curves"]) == ["C", "(a)", *(f"r{i}" for i in range(2, 11))]
+    assert list(after["curves"]) == ["C", "(a)", *(f"r{i}" for i in range(2, 21))]
     assert after["curves"]["C"] == {2: 30.0, 4: 21.0}
-    assert after["styles"]["(a)"] == styles["(a): after"] and len(after["styles"]) == 11
+    assert after["styles"]["(a)"] == styles["(a): after"] and len(after["styles"]) == 21
     assert after["title"] == f"{title}: after training"
     assert after["reference"] == {**reference, "1.5x the original": 30.0}
     assert after["ylim"] == (16.0, 80.0)
