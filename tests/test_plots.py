@@ -3,7 +3,9 @@ plot holds, read back from the matplotlib figure; and the curves, styles and ref
 the depth-adaptation plots pass to it, from runs' results and logged curves."""
 
 import io
+import re
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,7 +73,7 @@ def test_sweep_plot_lines_references_and_axes(tmp_path, figures):
 
 
 def test_sweep_plot_styles_ylim_and_a_crowded_legend(tmp_path, figures):
-    curves = {f"run {i}": {1: 2.0 + i, 2: 1.5 + i} for i in range(3)}
+    curves = {f"run {i}": {1: 2.0 + i, 2: 1.5 + i} for i in range(2)}
     styles = {"run 1": {"color": "red", "linestyle": ":", "marker": "x"}}
     reference = {"orig": 2.0, "twice": 4.0, "thrice": 6.0}
     path = plots.plot_sweep(
@@ -79,12 +81,12 @@ def test_sweep_plot_styles_ylim_and_a_crowded_legend(tmp_path, figures):
     )
     assert path.read_text().lstrip().startswith("<?xml")  # the format from the suffix
     ((fig, kwargs),) = figures
-    assert kwargs["figsize"] == pytest.approx((6.4, 4.2 + 0.22 * 6))  # 6 entries: crowded
+    assert kwargs["figsize"] == pytest.approx((6.4, 4.2 + 0.22 * 5))  # 5 entries: crowded
     (ax,) = fig.axes
     lines = ax.get_lines()
-    assert [line.get_marker() for line in lines[:3]] == ["o", "x", "o"]
+    assert [line.get_marker() for line in lines[:2]] == ["o", "x"]
     assert (lines[1].get_color(), lines[1].get_linestyle()) == ("red", ":")
-    assert [(line.get_linestyle(), line.get_color()) for line in lines[3:]] == [
+    assert [(line.get_linestyle(), line.get_color()) for line in lines[2:]] == [
         ("--", "k"),
         (":", "k"),
         ("-.", "k"),
@@ -239,3 +241,26 @@ def test_plot_budget_without_curves_is_none_and_styles_cycle(tmp_path, sweeps):
     assert styles["r5: N = 4"]["marker"] == "v" and styles["r3: N = 4"]["linestyle"] == "-."
     with pytest.raises(ValueError, match=r"^zip\(\) argument 2 is shorter than argument 1$"):
         plots.plot_budget(folders, tmp_path, ["one label"])  # a label per folder
+
+
+def test_four_entries_fit_inside_and_a_fourth_reference_dashes_again(tmp_path, figures):
+    reference = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    plots.plot_sweep({}, tmp_path / "refs.png", "t", reference)
+    ((fig, kwargs),) = figures
+    (ax,) = fig.axes
+    assert kwargs["figsize"] == (6.4, 4.2) and ax.get_legend()._loc == 0  # 4 entries: inside
+    styles = [(line.get_linestyle(), line.get_color()) for line in ax.get_lines()]
+    assert styles == [("--", "C0"), (":", "C1"), ("-.", "C2"), ("--", "C3")]
+
+
+def test_an_empty_plot_and_the_missing_matplotlib_message(tmp_path, figures, monkeypatch):
+    with pytest.warns(UserWarning, match="^No artists with labels found to put in legend"):
+        assert plots.plot_sweep({}, tmp_path / "empty.png", "t").exists()  # drawn, empty
+    assert figures[0][1]["figsize"] == (6.4, 4.2) and figures[0][0].axes[0].get_lines() == []
+    monkeypatch.setitem(sys.modules, "matplotlib.ticker", None)  # not importable
+    message = (
+        "plotting perplexity needs the Python package matplotlib, which is not installed: "
+        "pip install 'odeify[plots]'"
+    )
+    with pytest.raises(ImportError, match=f"^{re.escape(message)}$"):
+        plots.plot_sweep({}, tmp_path / "none.png", "t")
