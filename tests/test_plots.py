@@ -6,6 +6,7 @@ import io
 import re
 import struct
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,10 @@ def _tight_png(fig) -> bytes:
 
 def test_sweep_plot_lines_references_and_axes(tmp_path, figures):
     curves = {"hat": {4: 10.0, 2: 20.0}, "fourier": {8: 6.0, 2: 30.0}}
-    path = plots.plot_sweep(curves, tmp_path / "deep" / "ppl.png", "a title", {"orig": 5.0})
-    assert path == tmp_path / "deep" / "ppl.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib has nothing to say about the calls
+        path = plots.plot_sweep(curves, tmp_path / "a" / "b" / "ppl.png", "a title", {"orig": 5.0})
+    assert path == tmp_path / "a" / "b" / "ppl.png"
     ((fig, kwargs),) = figures
     assert kwargs == {"figsize": (6.4, 4.2), "dpi": 120}
     (ax,) = fig.axes
@@ -63,7 +66,12 @@ def test_sweep_plot_lines_references_and_axes(tmp_path, figures):
         "perplexity (log scale)",
         "a title",
     )
-    assert ax.xaxis.get_gridlines()[0].get_visible() and ax.yaxis.get_gridlines()[0].get_visible()
+    for ticks in (
+        ax.xaxis.get_major_ticks(),
+        ax.yaxis.get_major_ticks(),
+        ax.yaxis.get_minor_ticks(),
+    ):
+        assert ticks[0].gridline.get_visible() and ticks[0].gridline.get_alpha() == 0.3
     legend = ax.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["hat", "fourier", "orig (5.00)"]
     assert legend._loc == 0 and legend.get_frame_on()  # "best", framed: inside the axes
