@@ -213,3 +213,45 @@ def test_state_views_round_trip_model_and_optimizer():
     for i, state in saved["state"].items():
         for key, value in state.items():
             assert torch.equal(loaded["state"][i][key], value), (i, key)
+
+
+def test_setup_on_gpus_picks_the_local_device_and_nccl(group, monkeypatch):
+    seen, _ = group
+    devices = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert setup_distributed() == Dist(0, 1, 0, torch.device("cuda", 0))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert setup_distributed() == Dist(3, 2, 1, torch.device("cuda", 1))
+    assert devices == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert seen == [("init", "nccl")]
+
+
+def test_full_state_of_a_sharded_model_is_whole(monkeypatch):
+    # FSDP2 over a real (one-process, gloo) group: the parameters are DTensors, the state a
+    # checkpoint gets is plain tensors with the model's values.
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        fully_shard(model[0])
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(5, 3)).square().sum().backward()
+        optimizer.step()
+        assert isinstance(model[0].weight, DTensor)
+        model_state, optim_state = full_state(model, optimizer)
+        for name, value in model_state.items():
+            assert type(value) is torch.Tensor and value.device.type == "cpu", name
+            assert torch.equal(value, model.state_dict()[name].full_tensor()), name
+        for state in optim_state["state"].values():
+            assert type(state["exp_avg"]) is torch.Tensor
+    finally:
+        teardown()
+    assert not dist.is_initialized()
