@@ -169,3 +169,23 @@ def test_sweep_of_a_stock_model_reads_windows_as_asked(shifted):
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), WINDOWS[:, 1:].flatten())
     assert scores.loss[2] == scores.loss[3] == pytest.approx(nll.item(), rel=1e-6)
     assert scores.kl is None and scores.teacher_loss is None
+
+
+def test_a_shifted_sweep_reads_one_token_less_with_a_teacher_too(make_gpt2):
+    # Models of an 11-token context: the 12-token windows fit only shifted, teacher included.
+    model = odeify(make_gpt2(n_positions=11), progress=False)
+    teacher = odeify(make_gpt2(n_positions=11), progress=False)
+    scores = sweep(model, WINDOWS, [2], teacher=teacher, shifted=True)
+    with torch.no_grad():
+        log_p = teacher(WINDOWS[:, :-1], use_cache=False).logits.log_softmax(-1).flatten(0, 1)
+        log_q = model(WINDOWS[:, :-1], use_cache=False, ode_steps=2).logits
+    log_q = log_q.log_softmax(-1).flatten(0, 1)
+    targets = WINDOWS[:, 1:].reshape(-1)
+    tokens = len(targets)
+    rows = torch.arange(tokens)
+    assert scores.teacher_loss == pytest.approx(
+        -log_p[rows, targets].sum().item() / tokens, rel=1e-5
+    )
+    assert scores.loss[2] == pytest.approx(-log_q[rows, targets].sum().item() / tokens, rel=1e-5)
+    kl = (log_p.exp() * (log_p - log_q)).sum().item() / tokens
+    assert scores.kl[2] == pytest.approx(kl, rel=1e-5)
