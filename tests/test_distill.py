@@ -184,6 +184,10 @@ def test_drop_layers_keeps_the_layer_at_or_before_each_grid_time(make_llama):
             dict(kl=0.0),
             "loss weights must be >= 0 and not all zero, got kl=0.0, lm=0.0, hidden=0.0",
         ),
+        (
+            dict(hidden=-2.0),  # a sum of -1: refused for the negative weight alone
+            "loss weights must be >= 0 and not all zero, got kl=1.0, lm=0.0, hidden=-2.0",
+        ),
         (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
         (dict(temperature=-2.0), "temperature must be > 0, got -2.0"),
     ],
@@ -193,7 +197,9 @@ def test_loss_weights_refusals(settings, message):
         LossWeights(**settings)
 
 
-@pytest.mark.parametrize("settings", [dict(kl=0.0, lm=1.0), dict(kl=0.0, hidden=0.5)])
+@pytest.mark.parametrize(
+    "settings", [dict(kl=0.0, lm=1.0), dict(kl=0.0, hidden=0.5), dict(kl=1.0, lm=1.0)]
+)
 def test_loss_weights_one_term_is_enough(settings):
     weights = LossWeights(**settings)
     assert weights.needs_states == (settings.get("hidden", 0) > 0)
@@ -207,14 +213,14 @@ def test_distill_loss_equals_its_definition_term_by_term(make_llama):
     student, teacher = _student_and_teacher(make_llama)
     ids = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(3))
     labels = torch.roll(ids, -1, dims=1)
-    weights = LossWeights(kl=0.7, lm=0.3, hidden=1.5, temperature=2.0)
+    weights = LossWeights(kl=0.7, lm=0.3, hidden=1.5, temperature=3.0)
     with torch.no_grad():
         with recording(teacher) as theirs:
             p = teacher(ids, use_cache=False, ode_steps=4).logits
         with recording(student) as mine:
             q = student(ids, use_cache=False, ode_steps=2).logits
-    log_p, log_q = (p / 2.0).log_softmax(-1), (q / 2.0).log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum() / labels.numel() * 2.0**2
+    log_p, log_q = (p / 3.0).log_softmax(-1), (q / 3.0).log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum() / labels.numel() * 3.0**2
     lm = F.cross_entropy(q.flatten(0, 1), labels.flatten())
     # matching(2, 4): student step 1 ends at t = 1 / 2, where teacher layer 2 ends; step 2 at 1.
     hidden = (
@@ -274,6 +280,7 @@ def _grads(student):
         ([4, 2, 3], 0.5, [0.5, 0.5, 0.5]),
         ([4, 4, 2], 1.0, [0.5, 0.5, 1.0]),
         ([2, 3], 2.0, [0.5] * 2),
+        ([4, 2], None, [1.0, 1.0]),  # the default: the anchor weighs 1
     ],
 )
 def test_adapt_step_weights_the_anchor_and_shares_the_rest(make_llama, counts, full_weight, shares):
@@ -289,7 +296,8 @@ def test_adapt_step_weights_the_anchor_and_shares_the_rest(make_llama, counts, f
         for total, g in zip(expected, torch.autograd.grad(loss * share, trained), strict=True):
             total += g
         reports.append({"steps": n, **parts})
-    got = adapt_step(student, targets, ids, labels, counts, weights, full_weight=full_weight)
+    given = {} if full_weight is None else {"full_weight": full_weight}
+    got = adapt_step(student, targets, ids, labels, counts, weights, **given)
     assert got == reports
     for g, want in zip(_grads(student), expected, strict=True):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-8)  # summed in another order
@@ -342,6 +350,83 @@ def test_teacher_refusal_in_full_and_an_exact_odeified_teacher(make_llama):
 def test_autocast_context():
     with _autocast(None, torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
-    with _autocast(torch.bfloat16, torch.device("cpu")):
+    with _autocast(torch.float16, torch.device("cpu")):  # not CPU autocast's default, bf16
         assert torch.is_autocast_enabled("cpu")
-        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.get_autocast_dtype("cpu") == torch.float16
+
+
+def test_loss_terms_are_only_those_weighted(make_llama):
+    student, teacher = _student_and_teacher(make_llama)
+    ids = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(7))
+    labels = torch.roll(ids, -1, dims=1)
+    for weights, names in ((LossWeights(kl=0.0, lm=1.0), {"lm"}), (LossWeights(), {"kl"})):
+        _, parts = distill_loss(student, ids, labels, teacher_targets(teacher, ids), 2, weights)
+        assert set(parts) == names | {"loss"}
+
+
+def test_distill_loss_and_adapt_step_under_autocast(make_llama):
+    student, teacher = _student_and_teacher(make_llama)
+    ids = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(8))
+    labels = torch.roll(ids, -1, dims=1)
+    weights = LossWeights(kl=0.0, lm=1.0)
+    targets = teacher_targets(teacher, ids, weights)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = student(ids, use_cache=False, ode_steps=2).logits
+    lm = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).item()
+    _, parts = distill_loss(student, ids, labels, targets, 2, weights, autocast=torch.bfloat16)
+    assert parts["lm"] == lm  # the same bf16 forward, scored in float32
+    _, plain = distill_loss(student, ids, labels, targets, 2, weights)
+    assert abs(plain["lm"] - lm) > 1e-4  # bf16 rounding shows
+    reports = adapt_step(student, targets, ids, labels, [2], weights, autocast=torch.bfloat16)
+    assert reports == [{"steps": 2, **parts}]
+
+
+def test_a_student_keeps_its_scheme_unless_given_a_schedule(make_llama):
+    stock = make_llama(num_hidden_layers=4)
+    teacher = frozen_teacher(stock)
+    student = odeify.odeify(copy.deepcopy(stock), scheme="rk4", progress=False)
+    ids = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(9))
+    labels = torch.roll(ids, -1, dims=1)
+    weights = LossWeights(kl=0.0, lm=1.0)
+    targets = teacher_targets(teacher, ids, weights)
+    visit = Schedule.from_layers([0, 1], 4)
+    for schedule, run in ((None, {}), (visit, {"ode_schedule": visit, "ode_scheme": "sequential"})):
+        with torch.no_grad():
+            logits = student(ids, use_cache=False, ode_steps=2, **run).logits
+        lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+        _, parts = distill_loss(student, ids, labels, targets, 2, weights, schedule=schedule)
+        assert parts["lm"] == pytest.approx(lm, rel=1e-6)
+    with torch.no_grad():
+        sequential = student(ids, use_cache=False, ode_steps=2, ode_scheme="sequential").logits
+    assert not torch.allclose(sequential, logits)  # rk4 is not the sequential scheme here
+
+
+def test_hidden_matching_follows_the_students_discrete_ends(make_llama):
+    stock = make_llama(num_hidden_layers=4)
+    teacher = frozen_teacher(stock)
+    student = odeify.odeify(copy.deepcopy(stock), discrete_ends=1, progress=False)
+    ids = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(10))
+    labels = torch.roll(ids, -1, dims=1)
+    weights = LossWeights(kl=0.0, hidden=1.0)
+    with torch.no_grad():
+        with recording(teacher) as theirs:
+            teacher(ids, use_cache=False, ode_steps=4)
+        with recording(student) as mine:
+            student(ids, use_cache=False, ode_steps=3)
+    # N = 3 with one discrete step at each end: steps end at layers 1, 3 and 4
+    assert matching(3, 4, ends=1) == [(1, 1), (2, 3), (3, 4)] != matching(3, 4)
+    hidden = (
+        sum(
+            (_normalised_here(mine[j - 1]) - _normalised_here(theirs[layer - 1])).pow(2).mean()
+            for j, layer in [(1, 1), (2, 3), (3, 4)]
+        )
+        / 3
+    )
+    targets = teacher_targets(teacher, ids, weights)
+    _, parts = distill_loss(student, ids, labels, targets, 3, weights)
+    assert parts["hidden"] == pytest.approx(hidden.item(), rel=1e-5)
+
+
+def test_frozen_teacher_converts_quietly(make_llama, capsys):
+    frozen_teacher(make_llama(num_hidden_layers=4))
+    assert capsys.readouterr().err == ""
