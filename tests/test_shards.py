@@ -264,8 +264,9 @@ def test_slices_across_shards(tmp_path, folder):
         assert prepared[a:b].tolist() == whole[a:b].tolist(), (a, b)
     assert prepared[-5:].tolist() == whole[-5:].tolist()
     assert prepared[10:20:1].tolist() == whole[10:20].tolist()
-    empty = prepared[20:10]
-    assert empty.dtype == np.uint16 and empty.shape == (0,)
+    for key in (slice(20, 10), slice(0, 0), slice(7, 7)):
+        empty = prepared[key]
+        assert empty.dtype == np.uint16 and empty.shape == (0,)
     message = "shards are read in contiguous slices, tokens[a:b]"
     for key in (3, slice(0, 10, 2)):
         with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
@@ -412,3 +413,12 @@ def test_batches_of_text_keep_the_corpus_order(tmp_path, folder, workers):
         str(folder), tokenizer, tmp_path / "small", workers=workers, batch_chars=1, progress=False
     )
     assert small[0 : len(small)].tolist() == one[0 : len(one)].tolist()
+
+
+def test_cached_shows_progress_unless_asked_not_to(tmp_path, folder, capsys):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    docs = data.Documents(str(folder))
+    shards.cached(docs, tokenizer, root=tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+    shards.cached(docs, tokenizer, root=tmp_path / "shown")
+    assert "tokenising" in capsys.readouterr().err
