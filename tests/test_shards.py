@@ -36,7 +36,7 @@ def folder(tmp_path):
     return root
 
 
-def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2):
+def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2, capsys):
     """Shakespeare through shards (several of them, two workers) equals today's tokenize()."""
     docs = data.Documents(PLAYS)
     split = data.Split(docs.names(), ["macbeth"])
@@ -46,6 +46,8 @@ def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2):
     ours = shards.prepare(docs, gpt2, tmp_path / "train", **options)
     assert len(ours.files) == 2 and ours.documents == 2  # a shard holds whole documents
     assert np.array_equal(ours[0 : len(ours)], today)
+    megabytes = f"{len(ours) * 2 / 1e6:,.1f} MB"  # uint16 tokens
+    assert megabytes != "0.0 MB" and f"in 2 shard(s) ({megabytes})," in capsys.readouterr().out
     held = shards.prepare(docs, gpt2, tmp_path / "held", part=split.held, progress=False)
     assert np.array_equal(held[0 : len(held)], data.tokenize(held_docs, gpt2, cache=None))
     a, b = data.Batches(today, 8, 64, seed=3), data.Batches(ours, 8, 64, seed=3)
