@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 import sys
 import types
@@ -424,3 +425,15 @@ def test_cached_shows_progress_unless_asked_not_to(tmp_path, folder, capsys):
     assert capsys.readouterr().err == ""
     shards.cached(docs, tokenizer, root=tmp_path / "shown")
     assert "tokenising" in capsys.readouterr().err
+
+
+def test_reads_without_pread_seek_and_read_the_same_tokens(tmp_path, folder, monkeypatch):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    prepared = shards.prepare(
+        str(folder), tokenizer, tmp_path / "s", shard_tokens=100, batch_chars=1, progress=False
+    )
+    edges = prepared.starts
+    slices = [(0, 5), (edges[1] - 3, edges[2] + 4), (edges[2] + 1, edges[2] + 9)]
+    expected = [prepared[a:b].tolist() for a, b in slices]
+    monkeypatch.delattr(os, "pread")  # as on Windows
+    assert [prepared[a:b].tolist() for a, b in slices] == expected
