@@ -428,3 +428,51 @@ def test_dot_options_interpreted_and_compiled(monkeypatch):
             }
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+class _Launches:
+    """A kernel stand-in that records each launch's grid and sample count, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.grids.append((grid[0], args[6]))  # programs, samples in this launch
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("budget,samples", [(1, [1, 1, 1]), (2, [2, 1]), (3, [3]), (99, [3])])
+def test_g_chunks_hold_as_many_samples_as_the_budget_allows(monkeypatch, budget, samples):
+    shape = (3, 6, 20, 18, 2)  # G of one sample: 18 x 20 fp32
+    monkeypatch.setattr(ttl, "_G_BUDGET_BYTES", budget * 4 * 18 * 20)
+    launches = _Launches(ttl._weight_grad_kernel)
+    monkeypatch.setattr(ttl, "_weight_grad_kernel", launches)
+    inputs = with_grad(make_inputs(shape, shared=False, bias=False))
+    grad_y = torch.randn(shape[0], shape[1], shape[3], device=DEVICE)
+    _, grads = run(inputs, "triton", grad_y)
+    # one tile of 64 x 64 covers 18 x 20: a program per sample
+    assert launches.grids == [(n, n) for n in samples]
+    _, exact = run(float64(inputs), "reference", grad_y.double())
+    for g, e in zip(grads[:3], exact[:3], strict=True):
+        assert_close(g.double(), e, rtol=1e-5, atol=1e-4)
+
+
+def test_float64_default_dtype_leaves_the_fp32_buffers(monkeypatch):
+    shape = (2, 5, 24, 40, 3)
+    inputs = with_grad(make_inputs(shape, shared=False, bias=True))
+    grad_y = torch.randn(shape[0], shape[1], shape[3], device=DEVICE)
+    _, exact = run(float64(inputs), "reference", grad_y.double())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y, grads = run(inputs, "triton", grad_y)
+    finally:
+        torch.set_default_dtype(default)
+    assert y.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    for g, e in zip(grads, exact, strict=True):
+        assert_close(g.double(), e, rtol=1e-5, atol=1e-4)
