@@ -281,14 +281,15 @@ def test_slices_across_shards(tmp_path, folder):
         prepared[edges[1] : edges[1] + 10]
 
 
-def test_refusals_in_full(tmp_path, folder, gpt2):
+def test_refusals_in_full(tmp_path, folder):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
     nothing = tmp_path / "nothing"
     with pytest.raises(
         FileNotFoundError, match=re.escape(f"{nothing} holds no prepared shards (no index.json)")
     ):
         shards.Shards(nothing)
     out = tmp_path / "s"
-    shards.prepare(str(folder), gpt2, out, progress=False)
+    shards.prepare(str(folder), tokenizer, out, progress=False)
     other = data.char_tokenizer(["To be"])
     message = (
         f"the shards in {out} were written by another tokenizer (its vocabulary differs from "
@@ -339,11 +340,12 @@ def test_an_unfinished_run_of_another_preparation_is_discarded(tmp_path, folder)
     assert again.index["shard_tokens"] == 200 and again.documents == 12
 
 
-def test_summary_line_and_progress_bar(tmp_path, folder, gpt2, capsys):
+def test_summary_line_and_progress_bar(tmp_path, folder, capsys):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
     for i in range(7):
         (folder / f"bin{i}.txt").write_bytes(b"\0")
     split = data.Split(data.Documents(str(folder)).names(), ["doc04"])
-    shards.prepare(str(folder), gpt2, tmp_path / "held", part=split.held)
+    shards.prepare(str(folder), tokenizer, tmp_path / "held", part=split.held)
     captured = capsys.readouterr()
     assert re.fullmatch(
         rf"prepared {re.escape(str(folder))}: 1 documents, \d+ tokens in 1 shard\(s\) \(0\.0 MB\), "
@@ -352,9 +354,9 @@ def test_summary_line_and_progress_bar(tmp_path, folder, gpt2, capsys):
         captured.out,
     )
     assert "tokenising the held-out part" in captured.err and "tok" in captured.err
-    shards.prepare(str(folder), gpt2, tmp_path / "train", part=split.train)
+    shards.prepare(str(folder), tokenizer, tmp_path / "train", part=split.train)
     assert "tokenising the held-out part" not in capsys.readouterr().err
-    shards.prepare(str(folder), gpt2, tmp_path / "quiet", progress=False)
+    shards.prepare(str(folder), tokenizer, tmp_path / "quiet", progress=False)
     assert capsys.readouterr().err == ""
 
 
