@@ -126,6 +126,8 @@ def test_token_cache_file_and_contents(tmp_path, size, dtype):
     again = tokenize(docs, tokenizer, cache=tmp_path)
     assert again.dtype == np.dtype(dtype) and again.tolist() == tokens.tolist()
     assert not again.flags.writeable
+    nested = tokenize(docs, tokenizer, cache=tmp_path / "a" / "b")  # folders made
+    assert nested.tolist() == tokens.tolist()
     plain = tokenize(docs, _Tokenizer(size, eos=None), cache=None)
     assert type(plain) is np.ndarray and plain.tolist() == [ord("x"), ord("y"), ord("z")]
 
