@@ -393,3 +393,17 @@ def test_batches_against_their_definition():
     assert batches.get(3)[0].tolist() == [list(range(s, s + 5)) for s in starts]
     with pytest.raises(ValueError, match="^batch_size 6 does not split over 4 processes$"):
         batches.get(0, world=4)
+
+
+def test_split_defaults_and_two_documents():
+    names = ["a.txt", "b.txt", "c.txt"]
+    assert len(Split(names, []).held_names) == 1  # fraction 0 by default: still one held out
+    message = (
+        "held-out documents ['zz'] are not in corpus 'the corpus' (it has 3 documents: a.txt, "
+        "b.txt, c.txt)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Split(names, ["zz"])
+    two = Split(["a.txt", "b.txt"], [], 0.5)  # two documents: one of them, not a tail of one
+    first = min(["a.txt", "b.txt"], key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+    assert two.single is None and two.held_names == {first}
