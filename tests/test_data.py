@@ -333,6 +333,9 @@ def test_documents_of_each_kind(tmp_path, monkeypatch):
     message = f"unknown plays ['nonesuch', 'zz']; choose among {', '.join(plays())}"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         Documents("shakespeare:zz,hamlet,nonesuch")
+    message = f"unknown plays ['hamlet:1']; choose among {', '.join(plays())}"  # one split only
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Documents("shakespeare:hamlet:1")
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
     monkeypatch.setenv("HOME", str(tmp_path))
