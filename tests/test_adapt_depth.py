@@ -1,11 +1,8 @@
-"""Depth adaptation (odeify.train.distill, recipes/adapt_depth.py) on tiny models: the sampler, the
-matched hidden states, distillation lowering the loss away from N = L while N = L stays close
-to the original, the layer-dropping baseline, the FLOP budget, the recipe end to end with
-resume, and bad input failing before any training."""
+"""Depth adaptation (recipes/adapt_depth.py) on tiny models: the sampler, the recipe end to end
+with resume, and bad input failing before any training. The library it trains with
+(odeify.train.distill) is tested in tests/test_distill.py, the FLOP budget in tests/test_cost.py."""
 
-import copy
 import json
-import math
 import re
 from pathlib import Path
 
@@ -17,18 +14,7 @@ from _launch import recipe as load_recipe
 
 import odeify
 from odeify.assets import gpt2_tokenizer, play_text
-from odeify.train.cost import CostModel, steps_for_budget
-from odeify.train.distill import (
-    LossWeights,
-    adapt_step,
-    distill_loss,
-    drop_layers,
-    frozen_teacher,
-    matching,
-    recording,
-    teacher_targets,
-)
-from odeify.train.evaluate import sweep
+from odeify.train.cost import CostModel
 from odeify.train.sampler import StepSampler
 
 recipe = load_recipe("adapt_depth")
@@ -114,153 +100,6 @@ def test_sampler_refuses_bad_input(kwargs, match):
     settings = dict(num_layers=6, low=2, high=12) | kwargs
     with pytest.raises(ValueError, match=f"^{re.escape(match)}$"):
         StepSampler(**settings)
-
-
-def test_matching_pairs_where_the_grids_meet():
-    assert matching(15, 30) == [(j, 2 * j) for j in range(1, 16)]
-    assert matching(20, 30) == [(j, 3 * j // 2) for j in range(2, 21, 2)]
-    assert matching(60, 30) == [(j, j // 2) for j in range(2, 61, 2)]
-    assert matching(7, 30) == [(7, 30)]  # every grid ends where the teacher ends
-
-
-def test_recording_gives_the_state_after_each_step(make_llama):
-    stock = make_llama(num_hidden_layers=4)
-    ids = torch.randint(1, 97, (2, 8))
-    after = []
-    hooks = [
-        layer.register_forward_hook(
-            lambda m, a, out: after.append(out[0] if isinstance(out, tuple) else out)
-        )
-        for layer in stock.model.layers
-    ]
-    with torch.no_grad():
-        stock(ids, use_cache=False)
-    for h in hooks:
-        h.remove()
-    model = odeify.odeify(copy.deepcopy(stock), progress=False)
-    block = odeify.get_block(model)
-    with torch.no_grad(), recording(model) as states:
-        model(ids, use_cache=False)
-    assert len(states) == 4
-    for mine, theirs in zip(states, after, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
-    with torch.no_grad(), recording(model) as states:
-        model(ids, use_cache=False, ode_steps=7)
-    assert len(states) == 7
-    assert "step" not in block.__dict__  # the block's own step is back
-
-
-def test_teacher_must_be_exact(make_llama):
-    smooth = odeify.odeify(
-        make_llama(num_hidden_layers=4), basis="legendre", num_basis=2, progress=False
-    )
-    with pytest.raises(ValueError, match="exact at N = L"):
-        frozen_teacher(smooth)
-    teacher = frozen_teacher(make_llama(num_hidden_layers=4))
-    assert not any(p.requires_grad for p in teacher.parameters())
-
-
-def _student_and_teacher(make_llama, layers=4):
-    stock = make_llama(num_hidden_layers=layers)
-    teacher = frozen_teacher(stock)
-    student = odeify.odeify(stock, progress=False).train()
-    block = odeify.get_block(student)
-    for p in student.parameters():
-        p.requires_grad_(any(p is block.basis_tensor(n) for n in block.names))
-    return student, teacher
-
-
-def evaluate_depths(student, teacher, windows, counts) -> dict:
-    """Perplexity and KL from the teacher at each step count, and the teacher's perplexity."""
-    scores = sweep(student, windows, counts, teacher=teacher)
-    steps = {n: {"perplexity": math.exp(scores.loss[n]), "kl": scores.kl[n]} for n in counts}
-    return {"original": math.exp(scores.teacher_loss), "steps": steps}
-
-
-def _train(student, teacher, sampler, weights, steps, lr=1e-3):
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
-    for step in range(steps):
-        ids = torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(step))
-        labels = torch.roll(ids, -1, dims=1)
-        targets = teacher_targets(teacher, ids, weights)
-        adapt_step(student, targets, ids, labels, sampler.draw(step), weights)
-        optimizer.step()
-        optimizer.zero_grad()
-
-
-def test_distillation_lowers_the_loss_away_from_L_and_keeps_L_close(make_llama):
-    student, teacher = _student_and_teacher(make_llama)
-    free = copy.deepcopy(student)
-    held = torch.randint(1, 97, (8, 12), generator=torch.Generator().manual_seed(99))
-    before = evaluate_depths(student, teacher, held, [2, 4])["steps"]
-    assert before[4]["kl"] < 1e-10 and before[2]["kl"] > 0.05  # exact at L, far at L / 2
-    weights = LossWeights(kl=1.0, hidden=1.0)
-    _train(student, teacher, StepSampler(4, 2, 8, seed=0), weights, steps=25)
-    _train(free, teacher, StepSampler(4, 2, 8, full_every=0, seed=0), weights, steps=25)
-    after = evaluate_depths(student, teacher, held, [2, 4])
-    unanchored = evaluate_depths(free, teacher, held, [2, 4])["steps"]
-    assert after["steps"][2]["kl"] < 0.5 * before[2]["kl"]
-    # N = L stays within tolerance: KL under 0.01 nats/token, perplexity within 2 %
-    assert after["steps"][4]["kl"] < 0.01
-    assert abs(after["steps"][4]["perplexity"] / after["original"] - 1) < 0.02
-    assert after["steps"][4]["kl"] < 0.75 * unanchored[4]["kl"]  # the anchor holds L closer
-
-
-def test_distill_loss_parts_and_weights(make_llama):
-    student, teacher = _student_and_teacher(make_llama)
-    ids = torch.randint(1, 97, (2, 10))
-    labels = torch.roll(ids, -1, dims=1)
-    weights = LossWeights(kl=1.0, lm=0.5, hidden=2.0)
-    loss, parts = distill_loss(
-        student, ids, labels, teacher_targets(teacher, ids, weights), 4, weights
-    )
-    assert set(parts) == {"kl", "lm", "hidden", "loss"}
-    assert parts["kl"] == pytest.approx(0, abs=1e-6) and parts["hidden"] == pytest.approx(
-        0, abs=1e-10
-    )
-    assert parts["loss"] == pytest.approx(0.5 * parts["lm"], rel=1e-5)
-    no_states = teacher_targets(teacher, ids, LossWeights())
-    with pytest.raises(ValueError, match="hidden > 0"):
-        distill_loss(student, ids, labels, no_states, 2, weights)
-    with pytest.raises(ValueError, match="not all zero"):
-        LossWeights(kl=0.0)
-
-
-def test_drop_layers_keeps_the_layer_at_or_before_each_grid_time(make_llama):
-    stock = make_llama(num_hidden_layers=4)
-    ids = torch.randint(1, 97, (2, 8))
-    half = drop_layers(stock, 2)
-    ode = odeify.odeify(copy.deepcopy(stock), progress=False)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            half(ids, use_cache=False).logits,
-            odeify.materialize(ode, 2)(ids, use_cache=False).logits,
-            rtol=0,
-            atol=1e-5,
-        )
-    three = drop_layers(stock, 3)  # layers floor(4 i / 3) = 0, 1, 2, output projections x 4/3
-    for i, layer in enumerate(three.model.layers):
-        source = stock.model.layers[i]
-        torch.testing.assert_close(layer.self_attn.q_proj.weight, source.self_attn.q_proj.weight)
-        torch.testing.assert_close(layer.mlp.down_proj.weight, source.mlp.down_proj.weight * 4 / 3)
-    with pytest.raises(ValueError, match="keep must be"):
-        drop_layers(stock, 5)
-    with pytest.raises(ValueError, match="stock"):
-        drop_layers(ode, 2)
-
-
-def test_cost_model_and_budget(make_llama):
-    stock = make_llama(num_hidden_layers=4)
-    layer = sum(p.numel() for p in stock.model.layers[0].parameters())
-    cost = CostModel.of(odeify.odeify(stock, progress=False))
-    assert (cost.layer_params, cost.head_params, cost.num_layers) == (layer, 97 * 32, 4)
-    assert cost.train_step(10, [4]) == 4 * cost.forward(10, 4)
-    sampler = StepSampler(4, 2, 8, seed=0)
-    steps, spent = steps_for_budget(1e7, 10, cost, sampler.draw)
-    assert spent <= 1e7 < spent + cost.train_step(10, sampler.draw(steps))
-    assert spent == sum(cost.train_step(10, sampler.draw(s)) for s in range(steps))
-    with pytest.raises(ValueError, match="budget"):
-        steps_for_budget(0, 10, cost, sampler.draw)
 
 
 # ------------------------------------------------------------------------------- the recipe

@@ -4,12 +4,14 @@ stray file leaves: a corrupt newest checkpoint, a torn metrics line, a moved fol
 import os
 import pickle
 import random
+import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from odeify.train.checkpoints import Checkpoints, claim
+from odeify.train.checkpoints import _OLD_FORMAT_GLOBALS, Checkpoints, claim
 from odeify.train.config import config_stamp
 from odeify.train.metrics import Metrics
 
@@ -260,3 +262,131 @@ def test_every_unreadable_checkpoint_is_named_in_full(tmp_path):
         f"no checkpoint in {tmp_path} can be read: {'; '.join(why)}. Start the run again "
         "(without --resume, or in another out_dir)"
     )
+
+
+def _torch_error(path, **kwargs):
+    """What torch.load itself says about a file (the text odeify's refusals pass on)."""
+    with pytest.raises(Exception) as raised, torch.serialization.safe_globals(_OLD_FORMAT_GLOBALS):
+        torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    return raised.value
+
+
+def _write(path, kind):
+    if kind == "junk":
+        path.write_bytes(b"junk")
+    elif kind == "one byte":
+        path.write_bytes(b"\x80")
+    elif kind == "truncated zip":
+        torch.save({"step": 1, "config": {}, "model": {}}, path)
+        path.write_bytes(path.read_bytes()[:-10])
+    elif kind == "truncated pickle":  # the pre-zip format ends early: EOFError, no text
+        torch.save(
+            {"step": 1, "config": {}, "model": {}}, path, _use_new_zipfile_serialization=False
+        )
+        path.write_bytes(path.read_bytes()[:20])
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "list":
+        torch.save([1, 2], path)
+    elif kind == "no model":
+        torch.save({"step": 1, "config": {}, "optimizer": {}}, path)
+    elif kind == "crafted":
+        torch.save({"step": 1, "config": {}, "model": _Payload(path.parent / "pwned")}, path)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "junk",
+        "one byte",
+        "truncated zip",
+        "truncated pickle",
+        "folder",
+        "list",
+        "no model",
+        "crafted",
+    ],
+)
+def test_each_unreadable_file_is_refused_with_its_reason_in_full(tmp_path, kind):
+    path = tmp_path / "step-3.pt"
+    _write(path, kind)
+    # check() memory-maps the file (torch then refuses anything but its zip format), resume()
+    # reads it: each passes on what torch.load said in that mode.
+    for call, mmap in ((lambda c: c.check(), True), (lambda c: c.resume(*_trained()[:2]), False)):
+        if kind in ("list", "no model"):
+            why = f"{path} is not a checkpoint written by odeify's recipes"
+        elif kind == "crafted":
+            first = str(_torch_error(path, mmap=mmap)).splitlines()[0]
+            why = (
+                f"{path} holds objects other than tensors and plain data, which odeify never "
+                f"unpickles (crafted, or not written by odeify): {first}"
+            )
+        else:
+            error = _torch_error(path, mmap=mmap)
+            assert not isinstance(error, pickle.UnpicklingError)
+            why = f"{path} is not a readable checkpoint (truncated or corrupt: {error})"
+        message = (
+            f"no checkpoint in {tmp_path} can be read: {why}. Start the run again (without "
+            "--resume, or in another out_dir)"
+        )
+        with pytest.raises(ValueError) as raised:
+            call(Checkpoints(tmp_path, {}))
+        assert str(raised.value) == message, mmap
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("content", [b"\x80", b"junk"])
+def test_resume_falls_back_past_a_newest_file_of_a_few_bytes(tmp_path, content):
+    # torch.load raises IndexError (1 byte) or struct.error (a few) on these; resume let them
+    # through instead of skipping the file.
+    model, optimizer, _ = _trained()
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, keep=2)
+    ckpt.save(1, model, optimizer)
+    ckpt.save(2, model, optimizer).write_bytes(content)
+    with pytest.warns(
+        UserWarning, match="^resuming from step-1.pt, the newest readable checkpoint: "
+    ):
+        assert ckpt.resume(model, optimizer)[0] == 1
+
+
+def test_check_maps_the_file_and_resume_reads_it(tmp_path, monkeypatch):
+    model, optimizer, _ = _trained()
+    Checkpoints(tmp_path, {"lr": 0.1}).save(2, model, optimizer)
+    loads, load = [], torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: loads.append((k["mmap"], k["map_location"])) or load(*a, **k)
+    )
+    assert Checkpoints(tmp_path, {"lr": 0.1}).check() == 2
+    assert Checkpoints(tmp_path, {"lr": 0.1}).resume(model, optimizer)[0] == 2
+    assert loads == [(True, "cpu"), (False, "cpu")]
+
+
+def test_the_fallback_warning_names_the_caller_of_check_and_resume(tmp_path, monkeypatch):
+    # The frame a warning names is found by walking up from the function that warns (two
+    # frames: past _newest, to whoever called check or resume), so the check holds however
+    # the methods are reached (mutmut calls them through wrappers).
+    model, optimizer, _ = _trained()
+    ckpt = Checkpoints(tmp_path, {"lr": 0.1}, keep=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, model, optimizer)
+    for step in (2, 3):
+        (tmp_path / f"step-{step}.pt").write_bytes(b"")
+    real, callers = warnings.warn, []
+
+    def warn(*args, stacklevel=1, **kwargs):
+        caller = sys._getframe(3)  # 1: _newest, 2: check or resume, 3: their caller
+        callers.append((caller.f_code.co_filename, caller.f_lineno))
+        real(*args, stacklevel=stacklevel + 1, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    why = [
+        f"{tmp_path / f'step-{step}.pt'} is empty (a save killed before it began writing?)"
+        for step in (3, 2)
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ckpt.check() == 1
+        assert ckpt.resume(model, optimizer)[0] == 1
+    assert [(w.filename, w.lineno) for w in caught] == callers and len(callers) == 2
+    expected = f"resuming from step-1.pt, the newest readable checkpoint: {why[0]}; {why[1]}"
+    assert [(w.category, str(w.message)) for w in caught] == [(UserWarning, expected)] * 2

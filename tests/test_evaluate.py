@@ -2,8 +2,10 @@
 transformers computes, and a scheme asked of sweep() or `odeify eval --scheme` is the scheme
 the numbers were computed with."""
 
+import contextlib
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -104,3 +106,86 @@ def test_converting_an_odeified_model_exits_2_with_one_line(converted, tmp_path,
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == f"odeify: error: {folder} is already odeified"
     assert not (tmp_path / "again").exists()
+
+
+def _nll_and_log_probs(model, ids, **kw):
+    with torch.no_grad():
+        logits = model(ids, use_cache=False, **kw).logits[:, :-1].float()
+    log_probs = logits.log_softmax(-1).flatten(0, 1)
+    targets = ids[:, 1:].reshape(-1)
+    return -log_probs[torch.arange(len(targets)), targets].sum().item(), log_probs
+
+
+def test_sweep_against_a_teacher_equals_the_direct_sums(model, make_gpt2):
+    # The teacher's own default is 2 steps: sweep runs it at its depth, L = 4, all the same.
+    teacher = odeify(make_gpt2(), steps=2, progress=False)
+    scores = sweep(model, WINDOWS, [2, None], batch_size=2, teacher=teacher)
+    tokens = WINDOWS.shape[0] * (WINDOWS.shape[1] - 1)
+    assert scores.tokens == tokens
+    teacher_nll, log_p = _nll_and_log_probs(teacher, WINDOWS, ode_steps=4)
+    # Sums of float32 terms over 55 tokens in another order: relative 1e-5
+    assert scores.teacher_loss == pytest.approx(teacher_nll / tokens, rel=1e-5)
+    for n, run in ((2, {"ode_steps": 2}), (None, {})):  # None: the model as it is (N = L)
+        nll, log_q = _nll_and_log_probs(model, WINDOWS, **run)
+        kl = (log_p.exp() * (log_p - log_q)).sum().item()
+        assert scores.loss[n] == pytest.approx(nll / tokens, rel=1e-5)
+        assert scores.kl[n] == pytest.approx(kl / tokens, rel=1e-5)
+    assert scores.kl[2] > 1e-3 and scores.loss[2] != scores.loss[None]
+
+
+class _Recorder(torch.nn.Module):
+    """A model that records what it is called with; its logits are bfloat16."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(97, 97)
+        self.calls = []
+
+    def forward(self, ids, **kwargs):
+        self.calls.append((tuple(ids.shape), kwargs))
+        return types.SimpleNamespace(logits=self.table(ids).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_sweep_of_a_stock_model_reads_windows_as_asked(shifted):
+    recorder = _Recorder()
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(True)
+        yield
+
+    scores = sweep(recorder, WINDOWS, [2, 3], batch_size=4, shifted=shifted, autocast=autocast)
+    width = WINDOWS.shape[1] - 1 if shifted else WINDOWS.shape[1]
+    assert (
+        recorder.calls
+        == [((4, width), {"use_cache": False})] * 2 + [((1, width), {"use_cache": False})] * 2
+    )  # any count: a stock model as it is
+    assert len(entered) == 4
+    with torch.no_grad():
+        logits = recorder.table(WINDOWS[:, :-1]).to(torch.bfloat16).float()
+    # the bfloat16 logits are scored in float32
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), WINDOWS[:, 1:].flatten())
+    assert scores.loss[2] == scores.loss[3] == pytest.approx(nll.item(), rel=1e-6)
+    assert scores.kl is None and scores.teacher_loss is None
+
+
+def test_a_shifted_sweep_reads_one_token_less_with_a_teacher_too(make_gpt2):
+    # Models of an 11-token context: the 12-token windows fit only shifted, teacher included.
+    model = odeify(make_gpt2(n_positions=11), progress=False)
+    teacher = odeify(make_gpt2(n_positions=11), progress=False)
+    scores = sweep(model, WINDOWS, [2], teacher=teacher, shifted=True)
+    with torch.no_grad():
+        log_p = teacher(WINDOWS[:, :-1], use_cache=False).logits.log_softmax(-1).flatten(0, 1)
+        log_q = model(WINDOWS[:, :-1], use_cache=False, ode_steps=2).logits
+    log_q = log_q.log_softmax(-1).flatten(0, 1)
+    targets = WINDOWS[:, 1:].reshape(-1)
+    tokens = len(targets)
+    rows = torch.arange(tokens)
+    assert scores.teacher_loss == pytest.approx(
+        -log_p[rows, targets].sum().item() / tokens, rel=1e-5
+    )
+    assert scores.loss[2] == pytest.approx(-log_q[rows, targets].sum().item() / tokens, rel=1e-5)
+    kl = (log_p.exp() * (log_p - log_q)).sum().item() / tokens
+    assert scores.kl[2] == pytest.approx(kl, rel=1e-5)

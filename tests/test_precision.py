@@ -1,6 +1,8 @@
 """Which dtype a recipe's ``autocast`` setting trains in on a device."""
 
 import platform
+import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -53,3 +55,54 @@ def test_native_bf16_on_this_cpu_matches_its_instruction_set():
         assert not native_bf16("cpu")  # an AVX2-only CPU emulates bfloat16
     else:
         pytest.skip("AVX-512 without bf16 instructions: oneDNN's choice, not checked here")
+
+
+def test_native_bf16_per_device_type(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: "cuda says")
+    assert native_bf16("cuda:1") == "cuda says"  # CUDA's own answer, on any CUDA device
+    assert native_bf16(torch.device("meta")) is False
+    for answer, expected in ((1, True), (0, False)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda a=answer: a)
+        assert native_bf16("cpu") is expected
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cuda", 0)])
+def test_emulated_bf16_warning_in_full(monkeypatch, device):
+    seen = []
+    monkeypatch.setattr(precision, "native_bf16", lambda d: seen.append(d) or False)
+    kind = torch.device(device).type
+    message = (
+        f"autocast: bf16 on a {kind} without native bfloat16 matmuls: they are emulated, about "
+        "ten times slower than float32 here; set autocast: auto (float32 on this device) or none"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert autocast_dtype("bf16", device) == torch.bfloat16
+        assert autocast_dtype("auto", device) is None
+    assert [(w.category, str(w.message)) for w in caught] == [(UserWarning, message)]
+    assert seen == [device, device]
+
+
+@pytest.mark.parametrize("choice", ["fp16", "BF16", ""])
+def test_unknown_choice_refused_in_full(choice):
+    message = f"autocast must be one of ['auto', 'bf16', 'none'], got {choice!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        autocast_dtype(choice, "cpu")
+
+
+def test_the_emulation_warning_names_the_caller_of_autocast_dtype(monkeypatch):
+    # The frame a warning names is found here by walking up from the function that warns, so
+    # the check holds however autocast_dtype is reached (mutmut calls it through a wrapper).
+    monkeypatch.setattr(precision, "native_bf16", lambda d: False)
+    real, callers = warnings.warn, []
+
+    def warn(*args, stacklevel=1, **kwargs):
+        caller = sys._getframe(2)  # 1: the function that warns, 2: whoever called it
+        callers.append((caller.f_code.co_filename, caller.f_lineno))
+        real(*args, stacklevel=stacklevel + 1, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        autocast_dtype("bf16", "cpu")
+    assert [(w.filename, w.lineno) for w in caught] == callers and len(callers) == 1

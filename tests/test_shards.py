@@ -1,6 +1,9 @@
 """Token shards: streamed preparation in worker processes, resumption, bad input, the loader."""
 
+import hashlib
 import json
+import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -34,7 +37,7 @@ def folder(tmp_path):
     return root
 
 
-def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2):
+def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2, capsys):
     """Shakespeare through shards (several of them, two workers) equals today's tokenize()."""
     docs = data.Documents(PLAYS)
     split = data.Split(docs.names(), ["macbeth"])
@@ -44,6 +47,8 @@ def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2):
     ours = shards.prepare(docs, gpt2, tmp_path / "train", **options)
     assert len(ours.files) == 2 and ours.documents == 2  # a shard holds whole documents
     assert np.array_equal(ours[0 : len(ours)], today)
+    megabytes = f"{len(ours) * 2 / 1e6:,.1f} MB"  # uint16 tokens
+    assert megabytes != "0.0 MB" and f"in 2 shard(s) ({megabytes})," in capsys.readouterr().out
     held = shards.prepare(docs, gpt2, tmp_path / "held", part=split.held, progress=False)
     assert np.array_equal(held[0 : len(held)], data.tokenize(held_docs, gpt2, cache=None))
     a, b = data.Batches(today, 8, 64, seed=3), data.Batches(ours, 8, 64, seed=3)
@@ -201,3 +206,236 @@ def test_reading_leaves_no_shard_mapped(tmp_path, folder, gpt2):
         assert np.array_equal(x.numpy(), np.stack([whole[r : r + 32] for r in rows]))
     mapped = Path("/proc/self/maps").read_text()
     assert not [f.name for f in prepared.files if str(f) in mapped]
+
+
+def test_tokenizer_identity_from_its_definition():
+    tokenizer = data.char_tokenizer(["café"])  # a non-ASCII token, written as itself
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    described = [type(tokenizer).__name__, 6, 0, vocab]  # EOS, <unk> and c, a, f, é
+    expected = hashlib.sha256(json.dumps(described, ensure_ascii=False).encode()).hexdigest()
+    assert shards.tokenizer_identity(tokenizer) == expected
+
+
+def _index_of(out):
+    return json.loads((out / "index.json").read_text())
+
+
+def test_index_lists_each_shard_and_chains_their_digests(tmp_path, folder):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    out = tmp_path / "s"
+    prepared = shards.prepare(str(folder), tokenizer, out, shard_tokens=300, batch_chars=200)
+    index = _index_of(out)
+    assert index == prepared.index
+    assert (index["format"], index["complete"], index["read"], index["skipped"]) == (
+        1,
+        True,
+        12,
+        [],
+    )
+    assert (index["corpus"], index["dtype"], index["shard_tokens"], index["part"]) == (
+        str(folder),
+        "uint16",
+        300,
+        None,
+    )
+    assert index["tokenizer"] == shards.tokenizer_identity(tokenizer)
+    assert index["source"] == data.Documents(str(folder)).fingerprint()
+    chain = None
+    for i, shard in enumerate(index["shards"]):
+        raw = (out / shard["file"]).read_bytes()
+        assert shard["file"] == f"shard-{i:05d}.uint16" and shard["tokens"] == len(raw) // 2
+        assert shard["sha256"] == hashlib.sha256(raw).hexdigest()
+        chain = hashlib.sha256(((chain or "") + shard["sha256"]).encode()).hexdigest()
+    assert index["digest"] == chain and len(index["shards"]) > 2
+    assert index["documents"] == 12 == sum(s["documents"] for s in index["shards"])
+    assert index["tokens"] == len(prepared) == sum(s["tokens"] for s in index["shards"])
+    assert all(s["tokens"] >= 300 for s in index["shards"][:-1])  # closed once full
+    texts = [text for _, text in data.Documents(str(folder))]
+    expected = [t for text in texts for t in [*tokenizer(text)["input_ids"], 0]]
+    assert prepared[0 : len(prepared)].tolist() == expected
+
+
+def test_slices_across_shards(tmp_path, folder):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    prepared = shards.prepare(
+        str(folder), tokenizer, tmp_path / "s", shard_tokens=100, batch_chars=1, progress=False
+    )
+    whole = np.concatenate([np.fromfile(f, dtype=np.uint16) for f in prepared.files])
+    assert len(prepared.files) > 3 and len(prepared) == len(whole)
+    edges = prepared.starts
+    for a, b in [(0, 1), (edges[1] - 1, edges[1] + 1), (edges[1], edges[3]), (5, edges[4] + 7)]:
+        assert prepared[a:b].tolist() == whole[a:b].tolist(), (a, b)
+    assert prepared[-5:].tolist() == whole[-5:].tolist()
+    assert prepared[10:20:1].tolist() == whole[10:20].tolist()
+    for key in (slice(20, 10), slice(0, 0), slice(7, 7)):
+        empty = prepared[key]
+        assert empty.dtype == np.uint16 and empty.shape == (0,)
+    message = "shards are read in contiguous slices, tokens[a:b]"
+    for key in (3, slice(0, 10, 2)):
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            prepared[key]
+    with open(prepared.files[1], "r+b") as f:  # cut short after it was opened
+        f.truncate(4)
+    message = f"{prepared.files[1]} ended early; prepare the shards again"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        prepared[edges[1] : edges[1] + 10]
+
+
+def test_refusals_in_full(tmp_path, folder):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    nothing = tmp_path / "nothing"
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"{nothing} holds no prepared shards (no index.json)")
+    ):
+        shards.Shards(nothing)
+    out = tmp_path / "s"
+    shards.prepare(str(folder), tokenizer, out, progress=False)
+    other = data.char_tokenizer(["To be"])
+    message = (
+        f"the shards in {out} were written by another tokenizer (its vocabulary differs from "
+        "this one's); prepare them again with this tokenizer"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        shards.Shards(out, other)
+    message = (
+        f"{out} already holds shards of another preparation (different shard_tokens, "
+        "tokenizer); delete it or prepare into another folder"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        shards.prepare(str(folder), other, out, shard_tokens=99)
+    (shard,) = out.glob("shard-*")
+    whole = shard.read_bytes()
+    shard.write_bytes(whole + b"\0\0")
+    message = (
+        f"{out}: the shard files do not hold the token counts their index lists (a file was "
+        "truncated or replaced); prepare the shards again"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        shards.Shards(out)
+    index = _index_of(out)
+    (out / "index.json").write_text(json.dumps({**index, "complete": False}))
+    message = f"{out} holds an unfinished preparation; run prepare again to resume it"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        shards.Shards(out)
+    (out / "index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "format"}))
+    message = (
+        f"{out} holds shards of format version None, this odeify reads version 1; delete the "
+        "folder (or prepare into another) to write them again"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        shards.Shards(out)
+
+
+def test_an_unfinished_run_of_another_preparation_is_discarded(tmp_path, folder):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    out = tmp_path / "s"
+    shards.prepare(str(folder), tokenizer, out, shard_tokens=300, progress=False)
+    index = _index_of(out)
+    (out / "index.json").write_text(json.dumps({**index, "complete": False}))
+    (out / "shard-00009.uint16.tmp").write_bytes(b"half")
+    (out / "keep.txt").write_text("not ours")
+    again = shards.prepare(str(folder), tokenizer, out, shard_tokens=200, progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["index.json", "keep.txt", *(s["file"] for s in again.index["shards"])])
+    assert again.index["shard_tokens"] == 200 and again.documents == 12
+
+
+def test_summary_line_and_progress_bar(tmp_path, folder, capsys):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    for i in range(7):
+        (folder / f"bin{i}.txt").write_bytes(b"\0")
+    split = data.Split(data.Documents(str(folder)).names(), ["doc04"])
+    shards.prepare(str(folder), tokenizer, tmp_path / "held", part=split.held)
+    captured = capsys.readouterr()
+    assert re.fullmatch(
+        rf"prepared {re.escape(str(folder))}: 1 documents, \d+ tokens in 1 shard\(s\) \(0\.0 MB\), "
+        r"[\d,]+ tokens/s; skipped 7 file\(s\) that are not UTF-8 text: "
+        r"bin0\.txt, bin1\.txt, bin2\.txt, bin3\.txt, bin4\.txt\n",
+        captured.out,
+    )
+    assert "tokenising the held-out part" in captured.err and "tok" in captured.err
+    shards.prepare(str(folder), tokenizer, tmp_path / "train", part=split.train)
+    assert "tokenising the held-out part" not in capsys.readouterr().err
+    shards.prepare(str(folder), tokenizer, tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_no_text_on_the_held_out_side(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("words")
+    (corpus / "b.txt").write_text("")
+    split = data.Split(["a.txt", "b.txt"], ["b"])
+    tokenizer = data.char_tokenizer(["words"])
+    message = f"corpus {str(corpus)!r} has no text to tokenise on the held-out side of the split"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        shards.prepare(str(corpus), tokenizer, tmp_path / "x", part=split.held, progress=False)
+
+
+def test_cached_folder_is_named_by_corpus_side_and_tokenizer(tmp_path, folder):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    docs = data.Documents(str(folder))
+    split = data.Split(docs.names(), ["doc04"])
+    held = shards.cached(docs, tokenizer, split.held, root=tmp_path, progress=False)
+    key = [docs.spec, docs.fingerprint(), split.held.key, shards.tokenizer_identity(tokenizer)]
+    assert held.folder == tmp_path / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+    assert held.index["part"] == split.held.key and held.documents == 1
+    whole = shards.cached(docs, tokenizer, root=tmp_path, workers=2, progress=False)
+    key = [docs.spec, docs.fingerprint(), None, shards.tokenizer_identity(tokenizer)]
+    assert whole.folder == tmp_path / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+    assert whole.documents == 12
+
+
+class _Slow:
+    """A tokenizer without a Rust backend: ids are characters' code points; no EOS."""
+
+    is_fast, eos_token_id = False, None
+
+    def __len__(self):
+        return 70000  # more than uint16 holds
+
+    def get_vocab(self):
+        return {"a": 0}
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[1] * add_special_tokens + [ord(c) for c in t] for t in texts]}
+
+
+def test_a_slow_tokenizer_without_eos_in_uint32(tmp_path, folder):
+    prepared = shards.prepare(str(folder), _Slow(), tmp_path / "s", batch_chars=50, progress=False)
+    texts = [text for _, text in data.Documents(str(folder))]
+    assert prepared.dtype == np.uint32 and prepared.files[0].name == "shard-00000.uint32"
+    assert prepared[0 : len(prepared)].tolist() == [ord(c) for text in texts for c in text]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_batches_of_text_keep_the_corpus_order(tmp_path, folder, workers):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    one = shards.prepare(
+        str(folder), tokenizer, tmp_path / "one", batch_chars=10**9, progress=False
+    )
+    small = shards.prepare(
+        str(folder), tokenizer, tmp_path / "small", workers=workers, batch_chars=1, progress=False
+    )
+    assert small[0 : len(small)].tolist() == one[0 : len(one)].tolist()
+
+
+def test_cached_shows_progress_unless_asked_not_to(tmp_path, folder, capsys):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    docs = data.Documents(str(folder))
+    shards.cached(docs, tokenizer, root=tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+    shards.cached(docs, tokenizer, root=tmp_path / "shown")
+    assert "tokenising" in capsys.readouterr().err
+
+
+def test_reads_without_pread_seek_and_read_the_same_tokens(tmp_path, folder, monkeypatch):
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    prepared = shards.prepare(
+        str(folder), tokenizer, tmp_path / "s", shard_tokens=100, batch_chars=1, progress=False
+    )
+    edges = prepared.starts
+    slices = [(0, 5), (edges[1] - 3, edges[2] + 4), (edges[2] + 1, edges[2] + 9)]
+    expected = [prepared[a:b].tolist() for a, b in slices]
+    monkeypatch.delattr(os, "pread")  # as on Windows
+    assert [prepared[a:b].tolist() for a, b in slices] == expected

@@ -388,3 +388,91 @@ def test_input_errors_in_full(monkeypatch):
         "time_linear: the Triton backend needs the triton package, which is not installed (it "
         'ships wheels for Linux x86_64); use backend="reference" (or "auto")'
     )
+
+
+@pytest.mark.parametrize(
+    "m,n,dtype,expected",
+    [
+        (1, 40, torch.bfloat16, ttl._Blocks(16, 64, 64, 4, 3)),  # decode: narrow column tiles
+        (17, 40, torch.float32, ttl._Blocks(32, 64, 32, 4, 3)),
+        (33, 40, torch.float16, ttl._Blocks(64, 128, 64, 4, 3)),
+        (64, 40, torch.float32, ttl._Blocks(64, 128, 32, 4, 3)),
+        (100, 40, torch.float32, ttl._Blocks(128, 128, 32, 8, 3)),  # 128 x 128: eight warps
+        (5000, 40, torch.bfloat16, ttl._Blocks(128, 128, 64, 8, 3)),
+    ],
+)
+def test_tile_sizes_by_rows_and_dtype(m, n, dtype, expected):
+    # The heuristic tiles of the module docstring (the kernels are correct at any tile size,
+    # blocks16 above; these are what ships).
+    assert ttl._matmul_blocks(m, n, dtype) == expected
+
+
+def test_weight_grad_tiles_by_dtype():
+    assert ttl._weight_grad_blocks(torch.float32) == ttl._Blocks(64, 64, 32, 4, 3)
+    assert ttl._weight_grad_blocks(torch.bfloat16) == ttl._Blocks(64, 64, 64, 4, 3)
+
+
+def test_dot_options_interpreted_and_compiled(monkeypatch):
+    monkeypatch.setattr(ttl, "INTERPRETED", True)
+    assert ttl._dot_options(torch.float32) == {"UPCAST_DOT": False, "INPUT_PRECISION": "ieee"}
+    assert ttl._dot_options(torch.bfloat16) == {"UPCAST_DOT": True, "INPUT_PRECISION": "ieee"}
+    monkeypatch.setattr(ttl, "INTERPRETED", False)
+    assert ttl._dot_options(torch.float16) == {"UPCAST_DOT": False, "INPUT_PRECISION": None}
+    precision = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert ttl._dot_options(torch.float32) == {
+                "UPCAST_DOT": False,
+                "INPUT_PRECISION": expected,
+            }
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+class _Launches:
+    """A kernel stand-in that records each launch's grid and sample count, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.grids.append((grid[0], args[6]))  # programs, samples in this launch
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("budget,samples", [(1, [1, 1, 1]), (2, [2, 1]), (3, [3]), (99, [3])])
+def test_g_chunks_hold_as_many_samples_as_the_budget_allows(monkeypatch, budget, samples):
+    shape = (3, 6, 20, 18, 2)  # G of one sample: 18 x 20 fp32
+    monkeypatch.setattr(ttl, "_G_BUDGET_BYTES", budget * 4 * 18 * 20)
+    launches = _Launches(ttl._weight_grad_kernel)
+    monkeypatch.setattr(ttl, "_weight_grad_kernel", launches)
+    inputs = with_grad(make_inputs(shape, shared=False, bias=False))
+    grad_y = torch.randn(shape[0], shape[1], shape[3], device=DEVICE)
+    _, grads = run(inputs, "triton", grad_y)
+    # one tile of 64 x 64 covers 18 x 20: a program per sample
+    assert launches.grids == [(n, n) for n in samples]
+    _, exact = run(float64(inputs), "reference", grad_y.double())
+    for g, e in zip(grads[:3], exact[:3], strict=True):
+        assert_close(g.double(), e, rtol=1e-5, atol=1e-4)
+
+
+def test_float64_default_dtype_leaves_the_fp32_buffers(monkeypatch):
+    shape = (2, 5, 24, 40, 3)
+    inputs = with_grad(make_inputs(shape, shared=False, bias=True))
+    grad_y = torch.randn(shape[0], shape[1], shape[3], device=DEVICE)
+    _, exact = run(float64(inputs), "reference", grad_y.double())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y, grads = run(inputs, "triton", grad_y)
+    finally:
+        torch.set_default_dtype(default)
+    assert y.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    for g, e in zip(grads, exact, strict=True):
+        assert_close(g.double(), e, rtol=1e-5, atol=1e-4)

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import random
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -69,7 +70,8 @@ def _load(path: Path, mmap: bool = False) -> dict[str, Any]:
             f"{path} holds objects other than tensors and plain data, which odeify never "
             f"unpickles (crafted, or not written by odeify): {str(error).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
+    # A file of a few bytes fails in the pickle reader itself: IndexError (1 byte), struct.error.
+    except (RuntimeError, EOFError, OSError, IndexError, struct.error) as error:
         raise ValueError(
             f"{path} is not a readable checkpoint (truncated or corrupt: {error})"
         ) from None
