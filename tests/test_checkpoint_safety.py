@@ -34,7 +34,12 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_crafted_checkpoint_runs_no_code(tmp_path):
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turns torch.load's weights_only default off in a user's
+# environment; odeify asks for weights_only explicitly, so it still unpickles nothing.
+@pytest.mark.parametrize("force_unsafe", [False, True], ids=["default", "unsafe-env"])
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, monkeypatch, force_unsafe):
+    if force_unsafe:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     model, optimizer, _ = _trained()
     marker = tmp_path / "pwned"
     folder = tmp_path / "checkpoints"
@@ -47,6 +52,16 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path):
         with pytest.raises(ValueError, match="never unpickles"):
             call(Checkpoints(folder, {}))
     assert not marker.exists()
+
+
+def test_a_checkpoint_of_exactly_step_config_and_model_is_one(tmp_path):
+    # The three keys every recipe's checkpoint has; optimizer and RNG states are read only by
+    # resume, so check takes a file holding just these.
+    torch.save({"step": 7, "config": {"lr": 0.1}, "model": {}}, tmp_path / "step-7.pt")
+    assert Checkpoints(tmp_path, {"lr": 0.1}).check() == 7
+    torch.save({"step": 8, "config": {"lr": 0.1}}, tmp_path / "step-8.pt")
+    with pytest.warns(UserWarning, match="step-8.pt is not a checkpoint written by odeify"):
+        assert Checkpoints(tmp_path, {"lr": 0.1}).check() == 7
 
 
 def test_checkpoints_hold_only_tensors_and_plain_data(tmp_path):
