@@ -886,6 +886,7 @@ def test_calibrate_passes_every_option_and_reports_each_step_count(
     text = tmp_path / "text.txt"
     text.write_text("Friends, Romans, countrymen, lend me your ears. " * 4)
     calls, schedules = [], {2: Schedule.from_layers([0, 2], 3), 1: Schedule.from_layers([1], 3)}
+    schedules[10] = Schedule.uniform(10, 3)  # 10 after 2: the step counts sorted as numbers
 
     def calibrate(model, steps, data, **options):
         calls.append((steps, data, options))
@@ -894,11 +895,12 @@ def test_calibrate_passes_every_option_and_reports_each_step_count(
         return {
             2: Calibration(2, schedules[2], [0, 2], [0.5, 0.3, 0.2, 0.125], seconds=3.2),
             1: Calibration(1, schedules[1], [1], [], seconds=0.4),
+            10: Calibration(10, schedules[10], None, [0.25, 0.0625], seconds=12.6),
         }
 
     monkeypatch.setattr(odeify, "calibrate", calibrate)
     out = tmp_path / "cal"
-    argv = ["calibrate", str(source), str(out), "--steps", "2,1", "--corpus", str(text)]
+    argv = ["calibrate", str(source), str(out), "--steps", "2,1,10", "--corpus", str(text)]
     options = {
         "init": "bi",
         "learn_times": False,
@@ -920,15 +922,16 @@ def test_calibrate_passes_every_option_and_reports_each_step_count(
     assert loads == [((str(source), "float16", str(source)), {})]
     ((steps, data, passed),) = calls
     tokens = tokenize(corpus(str(text)), odeify.loading._tokenizer_in(source))
-    assert steps == [2, 1] and data.dtype == torch.int64 and data.tolist() == tokens.tolist()
+    assert steps == [2, 1, 10] and data.dtype == torch.int64 and data.tolist() == tokens.tolist()
     assert passed == options
     assert capsys.readouterr().out == (
         f"N = 2: {schedules[2]} KL 0.500 -> 0.125 (3 s)\n"
         f"N = 1: {schedules[1]}  (0 s)\n"
-        f"saved to {out} with calibrated schedules for N = 1, 2\n"
+        f"N = 10: {schedules[10]} KL 0.250 -> 0.062 (13 s)\n"
+        f"saved to {out} with calibrated schedules for N = 1, 2, 10\n"
     )
     saved = from_pretrained(out)
-    assert saved.dtype == torch.float16 and sorted(get_block(saved).ode.schedules) == ["1", "2"]
+    assert saved.dtype == torch.float16 and set(get_block(saved).ode.schedules) == {"1", "2", "10"}
     assert (out / "tokenizer.json").exists() or (out / "vocab.json").exists()
     # The defaults, as `odeify calibrate --help` states them.
     calls.clear()
@@ -1132,11 +1135,11 @@ def test_analyze_passes_its_options_and_prints_the_summary(
     argv = ["analyze", str(source), "--text-file", str(text), "--out", str(tmp_path / "r")]
     argv += ["--times", "0,0.5,0.75", "--steps", "2", "--scheme", "heun", "--top-k", "3"]
     try:
-        assert main([*argv, "--refine", "1", "--threads", "1"]) == 0
+        assert main([*argv, "--refine", "1", "--threads", "1", "--tokenizer", str(source)]) == 0
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    assert loads == [((str(source), "float32", None), {})]
+    assert loads == [((str(source), "float32", str(source)), {})]
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenizer("To be, or not to be").input_ids
     tokens = [tokenizer.decode([i]) for i in ids]
@@ -1151,7 +1154,9 @@ def test_analyze_passes_its_options_and_prints_the_summary(
     assert report["tokens"] == tokens and report["title"] == "gpt2-small: 7 tokens"
     assert report["meta"] == {**meta, "seconds": 2.5} and report["lyapunov"].refine == 1
     top = ", ".join(f"{tokens[i]!r} {largest[i]:.3f}" for i in (5, 2, 4, 0, 3))
-    assert capsys.readouterr().out == (
+    out, err = capsys.readouterr()
+    assert "fitting W(t)" not in err  # the fit in memory shows no progress bar
+    assert out == (
         f"{source} is not odeified: odeified it in memory (hat basis, exact at its 3 steps) for "
         "the spectra over t and the Lyapunov exponents; the original layers' spectra are drawn "
         "as markers\n"
@@ -1174,6 +1179,55 @@ def test_analyze_refuses_a_text_longer_than_the_model_reads(converted, capsys, t
     )
     argv = ["analyze", str(converted), "--text", "x", "--threads", "0"]
     assert _user_error(argv, capsys) == "odeify: error: --threads must be >= 1, got 0"
+
+
+def test_analyze_refuses_a_text_without_tokens(source, tmp_path, capsys):
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    # A BPE without an unknown token drops what it cannot spell: "zz" has no tokens.
+    folder = tmp_path / "only-a"
+    bpe = Tokenizer(BPE(vocab={"a": 0}, merges=[]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(folder)
+    argv = ["analyze", str(source), "--text", "zz", "--tokenizer", str(folder)]
+    assert _user_error([*argv, "--out", str(tmp_path / "r")], capsys) == (
+        "odeify: error: the text has no tokens after tokenisation: pass a longer --text"
+    )
+
+
+def test_analyze_reads_a_text_of_exactly_the_models_positions(source, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = "be" + " be" * 127
+    argv = ["analyze", str(source), "--text", text, "--out", str(tmp_path / "r")]
+    model, _, ids, ode, device = cli._analysis_inputs(build_parser().parse_args(argv))
+    expected = AutoTokenizer.from_pretrained(source)(text).input_ids
+    assert len(expected) == model.config.n_positions == 128 and ids.tolist() == expected
+    assert not ode and device == torch.device("cpu")
+
+
+def test_analyze_reads_the_text_file_as_utf8_whatever_the_locale(tmp_path, capsys):
+    import codecs
+    import locale
+    import sys
+
+    if sys.flags.utf8_mode:
+        pytest.skip("in Python's UTF-8 mode open() reads UTF-8 whatever the locale")
+    # A no-break space alone: blank once read as UTF-8; in the C locale's ASCII, undecodable.
+    text = tmp_path / "text.txt"
+    text.write_text("\u00a0\n", encoding="utf-8")
+    argv = ["analyze", str(tmp_path / "absent"), "--text-file", str(text)]
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C")
+        assert codecs.lookup(locale.getpreferredencoding(False)).name == "ascii"
+        error = _user_error([*argv, "--out", str(tmp_path / "r")], capsys)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
+    assert error == (
+        "odeify: error: the text is empty: pass the text to analyse with --text or --text-file"
+    )
 
 
 def _binary(source, folder):
