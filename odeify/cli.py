@@ -249,6 +249,9 @@ def cmd_generate(args) -> int:
     block = get_block(model)
     n = args.steps or block.ode.resolved_steps
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    # Every prompt token is attended: without a mask generate infers one from pad_token_id and
+    # would hide end-of-text tokens typed in the prompt when the model's own EOS id differs.
+    mask = torch.ones_like(ids)
     sampling = (
         {"do_sample": True, "temperature": args.temperature}
         if args.temperature > 0
@@ -257,7 +260,11 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     with odeify.steps(model, n, args.scheme):
         out = model.generate(
-            ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling
+            ids,
+            attention_mask=mask,
+            max_new_tokens=args.max_new_tokens,
+            pad_token_id=tokenizer.eos_token_id,
+            **sampling,
         )
     seconds = time.perf_counter() - start
     print(tokenizer.decode(out[0], skip_special_tokens=True))

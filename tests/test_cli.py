@@ -838,8 +838,10 @@ def test_generate_prints_what_the_model_generates(
     n = steps or block.ode.resolved_steps
     torch.manual_seed(0)
     with torch.no_grad(), odeify.steps(model, n, scheme):
-        pad = tokenizer.eos_token_id
-        expected = model.generate(ids, max_new_tokens=new, pad_token_id=pad, **sampling)
+        pad, mask = tokenizer.eos_token_id, torch.ones_like(ids)  # the prompt's EOS attended
+        expected = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad, **sampling
+        )
     assert out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
     assert "<|endoftext|>" not in out
     made = expected.shape[1] - ids.shape[1]
@@ -859,8 +861,40 @@ def test_generate_odeifies_a_plain_model_and_passes_the_loading_options(
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
-        expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=50256)
+        expected = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=50256,
+        )
     assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+
+
+def test_generate_attends_an_end_of_text_token_typed_in_the_prompt(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    # The model's own EOS id (0) is not the tokenizer's (50256): left to infer a mask from
+    # pad_token_id, generate would hide the prompt's first token.
+    folder = tmp_path / "other-eos"
+    config = GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=128, eos_token_id=0)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
+    argv = ["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    model = odeify.odeify(GPT2LMHeadModel.from_pretrained(folder), progress=False)
+    ids = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        attended, masked = (
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=50256
+            )
+            for mask in (torch.ones_like(ids), (ids != 50256).long())
+        )
+    assert not torch.equal(attended, masked)  # the two differ here, so the test can tell
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert capsys.readouterr().out == tokenizer.decode(attended[0], skip_special_tokens=True) + "\n"
 
 
 def test_a_model_without_a_tokenizer_is_refused_by_each_command(converted, tmp_path, capsys):
