@@ -19,6 +19,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Tiny models run thousands of small ops: on a loaded 2-core machine OpenMP's spinning second
+    thread makes them far slower, and one thread makes training runs bit-reproducible for the
+    resume tests. The count is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

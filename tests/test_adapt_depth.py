@@ -22,14 +22,7 @@ recipe = load_recipe("adapt_depth")
 PLAYS = ("hamlet", "macbeth", "othello")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads on a loaded 2-core machine, and one thread makes
-    # runs bit-reproducible for the resume test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ the library

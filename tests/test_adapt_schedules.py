@@ -19,13 +19,7 @@ from odeify.train.distill import frozen_teacher
 from odeify.train.evaluate import sweep
 from odeify.train.sampler import StepSampler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _v2(assets, out, **overrides):  # noqa: F811

@@ -10,15 +10,7 @@ from odeify.analysis import lyapunov, spectra
 from odeify.analysis.benettin import random_subspace
 from odeify.analysis.lyapunov import capture_call, diagonal_routing
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tests run thousands of tiny ops; 2-thread OpenMP regions on tiny tensors cost
-    # milliseconds each when the cores are shared, one thread keeps them at microseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IDS = torch.tensor([5, 17, 3, 88, 41, 9, 60])

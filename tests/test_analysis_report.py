@@ -15,13 +15,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 TEXT = "To be, or not to be, that is the question:\nwhether 'tis <b>nobler</b> in the mind"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many tiny ops: one thread avoids OpenMP spin costs when the cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_write_report(make_llama, tmp_path):

@@ -224,6 +224,26 @@ def test_calibrate_with_a_linear_correction_saves_its_matrices(converted, tmp_pa
 # Every subcommand's options as `odeify <command> --help` documents them: (flag or positional,
 # action, default, type, choices, required, help). A default or a choice is behaviour a script
 # relies on; the help text is what a user reads.
+# The loading options every model command shares (`_placement`).
+_DTYPE = (
+    "--dtype",
+    "store",
+    "float32",
+    "_dtype_arg",
+    None,
+    False,
+    "auto (the checkpoint's) | float32 | bfloat16 | float16 (default: float32)",
+)
+_DEVICE = (
+    "--device",
+    "store",
+    None,
+    "_device_arg",
+    None,
+    False,
+    "torch device, e.g. cuda (default: cpu)",
+)
+
 OPTIONS = {
     "convert": (
         "odeify a model and save it",
@@ -285,15 +305,7 @@ OPTIONS = {
                 False,
                 "auto (the checkpoint's) | float32 | bfloat16 | float16 (default: auto)",
             ),
-            (
-                "--device",
-                "store",
-                None,
-                "_device_arg",
-                None,
-                False,
-                "torch device, e.g. cuda (default: cpu)",
-            ),
+            _DEVICE,
         ],
     ),
     "eval": (
@@ -364,24 +376,8 @@ OPTIONS = {
                 False,
                 "tokenizer folder, or 'gpt2' (default: the model's)",
             ),
-            (
-                "--dtype",
-                "store",
-                "float32",
-                "_dtype_arg",
-                None,
-                False,
-                "auto (the checkpoint's) | float32 | bfloat16 | float16 (default: float32)",
-            ),
-            (
-                "--device",
-                "store",
-                None,
-                "_device_arg",
-                None,
-                False,
-                "torch device, e.g. cuda (default: cpu)",
-            ),
+            _DTYPE,
+            _DEVICE,
             ("--plot", "store", None, None, None, False, "write a PNG of perplexity against steps"),
             ("--json", "store", None, None, None, False, "write the results as JSON"),
         ],
@@ -413,24 +409,8 @@ OPTIONS = {
             ("--max-new-tokens", "store", 32, "_positive_int", None, False, None),
             ("--temperature", "store", 0.0, "float", None, False, "0: greedy"),
             ("--tokenizer", "store", None, None, None, False, None),
-            (
-                "--dtype",
-                "store",
-                "float32",
-                "_dtype_arg",
-                None,
-                False,
-                "auto (the checkpoint's) | float32 | bfloat16 | float16 (default: float32)",
-            ),
-            (
-                "--device",
-                "store",
-                None,
-                "_device_arg",
-                None,
-                False,
-                "torch device, e.g. cuda (default: cpu)",
-            ),
+            _DTYPE,
+            _DEVICE,
         ],
     ),
     "calibrate": (

@@ -12,14 +12,7 @@ from odeify.train.optim import adamw
 IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a loaded 2-core machine: waking a second OpenMP thread costs more than
-    # the work (the training test goes from about 5 s to under 1 s).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gpt2(**overrides):

@@ -27,13 +27,7 @@ from odeify.train.distill import (
 from odeify.train.evaluate import sweep
 from odeify.train.sampler import StepSampler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_matching_pairs_where_the_grids_meet():

@@ -16,14 +16,7 @@ finetune = recipe("finetune")
 PLAYS = ("hamlet", "macbeth", "the-tempest", "othello")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads; on a loaded machine spinning OpenMP threads make
-    # them far slower, and one thread makes runs bit-reproducible for the resume test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

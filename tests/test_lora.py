@@ -14,14 +14,7 @@ from odeify.lora import load_adapter
 IDS = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a loaded machine OpenMP's spinning threads
-    # make them orders of magnitude slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model, adapter="default"):
