@@ -4,12 +4,12 @@ stray file leaves: a corrupt newest checkpoint, a torn metrics line, a moved fol
 import os
 import pickle
 import random
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from _stacklevel import record_callers
 
 from odeify.train.checkpoints import _OLD_FORMAT_GLOBALS, Checkpoints, claim
 from odeify.train.config import config_stamp
@@ -386,14 +386,7 @@ def test_the_fallback_warning_names_the_caller_of_check_and_resume(tmp_path, mon
         ckpt.save(step, model, optimizer)
     for step in (2, 3):
         (tmp_path / f"step-{step}.pt").write_bytes(b"")
-    real, callers = warnings.warn, []
-
-    def warn(*args, stacklevel=1, **kwargs):
-        caller = sys._getframe(3)  # 1: _newest, 2: check or resume, 3: their caller
-        callers.append((caller.f_code.co_filename, caller.f_lineno))
-        real(*args, stacklevel=stacklevel + 1, **kwargs)
-
-    monkeypatch.setattr(warnings, "warn", warn)
+    callers = record_callers(monkeypatch, 3)  # 1: _newest, 2: check or resume, 3: their caller
     why = [
         f"{tmp_path / f'step-{step}.pt'} is empty (a save killed before it began writing?)"
         for step in (3, 2)

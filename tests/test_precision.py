@@ -2,12 +2,12 @@
 
 import platform
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from _stacklevel import record_callers
 
 from odeify.train import precision
 from odeify.train.precision import autocast_dtype, native_bf16
@@ -94,14 +94,7 @@ def test_the_emulation_warning_names_the_caller_of_autocast_dtype(monkeypatch):
     # The frame a warning names is found here by walking up from the function that warns, so
     # the check holds however autocast_dtype is reached (mutmut calls it through a wrapper).
     monkeypatch.setattr(precision, "native_bf16", lambda d: False)
-    real, callers = warnings.warn, []
-
-    def warn(*args, stacklevel=1, **kwargs):
-        caller = sys._getframe(2)  # 1: the function that warns, 2: whoever called it
-        callers.append((caller.f_code.co_filename, caller.f_lineno))
-        real(*args, stacklevel=stacklevel + 1, **kwargs)
-
-    monkeypatch.setattr(warnings, "warn", warn)
+    callers = record_callers(monkeypatch, 2)  # 1: the function that warns, 2: whoever called it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         autocast_dtype("bf16", "cpu")
