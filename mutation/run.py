@@ -1,8 +1,10 @@
 """Mutation testing of odeify's library modules with mutmut, within a time budget.
 
-Usage: ``python mutation/run.py [--budget MINUTES] [--fresh] [MODULE ...]`` (``make mutate``).
-MODULE is a path from ``mutation/modules.toml`` (``odeify/bases.py``) or its stem (``bases``,
-``train/data``); none means every module, in the file's order, until the budget is spent.
+Usage: ``python mutation/run.py [--budget MINUTES] [--fresh] [--only PATTERN ...] [MODULE ...]``
+(``make mutate``). MODULE is a path from ``mutation/modules.toml`` (``odeify/bases.py``) or its
+stem (``bases``, ``train/data``); none means every module, in the file's order, until the budget
+is spent. ``--only`` runs just the mutants whose names match a pattern (mutmut's names, ``*``
+for any text: ``'odeify.cli.x_cmd_eval__mutmut_*'`` is one function's), decided or not.
 
 Each module runs in its own scratch copy of the repository, ``out/mutation/work/<name>``, with a
 ``[tool.mutmut]`` section that mutates that module only and selects the test files the mapping
@@ -239,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help="module paths or stems (default: all)")
     parser.add_argument("--budget", type=float, help="minutes for this run (default: config)")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument(
+        "--only", nargs="+", default=[], metavar="PATTERN", help="mutant names to run (fnmatch)"
+    )
     args = parser.parse_args(argv)
     cfg = load_config()
     mapping = cfg["modules"]
@@ -262,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         _retest_survivors(work, module)
         print(f"{module}: mutmut run ({left / 60:.1f} min left)", flush=True)
         slowest = cfg["run"].get("max_test_seconds", 0)
-        done = _mutmut(work, ["run", "--max-children", "1"], timeout=left, max_test_seconds=slowest)
+        done = _mutmut(
+            work, ["run", "--max-children", "1", *args.only], timeout=left, max_test_seconds=slowest
+        )
         (work / "mutmut.log").write_text(done.stdout + done.stderr)
         if done.returncode not in (0, -1):
             # e.g. a module whose functions are all decorated (mutmut leaves those alone).

@@ -3,11 +3,11 @@
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
 from _compare import assert_identical
+from _hub_cache import cache_snapshot
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -155,19 +155,10 @@ def test_from_pretrained_refuses_bad_arguments(saved):
         from_pretrained(folder, device="cpu", device_map="auto")
 
 
-def _cache(folder, cache_dir, repo):
-    """``folder`` laid out as the hub cache holds a downloaded snapshot of ``repo``."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache_dir / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, root / "snapshots" / commit)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-
-
 def test_hub_ids_resolve_from_the_cache_offline(stock, saved, tmp_path):
     cache = tmp_path / "hub"
-    _cache(stock, cache, "someone/tiny-stock")
-    _cache(saved[0], cache, "someone/tiny-ode")
+    cache_snapshot(stock, cache, "someone/tiny-stock")
+    cache_snapshot(saved[0], cache, "someone/tiny-ode")
     _assert_same_model(odeify("someone/tiny-stock", cache_dir=cache, progress=False), saved[1])
     _assert_same_model(from_pretrained("someone/tiny-ode", cache_dir=cache), saved[1])
 

@@ -4,6 +4,7 @@ counts, materialize, save/load) while N = L stays the original bit for bit, cali
 and lowers the KL, and bad input fails with a message that says what is wrong."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +107,21 @@ def test_a_corrected_schedule_drives_steps_materialize_and_save_load(
     assert torch.equal(_logits(model, ode_steps=3), uncorrected)
 
 
+def test_a_stored_correction_takes_the_models_dtype(make_gpt2, make_llama):
+    model = _model("gpt2", make_gpt2, make_llama).double()
+    schedule = _corrected()  # float32 matrices
+    block = odeify.get_block(model)
+    block.store_schedule(schedule)
+    assert block.corrections.n3.dtype == torch.float64
+    assert torch.equal(block.corrections.n3, schedule.correction.double())
+
+
+def _wider(what):
+    """The refusal of a correction for hidden size D + 8, as a whole-message pattern."""
+    refusal = f"{what} hidden size {D + 8}; the model has {D}. Calibrate it again for this model"
+    return f"^{re.escape(refusal)} \\(odeify.calibrate\\)$"
+
+
 def test_bad_corrections_are_refused_with_a_clear_message(make_gpt2, make_llama, tmp_path):
     model = _model("llama", make_gpt2, make_llama)
     block = odeify.get_block(model)
@@ -117,9 +133,10 @@ def test_bad_corrections_are_refused_with_a_clear_message(make_gpt2, make_llama,
     with pytest.raises(ValueError, match="no separate MLP update"):
         Schedule(s.times, [0.5] * 3, 6, scheme="heun", correction=s.correction)
     wide = _corrected(size=D + 8)
-    with pytest.raises(ValueError, match="hidden size 40; the model has 32"):
+    for_this = _wider("this schedule's correction is for")
+    with pytest.raises(ValueError, match=for_this):
         _logits(model, ode_steps=3, ode_schedule=wide)
-    with pytest.raises(ValueError, match="hidden size 40; the model has 32"):
+    with pytest.raises(ValueError, match=for_this):
         block.store_schedule(wide)
     with pytest.raises(ValueError, match="matrices are saved with the model"):
         Schedule.from_dict(s.to_dict())
@@ -136,7 +153,7 @@ def test_bad_corrections_are_refused_with_a_clear_message(make_gpt2, make_llama,
     # Saved for another hidden size: refused before any weight is read.
     saved["odeify"]["schedules"]["3"]["correction"]["hidden_size"] = D + 8
     config.write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="hidden size 40; the model has 32"):
+    with pytest.raises(ValueError, match=_wider("the schedule of 3 steps has a correction for")):
         odeify.from_pretrained(tmp_path / "m")
     # The matrices of another step count (here: the 3-step ones under a 2-step schedule).
     saved["odeify"]["schedules"] = {

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from _compare import assert_identical
+from _hub_cache import cache_snapshot
 from transformers import AutoModelForCausalLM
 
 import odeify as ode
@@ -98,7 +99,11 @@ def test_unknown_settings_are_refused(saved):
 
 def test_plain_checkpoint_points_to_odeify(make_gpt2, tmp_path):
     make_gpt2().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="plain transformers checkpoint.*odeify\\(model\\)"):
+    refusal = (
+        f"{tmp_path / 'config.json'} has no 'odeify' section: it is a plain transformers "
+        "checkpoint. Load it with AutoModelForCausalLM.from_pretrained and call odeify(model)."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(refusal)}$"):
         from_pretrained(tmp_path)
 
 
@@ -160,10 +165,35 @@ def test_a_saved_folder_holds_the_model_card_and_its_files(make_gpt2, tmp_path):
 
 
 def test_from_pretrained_puts_the_model_on_the_device_given(saved):
-    loaded = from_pretrained(saved, device="cpu")
-    assert {p.device for p in loaded.parameters()} == {torch.device("cpu")}
+    # The meta device stands in for an accelerator: it is not where a plain load would put it.
+    for where in ({"device": "meta"}, {"device": torch.device("meta")}, {"device_map": "meta"}):
+        loaded = from_pretrained(saved, **where)
+        assert {p.device for p in loaded.parameters()} == {torch.device("meta")}, where
     with pytest.raises(ValueError, match=r"^device 'cude' is not a torch device \(.+\)$"):
         from_pretrained(saved, device="cude")
+    both = "pass device= (the whole model on one device) or device_map=, not both"
+    with pytest.raises(ValueError, match=f"^{re.escape(both)}$"):
+        from_pretrained(saved, device="cpu", device_map="cpu")
+
+
+def test_from_pretrained_gives_the_saved_dtype_or_the_one_asked_for(make_gpt2, tmp_path):
+    model = odeify(make_gpt2(), progress=False).to(torch.bfloat16)
+    save_pretrained(model, tmp_path / "m")
+    expected = model.state_dict()
+    for dtype, loads in ((None, torch.bfloat16), ("float32", torch.float32)):
+        state = from_pretrained(tmp_path / "m", dtype=dtype).state_dict()
+        assert {t.dtype for t in state.values() if t.is_floating_point()} == {loads}, dtype
+        assert all(torch.equal(state[k], expected[k].to(loads)) for k in expected)
+
+
+def test_a_hub_id_loads_the_revision_asked_for_from_the_cache_given(make_gpt2, tmp_path):
+    cache = tmp_path / "hub"
+    for i, (ref, layers) in enumerate((("main", 4), ("v2", 2))):
+        save_pretrained(odeify(make_gpt2(n_layer=layers), progress=False), tmp_path / ref)
+        cache_snapshot(tmp_path / ref, cache, "someone/tiny-ode", commit=f"{i}" * 40, ref=ref)
+    for revision, layers in ((None, 4), ("v2", 2), ("1" * 40, 2)):
+        loaded = from_pretrained("someone/tiny-ode", revision=revision, cache_dir=cache)
+        assert loaded.config.n_layer == layers, revision
 
 
 def test_the_saved_architecture_picks_the_class(saved, tmp_path):

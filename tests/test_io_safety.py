@@ -151,9 +151,21 @@ def test_a_changed_tensor_fails_the_checksum(saved):
     name = next(k for k in state if ".basis." in k)
     state[name].view(torch.int32).view(-1)[0] ^= 1 << 30  # one flipped bit
     save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="do not match the checksum.*verify=False"):
+    refusal = (
+        f"{saved}: the tensors do not match the checksum written with them (the weight files "
+        "were changed or corrupted); pass verify=False to load them anyway"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(refusal)}$"):
         from_pretrained(saved)
     assert from_pretrained(saved, verify=False) is not None
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"fitted_with": {}}'])
+def test_a_checksum_file_that_is_not_one_is_refused(saved, text):
+    (saved / "checksum.json").write_text(text)
+    refusal = f"{saved / 'checksum.json'} is not a checksum file written by odeify"
+    with pytest.raises(ValueError, match=f"^{re.escape(refusal)}$"):
+        from_pretrained(saved)
 
 
 def test_folders_saved_without_a_checksum_still_load(saved, model):

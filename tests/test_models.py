@@ -5,6 +5,7 @@ forward and generate, and carry a model card; folders of the earlier format stil
 import inspect
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -195,7 +196,11 @@ def test_a_folder_of_the_earlier_format_loads_and_upgrades(make_gpt2, tmp_path, 
 def test_an_odeify_model_type_without_its_settings_is_refused(make_gpt2, tmp_path):
     odeify.save_pretrained(_ode(make_gpt2()), tmp_path / "m")
     _rewrite(tmp_path / "m", lambda c: c.pop("odeify"))
-    with pytest.raises(ValueError, match="model type 'odeify-gpt2' but no 'odeify' section"):
+    refusal = (
+        f"{tmp_path / 'm' / 'config.json'} has model type 'odeify-gpt2' but no 'odeify' section "
+        "(the ODE settings): it was edited; restore it or convert the original model again"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(refusal)}$"):
         odeify.from_pretrained(tmp_path / "m")
 
 
