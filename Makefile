@@ -72,4 +72,4 @@ lint: $(STAMP)
 # reached the mutated function, forked from a process that has imported torch already, and goes
 # on where the last run stopped. Report: out/mutation/report.md. `make mutate MODULES=bases BUDGET=10`.
 mutate: $(STAMP)
-	$(PY) mutation/run.py $(if $(BUDGET),--budget $(BUDGET)) $(if $(FRESH),--fresh) $(if $(ONLY),--only $(ONLY)) $(MODULES)
+	$(PY) mutation/run.py $(if $(BUDGET),--budget $(BUDGET)) $(if $(FRESH),--fresh) $(foreach p,$(ONLY),--only '$(p)') $(MODULES)

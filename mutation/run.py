@@ -1,6 +1,6 @@
 """Mutation testing of odeify's library modules with mutmut, within a time budget.
 
-Usage: ``python mutation/run.py [--budget MINUTES] [--fresh] [--only PATTERN ...] [MODULE ...]``
+Usage: ``python mutation/run.py [--budget MINUTES] [--fresh] [--only PATTERN]... [MODULE ...]``
 (``make mutate``). MODULE is a path from ``mutation/modules.toml`` (``odeify/bases.py``) or its
 stem (``bases``, ``train/data``); none means every module, in the file's order, until the budget
 is spent. ``--only`` runs just the mutants whose names match a pattern (mutmut's names, ``*``
@@ -242,9 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, help="minutes for this run (default: config)")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
     parser.add_argument(
-        "--only", nargs="+", default=[], metavar="PATTERN", help="mutant names to run (fnmatch)"
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="run only the mutants whose names match (fnmatch; repeat for more)",
     )
     args = parser.parse_args(argv)
+    if args.only and not args.modules:
+        parser.error("--only selects mutants of one module: name the module too")
     cfg = load_config()
     mapping = cfg["modules"]
     by_stem = {work_name(m): m for m in mapping}

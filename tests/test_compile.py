@@ -122,6 +122,23 @@ def test_compiled_generation_at_new_step_counts_compiles_nothing(
     assert counts[0] <= 3 and counts == [counts[0]] * 4
 
 
+def test_a_compiled_model_grows_an_empty_cache_the_caller_gives(make_llama):
+    # DynamicCache() made without a config has no layers: the compiled step adds its slot's.
+    from transformers import DynamicCache
+
+    model, reference, _ = _compiled_pair(make_llama)
+    with torch.no_grad():
+        for n in (2, 5):
+            caches = DynamicCache(), DynamicCache()
+            for ids in (IDS[:, :-1], IDS[:, -1:]):  # the prompt, then one token on its cache
+                got = model(ids, past_key_values=caches[0], ode_steps=n).logits
+                expected = reference(ids, past_key_values=caches[1], ode_steps=n).logits
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"N = {n}")
+            assert len(caches[0].layers) == len(caches[1].layers) == n
+            for mine, theirs in zip(*(c.layers for c in caches), strict=True):
+                assert torch.equal(mine.keys, theirs.keys) and mine.keys.shape[-2] == 8
+
+
 def test_compiled_checkpointed_training_gives_the_eager_gradients(make_llama):
     model, reference, backend = _compiled_pair(make_llama)
     grads = []
@@ -160,14 +177,24 @@ def test_compiled_lora_steps_stop_compiling_after_two_step_counts(make_llama):
     assert counts[1:] == [counts[1]] * 4 and counts[1] <= 3
 
 
-def test_per_sample_step_counts_run_eagerly_under_odeify_compile(make_llama):
+@pytest.mark.parametrize("switch", ["transformers", "checkpoint_steps"])
+def test_per_sample_step_counts_run_eagerly_under_odeify_compile(make_llama, switch):
+    # Eager, but still checkpointed by the switch that is on: each step runs again in backward.
     model, reference, backend = _compiled_pair(make_llama)
     counts = torch.tensor([2, 5])
     grads = []
     for m in (model, reference):
-        m.train().activation_checkpointing_enable()
+        m.train()
+        if switch == "transformers":
+            m.activation_checkpointing_enable()
+        else:
+            get_block(m).ode.checkpoint_steps = True
+        block, calls = get_block(m), []
+        step = block.step
+        block.step = lambda x, run, i, step=step, calls=calls: calls.append(i) or step(x, run, i)
         out = m(IDS, labels=IDS, use_cache=False, ode_steps=counts)
         out.loss.backward()
+        assert sorted(calls) == [i for i in range(5) for _ in range(2)], switch
         grads.append({k: p.grad for k, p in m.named_parameters() if p.grad is not None})
     assert backend.graphs == 0  # each sample's grid is indexed per step: nothing traced
     for name in grads[1]:

@@ -6,8 +6,10 @@ The mutation run itself is hours and not part of CI; these checks are what keeps
 import doctest
 import importlib.util
 import re
+import subprocess
 from pathlib import Path
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 
@@ -84,6 +86,28 @@ def test_mutmut_reads_the_section_the_driver_writes(tmp_path, monkeypatch):
 def test_driver_examples_run():
     result = doctest.testmod(_driver(), verbose=False)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_only_hands_its_patterns_to_mutmut_and_needs_a_module(tmp_path, monkeypatch, capsys):
+    driver = _driver()
+    runs = []
+
+    def mutmut(work, args, **kwargs):
+        runs.append((work.name, args))
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(driver, "OUT", tmp_path)
+    monkeypatch.setattr(driver, "_sync", lambda *args: None)
+    monkeypatch.setattr(driver, "_retest_survivors", lambda *args: None)
+    monkeypatch.setattr(driver, "_mutmut", mutmut)
+    monkeypatch.setattr(driver, "report", lambda mapping: "")
+    assert driver.main(["--only", "odeify.bases.x_a*", "bases", "--only", "odeify.bases.x_b"]) == 0
+    assert runs == [
+        ("bases", ["run", "--max-children", "1", "odeify.bases.x_a*", "odeify.bases.x_b"])
+    ]
+    with pytest.raises(SystemExit):
+        driver.main(["--only", "odeify.bases.x_a*"])
+    assert "--only selects mutants of one module: name the module too" in capsys.readouterr().err
 
 
 def test_make_target_and_pins():
