@@ -107,9 +107,13 @@ def test_a_corrected_schedule_drives_steps_materialize_and_save_load(
     assert torch.equal(_logits(model, ode_steps=3), uncorrected)
 
 
-def test_a_stored_correction_takes_the_models_dtype(make_gpt2, make_llama):
+def test_a_correction_runs_in_the_models_dtype(make_gpt2, make_llama):
     model = _model("gpt2", make_gpt2, make_llama).double()
     schedule = _corrected()  # float32 matrices
+    as64 = Schedule(schedule.times, schedule.gains, 6, correction=schedule.correction.double())
+    given = _logits(model, ode_steps=3, ode_schedule=schedule)
+    assert given.dtype == torch.float64
+    assert torch.equal(given, _logits(model, ode_steps=3, ode_schedule=as64))
     block = odeify.get_block(model)
     block.store_schedule(schedule)
     assert block.corrections.n3.dtype == torch.float64
