@@ -890,6 +890,18 @@ def test_a_model_without_a_tokenizer_is_refused_by_each_command(converted, tmp_p
     assert exit_.value.code == message
 
 
+def test_analyze_refuses_a_family_without_an_adapter_in_odeifys_words(source, tmp_path, capsys):
+    # Bloom's config has no max_position_embeddings (ALiBi): no length check, then odeify's refusal.
+    from transformers import BloomConfig, BloomForCausalLM
+
+    folder = tmp_path / "bloom"
+    config = BloomConfig(n_layer=2, hidden_size=16, n_head=2, vocab_size=50257)
+    BloomForCausalLM(config).save_pretrained(folder)
+    argv = ["analyze", str(folder), "--text", "To be", "--tokenizer", str(source)]
+    refusal = _user_error([*argv, "--out", str(tmp_path / "r")], capsys)
+    assert refusal.startswith("odeify: error: odeify has no adapter for BloomForCausalLM")
+
+
 def test_calibrate_passes_every_option_and_reports_each_step_count(
     source, loads, tmp_path, capsys, monkeypatch
 ):
