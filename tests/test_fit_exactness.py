@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _stacklevel import record_callers
 
 from odeify.weight_function import WeightFunction
 
@@ -83,6 +84,9 @@ def test_a_smooth_basis_at_realistic_depth_fits_to_the_rounding_of_its_storage(b
 # fit()'s warnings name its caller (this file), not the frame torch.no_grad() wraps fit in. Only
 # "not inside torch" is asserted: mutmut's trampolines add frames of their own.
 _TORCH = str(Path(torch.__file__).parent)
+# The frame fit's warnings name, counted from warnings.warn: _warn_inexact, fit, the wrapper
+# torch.no_grad() puts around fit, then fit's caller.
+_FIT_CALLER = 4
 _SHAPES = {"fc.weight": torch.Size([3, 2]), "fc.bias": torch.Size([3])}
 
 
@@ -115,9 +119,10 @@ def test_a_zero_layer_stack_fits_with_zero_residual():
     assert wf.fit(zeros, progress=False) == {"fc.weight": 0.0, "fc.bias": 0.0}
 
 
-def test_fit_warnings_point_at_the_caller_with_their_full_wording():
+def test_fit_warnings_point_at_the_caller_with_their_full_wording(monkeypatch):
     wf = WeightFunction(_SHAPES, "hat", 8, 4, {}, lambda name: "mlp")
     samples = {name: torch.randn(4, *shape) for name, shape in _SHAPES.items()}
+    callers = record_callers(monkeypatch, _FIT_CALLER)
     with pytest.warns(UserWarning) as record:
         wf.fit(samples, progress=False)
     assert [str(w.message) for w in record] == [
@@ -126,12 +131,14 @@ def test_fit_warnings_point_at_the_caller_with_their_full_wording():
         "anything (use K <= L)"
     ]
     assert not record[0].filename.startswith(_TORCH)  # stacklevel 3 named no_grad's wrapper
+    assert [(w.filename, w.lineno) for w in record] == callers
 
 
-def test_an_inexact_fit_names_its_worst_parameter():
+def test_an_inexact_fit_names_its_worst_parameter(monkeypatch):
     wf = WeightFunction(_SHAPES, "chebyshev", 30, 30, {}, lambda name: "mlp")
     g = torch.Generator().manual_seed(0)
     samples = {name: torch.randn(30, *shape, generator=g) for name, shape in _SHAPES.items()}
+    callers = record_callers(monkeypatch, _FIT_CALLER)
     with pytest.warns(UserWarning) as record:
         residuals = wf.fit(samples, progress=False)
     worst = max(residuals, key=residuals.get)
@@ -141,6 +148,7 @@ def test_an_inexact_fit_names_its_worst_parameter():
         "model's dtype; the hat basis is exact at K = L)"
     ]
     assert not record[0].filename.startswith(_TORCH)  # stacklevel 3 named no_grad's wrapper
+    assert [(w.filename, w.lineno) for w in record] == callers
 
 
 def test_the_basis_tree_shows_the_original_parameter_names_and_shapes():
