@@ -107,6 +107,23 @@ def test_a_corrected_schedule_drives_steps_materialize_and_save_load(
     assert torch.equal(_logits(model, ode_steps=3), uncorrected)
 
 
+def test_per_sample_counts_that_all_have_corrections_each_take_their_own(make_gpt2, make_llama):
+    model = _model("llama", make_gpt2, make_llama)
+    block = odeify.get_block(model)
+    three = _corrected()
+    g = torch.Generator().manual_seed(1)
+    t = torch.eye(D) + 0.3 * torch.randn(2, D, D, generator=g) / D**0.5
+    plain = Schedule.from_layers([0, 3], 6, gains=[1.0, 0.8, 1.3, 1.1])
+    for schedule in (three, Schedule(plain.times, plain.gains, 6, correction=t)):
+        block.store_schedule(schedule)
+    counts = torch.tensor([3, 2])
+    both = _logits(model, ode_steps=counts)
+    for b, n in enumerate(counts.tolist()):
+        with torch.no_grad():
+            alone = model(IDS[b : b + 1], use_cache=False, ode_steps=n).logits
+        torch.testing.assert_close(both[b : b + 1], alone, rtol=0, atol=1e-5)
+
+
 def test_a_correction_runs_in_the_models_dtype(make_gpt2, make_llama):
     model = _model("gpt2", make_gpt2, make_llama).double()
     schedule = _corrected()  # float32 matrices

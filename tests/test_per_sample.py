@@ -4,7 +4,7 @@ time_linear; each sample's output equals that sample run alone at its own step c
 import pytest
 import torch
 
-from odeify import get_block, odeify, set_steps, steps
+from odeify import Schedule, get_block, odeify, set_steps, steps
 from odeify.time_linear import time_linear_backend
 
 IDS = torch.randint(1, 97, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -56,12 +56,31 @@ def test_generate_with_per_request_depth(model):
 
 def test_equal_counts_take_the_shared_path(model):
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(IDS, ode_steps=torch.tensor([3, 3, 3])).logits,
-            model(IDS, ode_steps=3).logits,
-            rtol=0,
-            atol=0,
-        )
+        for ids, counts in ((IDS, torch.tensor([3, 3, 3])), (IDS[:1], torch.tensor([3]))):
+            torch.testing.assert_close(
+                model(ids, ode_steps=counts).logits,
+                model(ids, ode_steps=3).logits,
+                rtol=0,
+                atol=0,
+            )
+
+
+def test_a_float64_model_keeps_each_samples_times_and_gains_in_float64(make_llama):
+    # Calibrated times (1/3, 2/3) and gains that float32 cannot hold: each sample as if alone,
+    # to float64 rounding.
+    model = odeify(make_llama(num_hidden_layers=6), progress=False).double()
+    block = get_block(model)
+    for layers in ([0, 3], [0, 2, 4]):
+        gains = [1.0 + k / 30 for k in range(2 * len(layers))]
+        block.store_schedule(Schedule.from_layers(layers, 6, gains=gains))
+    counts = torch.tensor([2, 3])
+    with torch.no_grad():
+        batch = model(IDS[:2], ode_steps=counts, use_cache=False).logits
+        alone = [
+            model(IDS[b : b + 1], ode_steps=int(n), use_cache=False).logits
+            for b, n in enumerate(counts)
+        ]
+    torch.testing.assert_close(batch, torch.cat(alone), rtol=0, atol=1e-12)
 
 
 def _basis_grads(model, ids, counts) -> dict:
