@@ -85,9 +85,12 @@ def test_one_compiled_step_serves_every_step_count(make_gpt2, make_llama, family
     assert backend.graphs == 1
 
 
-def test_calibrated_schedules_share_the_compiled_step(make_llama):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_calibrated_schedules_share_the_compiled_step(make_llama, dtype):
+    # float64: the gains the compiled step is given as tensors stay float64 (1.4 is not a float32).
     model, reference, backend = _compiled_pair(make_llama)
     for m in (model, reference):
+        m.to(dtype)
         block = get_block(m)
         for n, gains in ((2, [1.4, 1.6, 1.2, 1.7]), (4, [0.9] * 8)):
             times = [0.0, 0.4] if n == 2 else [0.0, 0.1, 0.37, 0.7]
