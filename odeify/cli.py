@@ -189,9 +189,13 @@ def cmd_eval(args) -> int:
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; pass --tokenizer (a folder, or 'gpt2')")
     seq_len = _seq_len(args.seq_len, getattr(model.config, "max_position_embeddings", None))
-    ids = windows(tokenize(corpus(args.corpus), tokenizer), seq_len, args.max_windows)
-    if len(ids) == 0:
-        raise ValueError(f"{args.corpus} is shorter than one window of {seq_len} tokens")
+    tokens = tokenize(corpus(args.corpus), tokenizer)
+    if len(tokens) < seq_len:
+        raise ValueError(
+            f"{args.corpus} has {len(tokens)} tokens, fewer than one window of {seq_len}: pass a "
+            "longer --corpus or a smaller --seq-len"
+        )
+    ids = windows(tokens, seq_len, args.max_windows)
     reference = {}
     if not ode:
         reference["original"] = perplexity(model, ids, batch_size=args.batch_size, desc="original")

@@ -890,16 +890,34 @@ def test_a_model_without_a_tokenizer_is_refused_by_each_command(converted, tmp_p
     assert exit_.value.code == message
 
 
-def test_analyze_refuses_a_family_without_an_adapter_in_odeifys_words(source, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["analyze", "eval"])
+def test_a_family_without_an_adapter_is_refused_in_odeifys_words(command, source, tmp_path, capsys):
     # Bloom's config has no max_position_embeddings (ALiBi): no length check, then odeify's refusal.
     from transformers import BloomConfig, BloomForCausalLM
 
     folder = tmp_path / "bloom"
     config = BloomConfig(n_layer=2, hidden_size=16, n_head=2, vocab_size=50257)
     BloomForCausalLM(config).save_pretrained(folder)
-    argv = ["analyze", str(folder), "--text", "To be", "--tokenizer", str(source)]
-    refusal = _user_error([*argv, "--out", str(tmp_path / "r")], capsys)
+    argv = [command, str(folder), "--tokenizer", str(source)]
+    if command == "analyze":
+        argv += ["--text", "To be", "--out", str(tmp_path / "r")]
+    else:
+        text = tmp_path / "text.txt"
+        text.write_text("To be, or not to be: that is the question.")
+        argv += ["--corpus", str(text), "--seq-len", "8", "--max-windows", "1"]
+    refusal = _user_error(argv, capsys)
     assert refusal.startswith("odeify: error: odeify has no adapter for BloomForCausalLM")
+
+
+def test_eval_refuses_a_corpus_shorter_than_one_window(source, tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("To be.")
+    argv = ["eval", str(source), "--corpus", str(text), "--seq-len", "64", "--steps", "3"]
+    refusal = (
+        f"odeify: error: {text} has 4 tokens, fewer than one window of 64: pass a longer "
+        "--corpus or a smaller --seq-len"
+    )
+    assert _user_error(argv, capsys) == refusal
 
 
 def test_calibrate_passes_every_option_and_reports_each_step_count(
@@ -1045,9 +1063,12 @@ def test_upgrade_rewrites_a_model_or_an_adapter_in_place(converted, tmp_path, ca
     assert printed == f"{adapter}: continuous adapter, target_parameters ['h.0.basis.w']\n"
 
 
-@pytest.mark.parametrize("layers, counts", [(3, [1, 3, 6]), (5, [2, 5, 10])])  # L/2, L, 2L
+@pytest.mark.parametrize(
+    "layers, counts, device",
+    [(3, [1, 3, 6], None), (5, [2, 5, 10], "cpu")],  # L/2, L, 2L
+)
 def test_eval_prints_the_sweep_of_the_default_counts(
-    layers, counts, loads, tmp_path, capsys, monkeypatch
+    layers, counts, device, loads, tmp_path, capsys, monkeypatch
 ):
     from transformers import AutoModelForCausalLM
 
@@ -1068,9 +1089,10 @@ def test_eval_prints_the_sweep_of_the_default_counts(
     plot, report = tmp_path / "ppl.png", tmp_path / "ppl.json"
     argv = ["eval", str(source), "--corpus", str(text), "--seq-len", "16", "--max-windows", "2"]
     argv += ["--batch-size", "1", "--tokenizer", "gpt2", "--plot", str(plot), "--json", str(report)]
-    assert main(argv) == 0
+    assert main(argv + (["--device", device] if device else [])) == 0
     out, err = capsys.readouterr()
-    assert loads == [((str(source), "float32", "gpt2", None), {})]
+    placed = torch.device(device) if device else None
+    assert loads == [((str(source), "float32", "gpt2", placed), {})]
     model = AutoModelForCausalLM.from_pretrained(source)
     ids = windows(tokenize(corpus(str(text)), tokenizer), 16, 2)
     original = perplexity(model, ids, batch_size=1, progress=False)
@@ -1154,7 +1176,7 @@ def test_analyze_passes_its_options_and_prints_the_summary(
     monkeypatch.setattr(odeify.analysis, "spectra", spectra)
     monkeypatch.setattr(odeify.analysis, "lyapunov", lyapunov)
     monkeypatch.setattr(odeify.analysis.report, "write_report", write_report)
-    _clock(monkeypatch, 5.0, 7.5)
+    _clock(monkeypatch, 5.0, 7.5049)  # 2.5049 s: the report keeps two decimals
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be", encoding="utf-8")
     threads = torch.get_num_threads()
