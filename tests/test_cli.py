@@ -126,6 +126,17 @@ def test_bad_step_lists_are_usage_errors(converted, steps):
     assert exit_info.value.code == 2
 
 
+def test_a_folder_of_weights_without_a_config_is_no_model_folder(tmp_path, capsys):
+    folder = tmp_path / "m"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2)).save_pretrained(folder)
+    (folder / "config.json").unlink()  # model.safetensors alone: not streamed, not loadable
+    err = _user_error(["convert", str(folder), str(tmp_path / "out")], capsys)
+    assert err == (
+        f"odeify: error: {str(folder)!r} is not a bundled model, a .gguf file or a model folder "
+        "(it is neither 'smollm2' nor a folder with a config.json)"
+    )
+
+
 def test_unknown_source(tmp_path, capsys):
     err = _user_error(["convert", str(tmp_path / "nope"), str(tmp_path / "out")], capsys)
     assert "not a bundled model" in err
