@@ -4,7 +4,8 @@ Usage: ``python mutation/run.py [--budget MINUTES] [--fresh] [--only PATTERN]...
 (``make mutate``). MODULE is a path from ``mutation/modules.toml`` (``odeify/bases.py``) or its
 stem (``bases``, ``train/data``); none means every module, in the file's order, until the budget
 is spent. ``--only`` runs just the mutants whose names match a pattern (mutmut's names, ``*``
-for any text: ``'odeify.cli.x_cmd_eval__mutmut_*'`` is one function's), decided or not.
+for any text: ``'odeify.cli.x_cmd_eval__mutmut_*'`` is one function's), decided or not; the
+other mutants keep their results (survivors are not retested).
 
 Each module runs in its own scratch copy of the repository, ``out/mutation/work/<name>``, with a
 ``[tool.mutmut]`` section that mutates that module only and selects the test files the mapping
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         _sync(work, module, mapping[module], [*cfg["run"]["pytest_args"], "-p", "order_tests"])
-        _retest_survivors(work, module)
+        if not args.only:  # with --only, mutmut reruns just the mutants named
+            _retest_survivors(work, module)
         print(f"{module}: mutmut run ({left / 60:.1f} min left)", flush=True)
         slowest = cfg["run"].get("max_test_seconds", 0)
         done = _mutmut(
