@@ -88,7 +88,7 @@ def test_driver_examples_run():
     assert result.attempted >= 4 and result.failed == 0
 
 
-def test_only_hands_its_patterns_to_mutmut_and_needs_a_module(tmp_path, monkeypatch, capsys):
+def test_only_runs_just_its_patterns_and_needs_a_module(tmp_path, monkeypatch, capsys):
     driver = _driver()
     runs = []
 
@@ -98,13 +98,17 @@ def test_only_hands_its_patterns_to_mutmut_and_needs_a_module(tmp_path, monkeypa
 
     monkeypatch.setattr(driver, "OUT", tmp_path)
     monkeypatch.setattr(driver, "_sync", lambda *args: None)
-    monkeypatch.setattr(driver, "_retest_survivors", lambda *args: None)
+    retested = []
+    monkeypatch.setattr(driver, "_retest_survivors", lambda work, module: retested.append(module))
     monkeypatch.setattr(driver, "_mutmut", mutmut)
     monkeypatch.setattr(driver, "report", lambda mapping: "")
     assert driver.main(["--only", "odeify.bases.x_a*", "bases", "--only", "odeify.bases.x_b"]) == 0
     assert runs == [
         ("bases", ["run", "--max-children", "1", "odeify.bases.x_a*", "odeify.bases.x_b"])
     ]
+    assert retested == []  # the survivors outside the patterns keep their results
+    assert driver.main(["bases"]) == 0
+    assert runs[-1] == ("bases", ["run", "--max-children", "1"]) and retested == ["odeify/bases.py"]
     with pytest.raises(SystemExit):
         driver.main(["--only", "odeify.bases.x_a*"])
     assert "--only selects mutants of one module: name the module too" in capsys.readouterr().err
