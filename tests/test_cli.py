@@ -126,6 +126,16 @@ def test_bad_step_lists_are_usage_errors(converted, steps):
     assert exit_info.value.code == 2
 
 
+def test_convert_force_replaces_a_folder_that_is_not_a_checkpoint(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused = _user_error(["convert", str(source), str(out), "--overwrite"], capsys)
+    assert "holds files that are not a model checkpoint" in refused
+    assert main(["convert", str(source), str(out), "--overwrite", "--force"]) == 0
+    assert not (out / "notes.txt").exists() and from_pretrained(out) is not None
+
+
 def test_a_folder_of_weights_without_a_config_is_no_model_folder(tmp_path, capsys):
     folder = tmp_path / "m"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2)).save_pretrained(folder)
@@ -1327,16 +1337,30 @@ def test_streamable_sources_are_safetensors_folders(source, converted, tmp_path,
 
 @pytest.mark.parametrize("streamed", [True, False])
 def test_convert_reports_the_fit_and_passes_its_options(
-    streamed, source, tmp_path, capsys, monkeypatch
+    streamed, source, tmp_path, capsys, monkeypatch, loads
 ):
     if not streamed:  # .bin weights: loaded whole, then converted
         source = _binary(source, tmp_path / "binary")
     out = tmp_path / "out"
+    converts, convert = [], odeify.odeify
+    monkeypatch.setattr(
+        odeify, "odeify", lambda m, **kw: converts.append((m, kw)) or convert(m, **kw)
+    )
     # Loading first (whole) restarts the clock for the conversion alone.
     _clock(monkeypatch, *([1.0, 3.5] if streamed else [1.0, 2.0, 4.5]))
     argv = ["convert", str(source), str(out), "--basis", "chebyshev", "--num-basis", "2"]
-    assert main([*argv, "--scheme", "rk4", "--dtype", "float32"]) == 0
+    assert main([*argv, "--scheme", "rk4", "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    options = {"basis": "chebyshev", "num_basis": 2, "scheme": "rk4"}
+    cpu = torch.device("cpu")
+    if streamed:  # the folder, read in the dtype asked for, onto the device asked for
+        assert loads == [] and converts == [
+            (source, {"dtype": "bfloat16", "device": cpu, **options})
+        ]
+    else:
+        assert loads == [((str(source), "bfloat16"), {"device": cpu})]
+        assert [kw for _, kw in converts] == [options]
     loaded = from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
     block = get_block(loaded)
     assert (block.ode.basis, block.ode.num_basis, block.ode.scheme) == ("chebyshev", 2, "rk4")
     residuals = block.fit_residuals
