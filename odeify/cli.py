@@ -124,15 +124,14 @@ def cmd_convert(args) -> int:
         model = odeify(folder, dtype=args.dtype, device=args.device, **options)
         tokenizer = _tokenizer_in(folder)
     else:  # the bundled model, a GGUF file, a folder of .bin weights: loaded, then converted
-        model, tokenizer, ode = load_model(args.source, args.dtype, device=args.device)
-        if ode:
-            raise ValueError(f"{args.source} is already odeified")
+        # An odeified folder never gets here: _streamable refused it.
+        model, tokenizer, _ = load_model(args.source, args.dtype, device=args.device)
         start = time.perf_counter()
         odeify(model, **options)
     print(f"converted in {time.perf_counter() - start:.1f} s")
     block = get_block(model)
     _report_fit(block)
-    worst = max(block.fit_residuals.values(), default=0.0)
+    worst = max(block.fit_residuals.values())  # the fit just ran: one per parameter
     card = {"base_model": args.source, "max relative fit residual": f"{worst:.2e}"}
     save_pretrained(
         model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, force=args.force, card=card
