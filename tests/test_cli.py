@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import odeify
 from odeify import cli, from_pretrained, get_block
 from odeify.assets import gpt2_tokenizer
+from odeify.card import model_card
 from odeify.cli import build_parser, main
 
 
@@ -1375,6 +1376,8 @@ def test_convert_reports_the_fit_and_passes_its_options(
     card = (out / "README.md").read_text()
     assert f"max relative fit residual: {residuals[worst[0]]:.2e}" in card
     assert f"{source} with its 3 gpt2 blocks" in card
+    notes = {"base_model": str(source), "max relative fit residual": f"{residuals[worst[0]]:.2e}"}
+    assert card == model_card(loaded, out.name, notes)
     assert (out / "tokenizer.json").exists() or (out / "vocab.json").exists()
 
 
