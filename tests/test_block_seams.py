@@ -400,6 +400,13 @@ def test_schedule_for_serves_a_stored_schedule_of_its_scheme_and_warns_once_othe
         "no calibrated 'euler' schedule for 2 steps (calibrated: 2)" + tail,
         "no calibrated 'sequential' schedule for 3 steps (calibrated: 2)" + tail,
     ]
+    eulers = Schedule([0.0, 0.3], [0.4, 0.6], 4, "euler")  # one step size per step
+    block.ode.update(schedules={"2": eulers.to_dict()})
+    assert block.schedule_for(euler, 2).key == eulers.key
+    # Saved before schedules named their scheme: a sequential one.
+    unnamed = {k: v for k, v in odd.to_dict().items() if k != "scheme"}
+    block.ode.update(schedules={"2": unnamed})
+    assert block.schedule_for(sequential, 2).key == odd.key
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert block.schedule_for(sequential, 4).key == Schedule.uniform(4, 4).key  # N = L
