@@ -372,11 +372,13 @@ def test_no_text_on_the_held_out_side(tmp_path):
         shards.prepare(str(corpus), tokenizer, tmp_path / "x", part=split.held, progress=False)
 
 
-def test_cached_folder_is_named_by_corpus_side_and_tokenizer(tmp_path, folder):
+def test_cached_folder_is_named_by_corpus_side_and_tokenizer(tmp_path, folder, monkeypatch):
     tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
     docs = data.Documents(str(folder))
     split = data.Split(docs.names(), ["doc04"])
-    held = shards.cached(docs, tokenizer, split.held, root=tmp_path, progress=False)
+    with monkeypatch.context() as m:  # by default in this process: no pool is forked
+        m.setattr(shards.multiprocessing, "get_context", lambda *a: pytest.fail("forked a pool"))
+        held = shards.cached(docs, tokenizer, split.held, root=tmp_path, progress=False)
     key = [docs.spec, docs.fingerprint(), split.held.key, shards.tokenizer_identity(tokenizer)]
     assert held.folder == tmp_path / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
     assert held.index["part"] == split.held.key and held.documents == 1
@@ -384,6 +386,17 @@ def test_cached_folder_is_named_by_corpus_side_and_tokenizer(tmp_path, folder):
     key = [docs.spec, docs.fingerprint(), None, shards.tokenizer_identity(tokenizer)]
     assert whole.folder == tmp_path / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
     assert whole.documents == 12
+
+
+def test_the_summary_line_reports_this_runs_rate_and_the_size_in_mb(capsys):
+    # 1,000,000 new tokens (100 were there before the resume) in half a second; 1.05 MB on disk.
+    index = {"documents": 1234, "tokens": 1_000_100, "dtype": "uint16", "skipped": []}
+    index["shards"] = [{"tokens": 500_000}, {"tokens": 25_000}]
+    shards._summarise("corpus", index, seconds=0.5, tokens_before=100)
+    assert capsys.readouterr().out == (
+        "prepared corpus: 1,234 documents, 1,000,100 tokens in 2 shard(s) (1.1 MB), "
+        "2,000,000 tokens/s\n"
+    )
 
 
 class _Slow:

@@ -189,7 +189,7 @@ def prepare(
     }
     index = _start(out, identity)
     if index["complete"]:
-        return Shards(out, tokenizer)
+        return Shards(out)  # _start matched its identity, the tokenizer's included
     writer = _Writer(out, index, shard_tokens)
     began, tokens_before = time.perf_counter(), index["tokens"]
     bar = tqdm(
