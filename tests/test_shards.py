@@ -400,9 +400,10 @@ def test_the_summary_line_reports_this_runs_rate_and_the_size_in_mb(capsys):
 
 
 class _Slow:
-    """A tokenizer without a Rust backend: ids are characters' code points; no EOS."""
+    """A tokenizer without a Rust backend (nor an ``is_fast`` to say so): ids are characters'
+    code points; no EOS."""
 
-    is_fast, eos_token_id = False, None
+    eos_token_id = None
 
     def __len__(self):
         return 70000  # more than uint16 holds
@@ -412,6 +413,11 @@ class _Slow:
 
     def __call__(self, texts, add_special_tokens=True):
         return {"input_ids": [[1] * add_special_tokens + [ord(c) for c in t] for t in texts]}
+
+
+def test_token_files_are_uint16_up_to_65535_tokens():
+    sized = [type("Vocab", (), {"__len__": lambda self, n=n: n})() for n in (65535, 65536)]
+    assert [shards._dtype(t) for t in sized] == [np.uint16, np.uint32]
 
 
 def test_a_slow_tokenizer_without_eos_in_uint32(tmp_path, folder):
@@ -441,9 +447,15 @@ def test_cached_shows_progress_unless_asked_not_to(tmp_path, folder, capsys, mon
     clock = iter([100.0])  # the start, then half a second for everything after it
     with monkeypatch.context() as m:
         m.setattr(shards.time, "perf_counter", lambda: next(clock, 100.5))
-        shards.cached(docs, tokenizer, root=tmp_path / "shown")
+        shown = shards.cached(docs, tokenizer, root=tmp_path / "shown")
+    out, err = capsys.readouterr()
+    rate = f"{2 * len(shown):,} tokens/s"  # all of them in the half second
+    assert (
+        out
+        == f"prepared {docs.spec}: 12 documents, {len(shown):,} tokens in 1 shard(s) (0.0 MB), {rate}\n"
+    )
     # The last refresh: the tokens so far in thousands ("k"), their rate, 12 documents in 0.5 s.
-    last = capsys.readouterr().err.rstrip("\n").split("\r")[-1]
+    last = err.rstrip("\n").split("\r")[-1]
     assert re.fullmatch(r"tokenising: [\d.]+ktok \[00:\d\d, [\d.]+k?tok/s, 24 docs/s\]", last), last
 
 

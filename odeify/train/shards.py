@@ -217,7 +217,7 @@ def prepare(
         )
     writer.finish(docs.skipped)
     _summarise(docs.spec, writer.index, time.perf_counter() - began, tokens_before)
-    return Shards(out, tokenizer)
+    return Shards(out)  # written just now, with this tokenizer
 
 
 def cached(
