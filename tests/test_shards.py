@@ -415,6 +415,25 @@ class _Slow:
         return {"input_ids": [[1] * add_special_tokens + [ord(c) for c in t] for t in texts]}
 
 
+def test_workers_tokenise_in_a_fork_pool_of_that_many(tmp_path, folder, monkeypatch):
+    # Forked, so the workers inherit the tokenizer (macOS and Windows default to spawn).
+    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    made, real = [], shards.multiprocessing.get_context
+
+    class Recording:
+        def __init__(self, method):
+            made.append(method)
+            self.context = real(method)
+
+        def Pool(self, processes, *args):
+            made.append(processes)
+            return self.context.Pool(processes, *args)
+
+    monkeypatch.setattr(shards.multiprocessing, "get_context", Recording)
+    prepared = shards.prepare(str(folder), tokenizer, tmp_path / "s", workers=2, progress=False)
+    assert made == ["fork", 2] and len(prepared) > 0
+
+
 def test_token_files_are_uint16_up_to_65535_tokens():
     sized = [type("Vocab", (), {"__len__": lambda self, n=n: n})() for n in (65535, 65536)]
     assert [shards._dtype(t) for t in sized] == [np.uint16, np.uint32]
