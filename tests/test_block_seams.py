@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from _stacklevel import record_callers
 
 import odeify as odeify_module
 from odeify import get_block, odeify, set_steps, steps
@@ -378,7 +379,9 @@ def test_torchdiffeq_gets_the_method_grid_tolerances_and_trainable_parameters(
         assert all(a is b for a, b in zip(params, trainable, strict=True))
 
 
-def test_schedule_for_serves_a_stored_schedule_of_its_scheme_and_warns_once_otherwise(make_gpt2):
+def test_schedule_for_serves_a_stored_schedule_of_its_scheme_and_warns_once_otherwise(
+    make_gpt2, monkeypatch
+):
     import warnings
 
     from odeify.schedule import Schedule
@@ -407,6 +410,15 @@ def test_schedule_for_serves_a_stored_schedule_of_its_scheme_and_warns_once_othe
     unnamed = {k: v for k, v in odd.to_dict().items() if k != "scheme"}
     block.ode.update(schedules={"2": unnamed})
     assert block.schedule_for(sequential, 2).key == odd.key
+    # Several calibrated counts are listed in order; the warning names schedule_for's caller.
+    block.ode.update(schedules={"2": odd.to_dict(), "3": Schedule.uniform(3, 4).to_dict()})
+    callers = record_callers(monkeypatch, 2)
+    with pytest.warns(UserWarning) as record:
+        block.schedule_for(sequential, 1)
+    assert [str(w.message) for w in record] == [
+        "no calibrated 'sequential' schedule for 1 steps (calibrated: 2, 3)" + tail
+    ]
+    assert [(w.filename, w.lineno) for w in record] == callers
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert block.schedule_for(sequential, 4).key == Schedule.uniform(4, 4).key  # N = L

@@ -165,7 +165,12 @@ def test_bad_corrections_are_refused_with_a_clear_message(make_gpt2, make_llama,
         Schedule.from_dict({**s.to_dict(), "correction": {"kind": "affine", "hidden_size": D}})
     # Settings that describe a correction the model has no matrices for.
     block.ode.update(schedules={"3": s.to_dict()})
-    with pytest.raises(ValueError, match="holds no matrices"):
+    refusal = (
+        "the calibrated schedule of 3 steps has a linear correction but the model holds no "
+        "matrices for it (the settings were edited, or copied without the weights); calibrate "
+        "it again"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(refusal)}$"):
         _logits(model, ode_steps=3)
     block.store_schedule(s)
     odeify.save_pretrained(model, tmp_path / "m")
