@@ -37,6 +37,12 @@ def folder(tmp_path):
     return root
 
 
+@pytest.fixture
+def tokenizer(folder):
+    """A character tokenizer of the folder corpus."""
+    return data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+
+
 def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2, capsys):
     """Shakespeare through shards (several of them, two workers) equals today's tokenize()."""
     docs = data.Documents(PLAYS)
@@ -58,8 +64,7 @@ def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2, capsys):
     assert torch.equal(data.windows(today, 65), data.windows(ours, 65))
 
 
-def test_reused_then_resumed_after_a_crash(tmp_path, folder, monkeypatch):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_reused_then_resumed_after_a_crash(tmp_path, folder, monkeypatch, tokenizer):
     clean = shards.prepare(
         str(folder), tokenizer, tmp_path / "clean", shard_tokens=300, batch_chars=200
     )
@@ -155,8 +160,8 @@ def test_jsonl_and_streamed_hf_datasets(tmp_path, gpt2, monkeypatch):
 
 def _prepare_under_torchrun(args):
     folder, out, log = map(Path, args)
-    ctx = setup_distributed()
     tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+    ctx = setup_distributed()
     encode = shards._Encoder.__call__
 
     def logged(self, texts):
@@ -220,8 +225,7 @@ def _index_of(out):
     return json.loads((out / "index.json").read_text())
 
 
-def test_index_lists_each_shard_and_chains_their_digests(tmp_path, folder):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_index_lists_each_shard_and_chains_their_digests(tmp_path, folder, tokenizer):
     out = tmp_path / "s"
     prepared = shards.prepare(str(folder), tokenizer, out, shard_tokens=300, batch_chars=200)
     index = _index_of(out)
@@ -255,8 +259,7 @@ def test_index_lists_each_shard_and_chains_their_digests(tmp_path, folder):
     assert prepared[0 : len(prepared)].tolist() == expected
 
 
-def test_slices_across_shards(tmp_path, folder):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_slices_across_shards(tmp_path, folder, tokenizer):
     prepared = shards.prepare(
         str(folder), tokenizer, tmp_path / "s", shard_tokens=100, batch_chars=1, progress=False
     )
@@ -281,8 +284,7 @@ def test_slices_across_shards(tmp_path, folder):
         prepared[edges[1] : edges[1] + 10]
 
 
-def test_refusals_in_full(tmp_path, folder):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_refusals_in_full(tmp_path, folder, tokenizer):
     nothing = tmp_path / "nothing"
     with pytest.raises(
         FileNotFoundError, match=re.escape(f"{nothing} holds no prepared shards (no index.json)")
@@ -326,8 +328,7 @@ def test_refusals_in_full(tmp_path, folder):
         shards.Shards(out)
 
 
-def test_an_unfinished_run_of_another_preparation_is_discarded(tmp_path, folder):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_an_unfinished_run_of_another_preparation_is_discarded(tmp_path, folder, tokenizer):
     out = tmp_path / "s"
     shards.prepare(str(folder), tokenizer, out, shard_tokens=300, progress=False)
     index = _index_of(out)
@@ -340,8 +341,7 @@ def test_an_unfinished_run_of_another_preparation_is_discarded(tmp_path, folder)
     assert again.index["shard_tokens"] == 200 and again.documents == 12
 
 
-def test_summary_line_and_progress_bar(tmp_path, folder, capsys):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_summary_line_and_progress_bar(tmp_path, folder, capsys, tokenizer):
     for i in range(7):
         (folder / f"bin{i}.txt").write_bytes(b"\0")
     split = data.Split(data.Documents(str(folder)).names(), ["doc04"])
@@ -372,8 +372,9 @@ def test_no_text_on_the_held_out_side(tmp_path):
         shards.prepare(str(corpus), tokenizer, tmp_path / "x", part=split.held, progress=False)
 
 
-def test_cached_folder_is_named_by_corpus_side_and_tokenizer(tmp_path, folder, monkeypatch):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_cached_folder_is_named_by_corpus_side_and_tokenizer(
+    tmp_path, folder, monkeypatch, tokenizer
+):
     docs = data.Documents(str(folder))
     split = data.Split(docs.names(), ["doc04"])
     with monkeypatch.context() as m:  # by default in this process: no pool is forked
@@ -415,9 +416,8 @@ class _Slow:
         return {"input_ids": [[1] * add_special_tokens + [ord(c) for c in t] for t in texts]}
 
 
-def test_workers_tokenise_in_a_fork_pool_of_that_many(tmp_path, folder, monkeypatch):
+def test_workers_tokenise_in_a_fork_pool_of_that_many(tmp_path, folder, monkeypatch, tokenizer):
     # Forked, so the workers inherit the tokenizer (macOS and Windows default to spawn).
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
     made, real = [], shards.multiprocessing.get_context
 
     class Recording:
@@ -447,8 +447,7 @@ def test_a_slow_tokenizer_without_eos_in_uint32(tmp_path, folder):
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_batches_of_text_keep_the_corpus_order(tmp_path, folder, workers):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_batches_of_text_keep_the_corpus_order(tmp_path, folder, workers, tokenizer):
     one = shards.prepare(
         str(folder), tokenizer, tmp_path / "one", batch_chars=10**9, progress=False
     )
@@ -458,8 +457,9 @@ def test_batches_of_text_keep_the_corpus_order(tmp_path, folder, workers):
     assert small[0 : len(small)].tolist() == one[0 : len(one)].tolist()
 
 
-def test_cached_shows_progress_unless_asked_not_to(tmp_path, folder, capsys, monkeypatch):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_cached_shows_progress_unless_asked_not_to(
+    tmp_path, folder, capsys, monkeypatch, tokenizer
+):
     docs = data.Documents(str(folder))
     shards.cached(docs, tokenizer, root=tmp_path / "quiet", progress=False)
     assert capsys.readouterr().err == ""
@@ -468,18 +468,17 @@ def test_cached_shows_progress_unless_asked_not_to(tmp_path, folder, capsys, mon
         m.setattr(shards.time, "perf_counter", lambda: next(clock, 100.5))
         shown = shards.cached(docs, tokenizer, root=tmp_path / "shown")
     out, err = capsys.readouterr()
+    tokens = f"{len(shown):,} tokens in 1 shard(s) (0.0 MB)"
     rate = f"{2 * len(shown):,} tokens/s"  # all of them in the half second
-    assert (
-        out
-        == f"prepared {docs.spec}: 12 documents, {len(shown):,} tokens in 1 shard(s) (0.0 MB), {rate}\n"
-    )
+    assert out == f"prepared {docs.spec}: 12 documents, {tokens}, {rate}\n"
     # The last refresh: the tokens so far in thousands ("k"), their rate, 12 documents in 0.5 s.
     last = err.rstrip("\n").split("\r")[-1]
     assert re.fullmatch(r"tokenising: [\d.]+ktok \[00:\d\d, [\d.]+k?tok/s, 24 docs/s\]", last), last
 
 
-def test_reads_without_pread_seek_and_read_the_same_tokens(tmp_path, folder, monkeypatch):
-    tokenizer = data.char_tokenizer(text for _, text in data.Documents(str(folder)))
+def test_reads_without_pread_seek_and_read_the_same_tokens(
+    tmp_path, folder, monkeypatch, tokenizer
+):
     prepared = shards.prepare(
         str(folder), tokenizer, tmp_path / "s", shard_tokens=100, batch_chars=1, progress=False
     )
