@@ -487,3 +487,69 @@ def test_reads_without_pread_seek_and_read_the_same_tokens(
     expected = [prepared[a:b].tolist() for a, b in slices]
     monkeypatch.delattr(os, "pread")  # as on Windows
     assert [prepared[a:b].tolist() for a, b in slices] == expected
+
+
+def test_a_tokenizer_that_adds_bos_leaves_none_in_the_shards(tmp_path, folder, tokenizer):
+    # Llama-family tokenizers add BOS in their post-processor; shards are documents joined by EOS
+    # alone, so the Rust backend is called without special tokens.
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    core.add_special_tokens(["<s>"])
+    bos = core.token_to_id("<s>")
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    llama_like = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>"
+    )
+    assert llama_like("To be")["input_ids"] == [bos, *tokenizer("To be")["input_ids"]]
+    prepared = shards.prepare(str(folder), llama_like, tmp_path / "s", progress=False)
+    eos = [tokenizer.eos_token_id]
+    texts = [text for _, text in data.Documents(str(folder))]
+    expected = [i for text in texts for i in tokenizer(text)["input_ids"] + eos]
+    assert prepared[0 : len(prepared)].tolist() == expected
+
+
+def test_workers_keep_two_batches_each_in_flight(tokenizer):
+    # One batch being tokenised and one queued per worker, however long the corpus: preparing
+    # reads it as fast as the shards are written, never ahead into memory.
+    pulled = []
+
+    def batches():
+        for read in range(1, 11):
+            pulled.append(read)
+            yield ["To be"], read
+
+    tokenised = shards._tokenised(batches(), tokenizer, workers=2)
+    ahead = [len(pulled) - done for done, _ in enumerate(tokenised, 1)]
+    assert ahead == [3] * 7 + [2, 1, 0]
+
+
+def test_a_resumed_run_with_nothing_left_to_read_leaves_no_partial_shard(tmp_path, monkeypatch):
+    # An hf: corpus is known by its name alone, so a stream that shrank since the crash passes
+    # for the same source: the resumed run writes no shard over the crashed run's partial one,
+    # which must still go.
+    rows = [{"text": f"Document {i}. " + "To be, or not to be. " * i} for i in range(12)]
+    stream = types.SimpleNamespace(load_dataset=lambda *args, **kwargs: iter(rows))
+    monkeypatch.setitem(sys.modules, "datasets", stream)
+    tokenizer = data.char_tokenizer(row["text"] for row in rows)
+    out, closed, close = tmp_path / "s", [], shards._Writer.close_shard
+
+    def killed_at_the_third_shard(writer):
+        closed.append(writer.name)
+        if len(closed) == 3:
+            raise RuntimeError("killed")
+        close(writer)
+
+    monkeypatch.setattr(shards._Writer, "close_shard", killed_at_the_third_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        shards.prepare("hf:owt", tokenizer, out, shard_tokens=300, batch_chars=200)
+    listed = json.loads((out / "index.json").read_text())
+    assert (out / "shard-00002.uint16.tmp").exists() and len(listed["shards"]) == 2
+    monkeypatch.setattr(shards._Writer, "close_shard", close)
+    del rows[listed["read"] :]
+    resumed = shards.prepare("hf:owt", tokenizer, out, shard_tokens=300, batch_chars=200)
+    assert sorted(os.listdir(out)) == ["index.json", "shard-00000.uint16", "shard-00001.uint16"]
+    assert (resumed.documents, len(resumed)) == (listed["documents"], listed["tokens"])
