@@ -11,6 +11,11 @@ Tests whose baseline took longer than ``MUTATION_MAX_TEST_SECONDS`` (``max_test_
 would kill is reported as a survivor, which errs on the side of a lower score. The baseline run
 (``stats``) and mutmut's own checks run every test as listed.
 
+In the baseline run a failing test counts as passed: it records which functions each test
+reaches through mutmut's recording trampolines, which torch.compile cannot trace, so the
+compile tests' graph-break and recompile checks fail there alone. mutmut's clean run, next,
+runs the same tests without recording, and a test failing there still stops mutmut.
+
 Example:
     >>> _budget({"MUTATION_MAX_TEST_SECONDS": "8"}), _budget({})
     (8.0, None)
@@ -21,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import pytest
 
 
 def _budget(env) -> float | None:
@@ -46,3 +53,11 @@ def pytest_collection_modifyitems(session, config, items):
             config.hook.pytest_deselected(items=slow)
             items[:] = [item for item in items if item not in slow]
     items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats" and report.failed and call.when == "call":
+        report.outcome = "passed"

@@ -7,6 +7,7 @@ import doctest
 import importlib.util
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,19 @@ def test_make_target_and_pins():
     ]
     (pin,) = re.findall(r"^mutmut==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
     assert dev.specifier.contains(pin)
+
+
+@pytest.mark.parametrize(("mode", "failed"), [("stats", False), ("", True), ("fail", True)])
+def test_only_the_recording_run_lets_a_failing_test_pass(tmp_path, mode, failed):
+    # The compile tests fail under mutmut's recording trampolines only; the clean run after it
+    # and the forced-fail check must still see failures.
+    (tmp_path / "test_one.py").write_text("def test_fails():\n    assert False\n")
+    env = {"PATH": "", "PYTHONPATH": str(ROOT / "mutation"), "MUTANT_UNDER_TEST": mode}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "order_tests", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == (1 if failed else 0), run.stdout
