@@ -335,6 +335,7 @@ def test_an_unfinished_run_of_another_preparation_is_discarded(tmp_path, folder,
     (out / "index.json").write_text(json.dumps({**index, "complete": False}))
     (out / "shard-00009.uint16.tmp").write_bytes(b"half")
     (out / "keep.txt").write_text("not ours")
+    (out / index["shards"][0]["file"]).unlink()  # listed, yet gone: nothing to remove
     again = shards.prepare(str(folder), tokenizer, out, shard_tokens=200, progress=False)
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["index.json", "keep.txt", *(s["file"] for s in again.index["shards"])])
@@ -553,3 +554,15 @@ def test_a_resumed_run_with_nothing_left_to_read_leaves_no_partial_shard(tmp_pat
     resumed = shards.prepare("hf:owt", tokenizer, out, shard_tokens=300, batch_chars=200)
     assert sorted(os.listdir(out)) == ["index.json", "shard-00000.uint16", "shard-00001.uint16"]
     assert (resumed.documents, len(resumed)) == (listed["documents"], listed["tokens"])
+    assert resumed.index["read"] == listed["read"]  # where a later resumption would go on
+
+
+def test_a_shard_closes_at_the_batch_that_brings_it_to_shard_tokens(tmp_path, tokenizer):
+    corpus = tmp_path / "three"
+    corpus.mkdir()
+    for name in "abc":
+        (corpus / f"{name}.txt").write_text("To be")  # 5 characters and EOS: 6 tokens
+    prepared = shards.prepare(
+        str(corpus), tokenizer, tmp_path / "s", shard_tokens=6, batch_chars=1, progress=False
+    )
+    assert [s["tokens"] for s in prepared.index["shards"]] == [6, 6, 6]
