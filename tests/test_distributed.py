@@ -1,7 +1,8 @@
 """One process or a torchrun group (odeify.train.distributed): each `Dist` method at world 1 and,
 with torch.distributed's collectives replaced by recorders, at world > 1; the process group
 setup; the wrapping and the gradient sync each kind of model gets; full state views round-trip.
-(The real two-process runs are in test_shards.py and test_adapt_depth.py, under torchrun.)"""
+A whole checkpoint loaded into two gloo ranks' FSDP shards; the other real two-process runs
+are in test_shards.py, test_pretrain.py and test_adapt_depth.py, under torchrun."""
 
 import contextlib
 
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.fsdp
 import torch.nn.parallel
+from _launch import fork, join
 from torch import nn
 
 from odeify.train.distributed import (
@@ -255,3 +257,50 @@ def test_full_state_of_a_sharded_model_is_whole(monkeypatch):
     finally:
         teardown()
     assert not dist.is_initialized()
+
+
+def _sharded_pair():
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    fully_shard(model[0])
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def _resume_sharded(args):
+    (saved,) = args
+    ctx = setup_distributed()
+    try:
+        model, optimizer = _sharded_pair()
+        model(torch.randn(5, 3)).square().sum().backward()
+        optimizer.step()
+        model_state, optim_state = full_state(model, optimizer)
+        if ctx.main:
+            torch.save({"model": model_state, "optimizer": optim_state}, saved)
+        dist.barrier()
+        # What a resumed run does: every rank reads the whole checkpoint into its fresh shards.
+        fresh, fresh_optimizer = _sharded_pair()
+        loaded = torch.load(saved, weights_only=False)  # sharded in place as it loads
+        StateView(fresh, fresh_optimizer, "model").load_state_dict(loaded["model"])
+        StateView(fresh, fresh_optimizer, "optimizer").load_state_dict(loaded["optimizer"])
+        state = torch.load(saved, weights_only=False)
+        for name, value in fresh.state_dict().items():
+            assert value.to_local().shape[0] == value.shape[0] // ctx.world, name  # half each
+            assert torch.equal(value.full_tensor(), state["model"][name]), name
+        x = torch.randn(5, 3)
+        for net, adamw in (model, optimizer), (fresh, fresh_optimizer):  # the next step, either
+            adamw.zero_grad()
+            net(x).square().sum().backward()
+            adamw.step()
+        for mine, theirs in zip(fresh.parameters(), model.parameters(), strict=True):
+            assert torch.equal(mine.full_tensor(), theirs.full_tensor())
+    finally:
+        teardown()
+
+
+def test_a_whole_checkpoint_loads_into_two_ranks_shards(tmp_path):
+    # Each rank holds half of every weight; the checkpoint holds them whole (full_state), so
+    # loading must shard it again, as resuming an FSDP pretraining run does.
+    join(fork(_resume_sharded, [str(tmp_path / "state.pt")], world=2))
