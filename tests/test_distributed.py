@@ -5,13 +5,15 @@ A whole checkpoint loaded into two gloo ranks' FSDP shards; the other real two-p
 are in test_shards.py, test_pretrain.py and test_adapt_depth.py, under torchrun."""
 
 import contextlib
+import datetime
+import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.fsdp
 import torch.nn.parallel
-from _launch import fork, join
 from torch import nn
 
 from odeify.train.distributed import (
@@ -269,15 +271,17 @@ def _sharded_pair():
     return model, torch.optim.AdamW(model.parameters(), lr=0.1)
 
 
-def _resume_sharded(args):
-    (saved,) = args
-    ctx = setup_distributed()
+def _resume_sharded(rank: int, folder: Path, world: int = 2):
+    store = dist.FileStore(str(folder / "store"), world)
+    timeout = datetime.timedelta(seconds=60)  # a rank that failed leaves the other waiting
+    dist.init_process_group("gloo", rank=rank, world_size=world, store=store, timeout=timeout)
+    saved = folder / "state.pt"
     try:
         model, optimizer = _sharded_pair()
         model(torch.randn(5, 3)).square().sum().backward()
         optimizer.step()
         model_state, optim_state = full_state(model, optimizer)
-        if ctx.main:
+        if rank == 0:
             torch.save({"model": model_state, "optimizer": optim_state}, saved)
         dist.barrier()
         # What a resumed run does: every rank reads the whole checkpoint into its fresh shards.
@@ -287,7 +291,7 @@ def _resume_sharded(args):
         StateView(fresh, fresh_optimizer, "optimizer").load_state_dict(loaded["optimizer"])
         state = torch.load(saved, weights_only=False)
         for name, value in fresh.state_dict().items():
-            assert value.to_local().shape[0] == value.shape[0] // ctx.world, name  # half each
+            assert value.to_local().shape[0] == value.shape[0] // world, name  # half each
             assert torch.equal(value.full_tensor(), state["model"][name]), name
         x = torch.randn(5, 3)
         for net, adamw in (model, optimizer), (fresh, fresh_optimizer):  # the next step, either
@@ -302,5 +306,14 @@ def _resume_sharded(args):
 
 def test_a_whole_checkpoint_loads_into_two_ranks_shards(tmp_path):
     # Each rank holds half of every weight; the checkpoint holds them whole (full_state), so
-    # loading must shard it again, as resuming an FSDP pretraining run does.
-    join(fork(_resume_sharded, [str(tmp_path / "state.pt")], world=2))
+    # loading must shard it again, as resuming an FSDP pretraining run does. Rank 0 runs in this
+    # process, where mutmut sees what the test reaches; rank 1 in a forked one.
+    other = multiprocessing.get_context("fork").Process(target=_resume_sharded, args=(1, tmp_path))
+    other.start()
+    try:
+        _resume_sharded(0, tmp_path)
+    finally:
+        other.join(90)
+        if other.is_alive():
+            other.kill()
+    assert other.exitcode == 0
