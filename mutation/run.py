@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,32 +155,36 @@ def _mutmut(
         filter(None, [str(ROOT / "mutation"), env.get("PYTHONPATH")])
     )
     env["MUTATION_MAX_TEST_SECONDS"] = str(max_test_seconds)
-    cmd = ["nice", "-n", "10", sys.executable, "-c", code, *args]
-    # Its own process group: at the deadline the fork server and the worker running a mutant
-    # go too (killing mutmut alone leaves them running, orphaned).
-    proc = subprocess.Popen(
-        cmd,
-        cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
+    return run_group(["nice", "-n", "10", sys.executable, "-c", code, *args], work, env, timeout)
+
+
+def run_group(cmd: list[str], cwd: Path, env: dict, timeout: float | None):
+    """Run ``cmd`` in a process group of its own until it exits or ``timeout`` (seconds) passes
+    (status -1), then kill what is left of the group: mutmut's fork server and the worker
+    running a mutant outlive mutmut otherwise. Output goes to files, not pipes, since an orphan
+    holding a pipe would keep the reader waiting after mutmut has ended.
+
+    Example:
+        >>> run_group(["echo", "hi"], Path("."), {}, timeout=10).stdout
+        'hi\\n'
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True, start_new_session=True
+        )
         try:
-            out, err = proc.communicate(timeout=30)
+            status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        return subprocess.CompletedProcess(cmd, -1, out or "", err or "")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived mutmut
+            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            status = -1
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, status, out.read(), err.read())
 
 
 def results(work: Path, module: str) -> dict[str, int | None]:

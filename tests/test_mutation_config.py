@@ -8,6 +8,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,22 @@ def test_only_the_recording_run_lets_a_failing_test_pass(tmp_path, mode, failed)
         text=True,
     )
     assert run.returncode == (1 if failed else 0), run.stdout
+
+
+def test_a_group_run_ends_with_its_leader_and_takes_its_orphans(tmp_path):
+    # mutmut's fork server outlives mutmut and holds its output: the driver must neither wait
+    # for it nor leave it running.
+    leader = (
+        "import subprocess, sys; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        "print(child.pid)"
+    )
+    done = _driver().run_group([sys.executable, "-c", leader], tmp_path, {}, timeout=60)
+    assert done.returncode == 0
+    stat = Path(f"/proc/{int(done.stdout)}/stat")
+    for _ in range(100):  # killed, then reaped by whoever adopted it
+        if not stat.exists() or stat.read_text().split(") ")[1][0] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the leader's child outlived the run")
