@@ -1,6 +1,6 @@
 """Mutation testing of odeify's library modules with mutmut, within a time budget.
 
-Usage: ``python mutation/run.py [--budget MINUTES] [--fresh] [--only PATTERN]... [MODULE ...]``
+Usage: ``python mutation/run.py [--budget MINUTES] [--jobs N] [--fresh] [--only PATTERN]... [MODULE ...]``
 (``make mutate``). MODULE is a path from ``mutation/modules.toml`` (``odeify/bases.py``) or its
 stem (``bases``, ``train/data``); none means every module, in the file's order, until the budget
 is spent. ``--only`` runs just the mutants whose names match a pattern (mutmut's names, ``*``
@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help="module paths or stems (default: all)")
     parser.add_argument("--budget", type=float, help="minutes for this run (default: config)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="mutants run side by side (default: 1, one core)"
+    )
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
     parser.add_argument(
         "--only",
@@ -281,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{module}: mutmut run ({left / 60:.1f} min left)", flush=True)
         slowest = cfg["run"].get("max_test_seconds", 0)
         done = _mutmut(
-            work, ["run", "--max-children", "1", *args.only], timeout=left, max_test_seconds=slowest
+            work,
+            ["run", "--max-children", str(args.jobs), *args.only],
+            timeout=left,
+            max_test_seconds=slowest,
         )
         (work / "mutmut.log").write_text(done.stdout + done.stderr)
         if done.returncode not in (0, -1):

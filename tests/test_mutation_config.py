@@ -111,6 +111,8 @@ def test_only_runs_just_its_patterns_and_needs_a_module(tmp_path, monkeypatch, c
     assert retested == []  # the survivors outside the patterns keep their results
     assert driver.main(["bases"]) == 0
     assert runs[-1] == ("bases", ["run", "--max-children", "1"]) and retested == ["odeify/bases.py"]
+    assert driver.main(["--jobs", "2", "bases"]) == 0
+    assert runs[-1] == ("bases", ["run", "--max-children", "2"])
     with pytest.raises(SystemExit):
         driver.main(["--only", "odeify.bases.x_a*"])
     assert "--only selects mutants of one module: name the module too" in capsys.readouterr().err
