@@ -68,8 +68,9 @@ lint: $(STAMP)
 
 # Mutation testing of the library modules (mutation/modules.toml maps each to the tests that
 # exercise it), within a time budget in minutes, JOBS workers (default 1) at nice 10; not part
-# of CI (hours for every module). mutmut rather than cosmic-ray: it runs each mutant against only the tests that
-# reached the mutated function, forked from a process that has imported torch already, and goes
-# on where the last run stopped. Report: out/mutation/report.md. `make mutate MODULES=bases BUDGET=10`.
+# of CI (hours for every module). mutmut rather than cosmic-ray: it runs each mutant against
+# only the tests that reached the mutated function, forked from a process that has imported
+# torch already, and goes on where the last run stopped. Report: out/mutation/report.md.
+# `make mutate MODULES=bases BUDGET=10`.
 mutate: $(STAMP)
 	$(PY) mutation/run.py $(if $(BUDGET),--budget $(BUDGET)) $(if $(JOBS),--jobs $(JOBS)) $(if $(FRESH),--fresh) $(foreach p,$(ONLY),--only '$(p)') $(MODULES)
