@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _launch import fork, join
+from tqdm import tqdm
 
 from odeify.assets import gpt2_tokenizer
 from odeify.cli import main as cli
@@ -64,6 +65,25 @@ def test_shards_hold_todays_token_stream_and_batches(tmp_path, gpt2, capsys):
     assert torch.equal(data.windows(today, 65), data.windows(ours, 65))
 
 
+def _crash_at_the_third_shard(spec, tokenizer, out) -> dict:
+    """Prepare ``spec`` into ``out`` (300-token shards, 200-character batches) until the third
+    shard would close; the index it left."""
+    closed, close = [], shards._Writer.close_shard
+
+    def killed(writer):
+        closed.append(writer.name)
+        if len(closed) == 3:
+            raise RuntimeError("killed")
+        close(writer)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shards._Writer, "close_shard", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            shards.prepare(spec, tokenizer, out, shard_tokens=300, batch_chars=200, progress=False)
+    assert (out / "shard-00002.uint16.tmp").exists()  # written, never listed
+    return json.loads((out / "index.json").read_text())
+
+
 def test_reused_then_resumed_after_a_crash(tmp_path, folder, monkeypatch, tokenizer):
     clean = shards.prepare(
         str(folder), tokenizer, tmp_path / "clean", shard_tokens=300, batch_chars=200
@@ -73,23 +93,11 @@ def test_reused_then_resumed_after_a_crash(tmp_path, folder, monkeypatch, tokeni
     )
     assert again.index["digest"] == clean.index["digest"]
 
-    out, closed, close = tmp_path / "crashed", [], shards._Writer.close_shard
-
-    def killed_at_the_third_shard(writer):
-        closed.append(writer.name)
-        if len(closed) == 3:
-            raise RuntimeError("killed")
-        close(writer)
-
-    monkeypatch.setattr(shards._Writer, "close_shard", killed_at_the_third_shard)
-    with pytest.raises(RuntimeError, match="killed"):
-        shards.prepare(str(folder), tokenizer, out, shard_tokens=300, batch_chars=200)
-    assert (out / "shard-00002.uint16.tmp").exists()  # written, never listed
-    listed = json.loads((out / "index.json").read_text())
+    out = tmp_path / "crashed"
+    listed = _crash_at_the_third_shard(str(folder), tokenizer, out)
     assert not listed["complete"] and len(listed["shards"]) == 2 and 0 < listed["read"] < 12
     with pytest.raises(ValueError, match="unfinished"):
         shards.Shards(out)
-    monkeypatch.undo()
 
     encoded = []
     encode = shards._Encoder.__call__
@@ -536,20 +544,9 @@ def test_a_resumed_run_with_nothing_left_to_read_leaves_no_partial_shard(tmp_pat
     stream = types.SimpleNamespace(load_dataset=lambda *args, **kwargs: iter(rows))
     monkeypatch.setitem(sys.modules, "datasets", stream)
     tokenizer = data.char_tokenizer(row["text"] for row in rows)
-    out, closed, close = tmp_path / "s", [], shards._Writer.close_shard
-
-    def killed_at_the_third_shard(writer):
-        closed.append(writer.name)
-        if len(closed) == 3:
-            raise RuntimeError("killed")
-        close(writer)
-
-    monkeypatch.setattr(shards._Writer, "close_shard", killed_at_the_third_shard)
-    with pytest.raises(RuntimeError, match="killed"):
-        shards.prepare("hf:owt", tokenizer, out, shard_tokens=300, batch_chars=200)
-    listed = json.loads((out / "index.json").read_text())
-    assert (out / "shard-00002.uint16.tmp").exists() and len(listed["shards"]) == 2
-    monkeypatch.setattr(shards._Writer, "close_shard", close)
+    out = tmp_path / "s"
+    listed = _crash_at_the_third_shard("hf:owt", tokenizer, out)
+    assert len(listed["shards"]) == 2
     del rows[listed["read"] :]
     resumed = shards.prepare("hf:owt", tokenizer, out, shard_tokens=300, batch_chars=200)
     assert sorted(os.listdir(out)) == ["index.json", "shard-00000.uint16", "shard-00001.uint16"]
@@ -566,3 +563,19 @@ def test_a_shard_closes_at_the_batch_that_brings_it_to_shard_tokens(tmp_path, to
         str(corpus), tokenizer, tmp_path / "s", shard_tokens=6, batch_chars=1, progress=False
     )
     assert [s["tokens"] for s in prepared.index["shards"]] == [6, 6, 6]
+
+
+def test_a_resumed_run_s_bar_counts_on_from_the_listed_shards(
+    tmp_path, folder, capsys, monkeypatch, tokenizer
+):
+    out = tmp_path / "s"
+    listed = _crash_at_the_third_shard(str(folder), tokenizer, out)
+    clock = iter([100.0])  # the start, then half a second for everything after it
+    monkeypatch.setattr(shards.time, "perf_counter", lambda: next(clock, 100.5))
+    resumed = shards.prepare(str(folder), tokenizer, out, shard_tokens=300, batch_chars=200)
+    # The last refresh: every token, the listed shards' too; this run's documents (one or two
+    # a batch) in its half second.
+    last = capsys.readouterr().err.rstrip("\n").split("\r")[-1]
+    tokens = tqdm.format_sizeof(len(resumed))
+    rate = 2 * (12 - listed["read"])
+    assert re.fullmatch(rf"tokenising: {tokens}tok \[00:\d\d, [\d.]+k?tok/s, {rate} docs/s\]", last)
