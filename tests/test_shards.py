@@ -579,3 +579,12 @@ def test_a_resumed_run_s_bar_counts_on_from_the_listed_shards(
     tokens = tqdm.format_sizeof(len(resumed))
     rate = 2 * (12 - listed["read"])
     assert re.fullmatch(rf"tokenising: {tokens}tok \[00:\d\d, [\d.]+k?tok/s, {rate} docs/s\]", last)
+
+
+def test_the_index_counts_the_source_documents_after_the_last_kept_one(tmp_path, folder, tokenizer):
+    # The held-out side keeps doc04 alone; the documents read after its batch count too.
+    split = data.Split(data.Documents(str(folder)).names(), ["doc04"])
+    held = shards.prepare(
+        str(folder), tokenizer, tmp_path / "s", part=split.held, batch_chars=1, progress=False
+    )
+    assert (held.documents, held.index["read"]) == (1, 12)
