@@ -342,12 +342,13 @@ class ODEBlock(WeightFunction):
         """Step i of a native scheme, from t_i to t_{i+1} of the run's :class:`Schedule`, its
         updates scaled by the schedule's gains (uniform: t_i = i / N, gains L / N).
 
-        ``i`` is the step index, or what ``run.inputs(i)`` made of it (what a compiled step is
-        given, see :func:`odeify.compile`). With per-sample step counts N_b, sample b steps on the
-        schedule of its own count, and leaves its state unchanged once i >= N_b.
+        ``i`` is the step index, or what ``run.inputs(i, region=True)`` made of it (what a
+        compiled step is given, see :func:`odeify.compile`). With per-sample step counts N_b,
+        sample b steps on the schedule of its own count, and leaves its state unchanged once
+        i >= N_b.
         """
         if run.per_sample is None:
-            inputs = i if isinstance(i, _StepInputs) else run.inputs(i)
+            inputs = i if isinstance(i, _StepInputs) else run.inputs(i, region=False)
             weights = inputs.weights or self.step_weights(run, inputs.times)
             field = _StepField(run, inputs, weights)
             return run.solver.native.step(field, x, inputs.gains)
@@ -503,7 +504,7 @@ class _Run:
         self.stages = solver.native.stages if solver.native is not None else 1
         self._gain_rows: Tensor | None = None  # [steps, gains per step], built by inputs()
 
-    def inputs(self, i: int, region: bool = False) -> _StepInputs:
+    def inputs(self, i: int, *, region: bool) -> _StepInputs:
         """What step i reads of the run. ``region``: what a compiled step is given (see
         :func:`odeify.compile`), where each value it reads is a guard of its graph: so the
         gains come as tensors, the slots as the cache's layers, and stage times only where

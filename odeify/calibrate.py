@@ -652,7 +652,7 @@ def fit_linear_correction(
         g_attn, g_mlp = plain.step_gains(i)
         for targets, run, state in batches:
             x = targets[bounds[i]] if forcing == "teacher" else state
-            field = _StepField(run, run.inputs(i))
+            field = _StepField(run, run.inputs(i, region=False))
             h = x + field.attention(x, 0) * g_attn
             u = field.mlp(h, 0) * g_mlp
             fit.add(u, targets[bounds[i + 1]] - h)
