@@ -139,18 +139,25 @@ def test_a_lora_update_is_recomputed_from_its_forward_in_another_thread(make_lla
     _assert_same(got, expected)
 
 
-def test_a_kv_cache_is_dropped_while_checkpointing(make_llama):
+def test_a_kv_cache_is_dropped_while_checkpointing(make_llama, monkeypatch):
     # A recomputed step would append its keys to the cache a second time in backward (the
     # cache would hold every token twice); like transformers' checkpointed layers, the block
     # runs without the cache while checkpointing. odeify's own checkpoint_steps setting leaves
-    # the parent model passing its cache, so the block drops it.
+    # the parent model passing its cache, so the block drops it, and says so (once a process:
+    # warning_once, recorded here so that an earlier test's warning does not hide this one).
     model = _model(make_llama)
     _loss(model).backward()
     expected = _grads(model)
     get_block(model).ode.checkpoint_steps = True
+    warned = []
+    monkeypatch.setattr(odeify.block._logger, "warning_once", warned.append)
     out = model(IDS, labels=IDS, use_cache=True)
     out.loss.backward()
     assert out.past_key_values.get_seq_length() == 0
+    assert warned == [
+        "Caching is incompatible with activation checkpointing in the ODE block: running "
+        "without past_key_values."
+    ]
     _assert_same(_grads(model), expected)
 
 
