@@ -463,3 +463,22 @@ def test_per_sample_counts_follow_the_schedule_choice(make_gpt2):
     # Per-sample runs go through time_linear: the same sums in another order (float32).
     torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
     assert (alone - calibrated).abs().max() > 1e-2  # the choice matters at 2 steps
+
+
+def test_the_layer_keywords_the_block_consumes_do_not_reach_attention(make_llama, monkeypatch):
+    # An attention function registered with transformers need not take the layer call's own
+    # use_cache or encoder_attention_mask: the block hands attention only what is left.
+    from odeify.adapters import llama
+
+    model = odeify(make_llama(), progress=False)
+    model.set_attn_implementation("eager")
+    seen, attend = [], llama.eager_attention_forward
+
+    def recording(*args, **kwargs):
+        seen.append(sorted(kwargs))
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "eager_attention_forward", recording)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), use_cache=True)
+    assert seen and all("use_cache" not in s and "encoder_attention_mask" not in s for s in seen)

@@ -69,6 +69,13 @@ def test_an_optimizer_step_invalidates_the_cache(model, builds):
     torch.testing.assert_close(_run(model), fresh, rtol=0, atol=0)
 
 
+def test_without_cache_weights_each_forward_builds_its_grid_and_keeps_none(model, builds):
+    get_block(model).ode.cache_weights = False
+    _run(model)
+    _run(model)
+    assert builds[0] == 2 and len(get_block(model)._grid_cache) == 0
+
+
 def test_load_state_dict_and_dtype_changes_invalidate_the_cache(model, builds):
     _run(model)
     state = {k: v.clone() * 1.01 for k, v in model.state_dict().items()}
