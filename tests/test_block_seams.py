@@ -482,3 +482,20 @@ def test_the_layer_keywords_the_block_consumes_do_not_reach_attention(make_llama
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), use_cache=True)
     assert seen and all("use_cache" not in s and "encoder_attention_mask" not in s for s in seen)
+
+
+def test_a_torchdiffeq_scheme_reports_the_block_s_input_and_its_end(make_llama):
+    # torchdiffeq picks its own evaluation times: the states between them are no layers' outputs,
+    # so transformers gets the block's input and the end of the integration.
+    model = odeify(make_llama(), progress=False)
+    with torch.no_grad():
+        ours = model(IDS, use_cache=False, output_hidden_states=True, ode_scheme="euler")
+        theirs = model(
+            IDS, use_cache=False, output_hidden_states=True, ode_scheme="torchdiffeq:euler"
+        )
+    assert len(theirs.hidden_states) == 2
+    torch.testing.assert_close(theirs.hidden_states[0], ours.hidden_states[0], rtol=0, atol=0)
+    # The same Euler steps, summed in torchdiffeq's order: float32 rounding apart.
+    torch.testing.assert_close(
+        theirs.hidden_states[1], ours.hidden_states[-1], rtol=1e-5, atol=1e-5
+    )
