@@ -410,13 +410,14 @@ def test_schedule_for_serves_a_stored_schedule_of_its_scheme_and_warns_once_othe
     unnamed = {k: v for k, v in odd.to_dict().items() if k != "scheme"}
     block.ode.update(schedules={"2": unnamed})
     assert block.schedule_for(sequential, 2).key == odd.key
-    # Several calibrated counts are listed in order; the warning names schedule_for's caller.
-    block.ode.update(schedules={"2": odd.to_dict(), "3": Schedule.uniform(3, 4).to_dict()})
+    # Several calibrated counts are listed in numeric order (10 after 2, as text it would come
+    # first); the warning names schedule_for's caller.
+    block.ode.update(schedules={"10": Schedule.uniform(10, 4).to_dict(), "2": odd.to_dict()})
     callers = record_callers(monkeypatch, 2)
     with pytest.warns(UserWarning) as record:
         block.schedule_for(sequential, 1)
     assert [str(w.message) for w in record] == [
-        "no calibrated 'sequential' schedule for 1 steps (calibrated: 2, 3)" + tail
+        "no calibrated 'sequential' schedule for 1 steps (calibrated: 2, 10)" + tail
     ]
     assert [(w.filename, w.lineno) for w in record] == callers
     with warnings.catch_warnings():
