@@ -87,6 +87,26 @@ def test_multi_stage_grids_with_discrete_ends_put_the_stages_inside_each_step():
         layer_bounds(2, 6, ends=1)
 
 
+@pytest.mark.parametrize("scheme", ["euler", "heun", "rk4"])
+def test_parallel_schemes_step_by_the_discrete_ends_spans(make_llama, scheme):
+    # N = 4 on L = 6, one discrete layer at each end: steps of 1, 2, 2 and 1 layers, so step
+    # sizes 1/6, 2/6, 2/6, 1/6 from 0, 1/6, 3/6, 5/6 (a parallel scheme has one gain a step).
+    model = odeify.odeify(make_llama(num_hidden_layers=6), discrete_ends=1, progress=False)
+    spans_given = odeify.Schedule(
+        [0.0, 1 / 6, 3 / 6, 5 / 6], [1 / 6, 2 / 6, 2 / 6, 1 / 6], 6, scheme
+    )
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids, use_cache=False, ode_steps=4, ode_scheme=scheme).logits,
+            model(
+                ids, use_cache=False, ode_steps=4, ode_scheme=scheme, ode_schedule=spans_given
+            ).logits,
+            rtol=0,
+            atol=0,
+        )
+
+
 def test_saved_with_the_model_and_kv_cache_generation_matches(make_gpt2, tmp_path):
     model = odeify.odeify(make_gpt2(n_layer=6), discrete_ends=1, progress=False)
     odeify.save_pretrained(model, tmp_path / "m")
