@@ -381,6 +381,28 @@ def test_weights_at_evaluates_only_the_names_asked_for():
     torch.testing.assert_close(only["fc.bias"], full["fc.bias"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_model_caches_its_weights_in_its_own_layers_layout(make_gpt2, make_llama, family):
+    # GPT-2's Conv1D projections are [in, out]: its cached grid keeps them so, contiguous, for
+    # addmm to read as they are; Llama's nn.Linear weights stay [out, in].
+    model = odeify(make_gpt2() if family == "gpt2" else make_llama(), progress=False).eval()
+    block = get_block(model)
+    conv1d = {f"attn.{p}.weight" for p in ("c_attn", "c_proj")} | {
+        "mlp.c_fc.weight",
+        "mlp.c_proj.weight",
+    }
+    expected = conv1d if family == "gpt2" else set()
+    times = [0.0, 0.25, 0.5, 0.75]
+    exact = block.weights_at(times)
+    with torch.no_grad():
+        cached = block.grid_weights(("sequential", tuple(times)), times)
+    for j, weights in enumerate(cached):
+        assert weights.transposed == expected
+        for name in expected:
+            assert weights[name].is_contiguous()
+            torch.testing.assert_close(weights[name], exact[name][j].mT, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_rank_terms_ride_on_a_transposed_cached_grid_in_the_basis_dtype(dtype):
     # GPT-2's Conv1D weights are cached as [in, out]; the factors stay [(k r), in], [out, (k r)]
