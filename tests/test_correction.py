@@ -137,6 +137,23 @@ def test_a_correction_runs_in_the_models_dtype(make_gpt2, make_llama):
     assert torch.equal(block.corrections.n3, schedule.correction.double())
 
 
+def test_settings_with_a_correction_build_its_matrices_where_the_model_is(make_llama):
+    # What a load fills: the identity until then, in the stock model's dtype and on its device
+    # (the meta device of a skeleton built to be loaded: the basis too), as transformers' loader
+    # expects.
+    stock = make_llama(num_hidden_layers=6).double()
+    model = odeify.odeify(stock, schedules={"3": _corrected().to_dict()}, progress=False)
+    n3 = odeify.get_block(model).corrections.n3
+    assert n3.dtype == torch.float64
+    assert torch.equal(n3, torch.eye(D, dtype=torch.float64).repeat(3, 1, 1))
+    with torch.device("meta"):
+        skeleton = make_llama(num_hidden_layers=6)
+    model = odeify.odeify(skeleton, init="none", schedules={"3": _corrected().to_dict()})
+    block = odeify.get_block(model)
+    assert {t.device.type for t in [*block.parameters(), *block.buffers()]} == {"meta"}
+    assert block.corrections.n3.shape == (3, D, D)
+
+
 def _wider(what):
     """The refusal of a correction for hidden size D + 8, as a whole-message pattern."""
     refusal = f"{what} hidden size {D + 8}; the model has {D}. Calibrate it again for this model"
